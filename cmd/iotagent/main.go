@@ -1,0 +1,146 @@
+// Command iotagent is the gateway agent: a TPM-bound device identity, its
+// certificate, and telemetry uplinks.
+//
+// Usage:
+//
+//	iotagent [--tpm SPEC] [--state-dir DIR] COMMAND [flags]
+//
+// Exit status: 0 on success, 1 on a runtime failure, 2 on a usage error.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// usageError marks an error as the caller's: exit status 2.
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// env is what every command gets: global flags and standard streams.
+type env struct {
+	tpmSpec  string
+	stateDir string
+	stdin    io.Reader
+	stdout   io.Writer
+	stderr   io.Writer
+}
+
+const defaultStateDir = "/var/lib/iotagent"
+
+// command is one subcommand.
+type command struct {
+	name  string
+	usage string
+	run   func(ctx context.Context, e *env, args []string) error
+}
+
+func commands() []command {
+	return []command{
+		{"version", "print version, commit, Go version and target", cmdVersion},
+		{"tpm", "TPM commands: info, keygen", cmdTPM},
+	}
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	e := &env{stdin: stdin, stdout: stdout, stderr: stderr}
+	fs := e.flagSet("iotagent")
+	fs.Usage = func() { topUsage(stderr) }
+	err := fs.Parse(args)
+	if err == nil {
+		err = dispatch(ctx, e, fs.Args())
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	default:
+		fmt.Fprintf(stderr, "iotagent: %s\n", oneLine(err))
+		var ue usageError
+		if errors.As(err, &ue) {
+			return 2
+		}
+		return 1
+	}
+}
+
+func dispatch(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 {
+		topUsage(e.stderr)
+		return usagef("no command given")
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(ctx, e, args[1:])
+		}
+	}
+	if args[0] == "help" {
+		topUsage(e.stdout)
+		return nil
+	}
+	return usagef("unknown command %q (see iotagent help)", args[0])
+}
+
+func topUsage(w io.Writer) {
+	fmt.Fprintln(w, "usage: iotagent [--tpm SPEC] [--state-dir DIR] COMMAND [flags]")
+	fmt.Fprintln(w, "\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.usage)
+	}
+	fmt.Fprintln(w, "\nglobal flags (also accepted after the command):")
+	fmt.Fprintln(w, "  --tpm SPEC        TPM: /dev/tpmrm0 (default), unix:PATH (swtpm socket), tcp:HOST:PORT")
+	fmt.Fprintln(w, "  --state-dir DIR   agent state (keys, certificates) (default /var/lib/iotagent)")
+}
+
+// flagSet returns a flag set named name that also takes the global flags,
+// so they work before or after the command.
+func (e *env) flagSet(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	if e.stateDir == "" {
+		e.stateDir = defaultStateDir
+	}
+	fs.StringVar(&e.tpmSpec, "tpm", e.tpmSpec, "TPM `SPEC`: /dev/tpmrm0, unix:PATH or tcp:HOST:PORT")
+	fs.StringVar(&e.stateDir, "state-dir", e.stateDir, "agent state `DIR`")
+	return fs
+}
+
+// parse parses a subcommand's flags; stray arguments are a usage error.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usagef("%s: unexpected argument %q", fs.Name(), fs.Arg(0))
+	}
+	return nil
+}
+
+// oneLine keeps an error to one line: operators grep logs.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (only when missing),
+# then runs formatting, vet, staticcheck, the race-enabled test suite
+# against real swtpm/mosquitto/libcoap peers, the TPM tests cross-compiled
+# for armv7 and arm64 under qemu-user, and the cross-build.
+#
+# usage: scripts/test.sh            (from anywhere; CI runs .ci/run)
+# Environment: GOTEST_FLAGS adds flags to `go test` (e.g. -run TestX -v).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+
+STATICCHECK_VERSION=v0.8.2
+APT_PACKAGES=(swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients qemu-user-static libcoap3-bin)
+
+step() { printf '\n=== %s\n' "$*"; }
+die() { printf 'test.sh: FAIL: %s\n' "$*" >&2; exit 1; }
+start=$(date +%s)
+
+step "prerequisites"
+command -v go >/dev/null || die "go not found (want Go 1.26 at /usr/local/go)"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "installing: ${missing[*]}"
+	SUDO=""
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null || die "need root or sudo to install ${missing[*]}"
+		SUDO=sudo
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	$SUDO apt-get update -qq || die "apt-get update failed"
+	$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+		die "apt-get install ${missing[*]} failed"
+fi
+for bin in swtpm swtpm_setup swtpm_localca certtool tpm2_readpublic mosquitto mosquitto_sub qemu-arm-static qemu-aarch64-static coap-client-openssl; do
+	command -v "$bin" >/dev/null || die "$bin not found after installing ${APT_PACKAGES[*]}"
+done
+go version
+
+step "go mod download"
+go mod download
+
+step "gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+[ -z "$unformatted" ] || die "gofmt needed on: $unformatted"
+
+step "go vet"
+go vet ./...
+
+step "staticcheck $STATICCHECK_VERSION"
+go run "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION" ./...
+
+step "go test -race ./..."
+# shellcheck disable=SC2086
+go test -race -count=1 -timeout 20m ${GOTEST_FLAGS:-} ./...
+
+step "tpm tests on ARM under qemu-user (against a native swtpm)"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for arch in armv7 arm64; do
+	case $arch in
+	armv7) goenv=(GOARCH=arm GOARM=7) qemu=qemu-arm-static ;;
+	arm64) goenv=(GOARCH=arm64) qemu=qemu-aarch64-static ;;
+	esac
+	env CGO_ENABLED=0 "${goenv[@]}" go test -c -o "$tmp/tpm.$arch.test" ./tpm
+	file_arch=$(od -An -tx1 -j18 -N2 "$tmp/tpm.$arch.test" | tr -d ' ')
+	# ELF e_machine: 0x28 ARM, 0xb7 AArch64
+	case "$arch:$file_arch" in
+	armv7:2800 | arm64:b700) ;;
+	*) die "$tmp/tpm.$arch.test is not an $arch binary (e_machine $file_arch)" ;;
+	esac
+	echo "--- $arch ($qemu)"
+	(cd tpm && "$qemu" "$tmp/tpm.$arch.test" -test.count=1 -test.timeout=10m) || die "tpm tests failed on $arch"
+done
+
+step "cross-build"
+scripts/crossbuild.sh
+(cd dist && sha256sum -c --quiet SHA256SUMS) || die "dist/SHA256SUMS does not match"
+out=$(qemu-arm-static dist/iotagent-linux-armv7 version)
+echo "$out"
+grep -q "linux/armv7" <<<"$out" || die "armv7 binary does not report linux/armv7"
+grep -q "$(git rev-parse --verify -q HEAD || echo unknown)" <<<"$out" || die "armv7 binary does not carry the commit"
+qemu-aarch64-static dist/iotagent-linux-arm64 version | grep -q "linux/arm64" || die "arm64 binary does not report linux/arm64"
+
+printf '\ntest.sh: PASS in %ds\n' "$(($(date +%s) - start))"
