@@ -287,3 +287,6 @@ func (t *TPM) ActivateCredential(k *Key, ek *EK, credentialBlob, encryptedSecret
 	}
 	return rsp.CertInfo.Buffer, nil
 }
+
+// MarshalPublicArea returns the EK's TPMT_PUBLIC, as /tpmenroll sends it.
+func (e *EK) MarshalPublicArea() []byte { return tpm2.Marshal(&e.Public) }

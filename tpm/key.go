@@ -181,7 +181,11 @@ func (k *Key) Name() []byte { return bytes.Clone(k.name.Buffer) }
 func (k *Key) PublicArea() tpm2.TPMTPublic { return k.public }
 
 // File returns the key file the key was loaded from.
-func (k *Key) File() *KeyFile { return k.file }
+func (k *Key) File() *KeyFile {
+	k.t.mu.Lock()
+	defer k.t.mu.Unlock()
+	return k.file
+}
 
 // Handle returns the handle the key is loaded at and whether it is
 // persistent.
@@ -494,4 +498,22 @@ func (t *TPM) EvictKey(kf *KeyFile) error {
 	}
 	k := &Key{t: t, handle: h, persistent: true, name: *name}
 	return k.evict()
+}
+
+// MarshalPublicArea returns the key's TPMT_PUBLIC (no size prefix), as
+// /tpmenroll sends it.
+func (k *Key) MarshalPublicArea() []byte { return tpm2.Marshal(&k.public) }
+
+// Persist makes the loaded key k persistent at h and returns its key file
+// updated with the handle (the caller writes it).
+func (t *TPM) Persist(k *Key, h tpm2.TPMHandle) (*KeyFile, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := k.persist(h); err != nil {
+		return nil, err
+	}
+	kf := *k.file
+	kf.PersistentHandle = FormatHandle(h)
+	k.file = &kf
+	return &kf, nil
 }

@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 )
 
 func main() {
@@ -44,6 +45,10 @@ type env struct {
 	stdin    io.Reader
 	stdout   io.Writer
 	stderr   io.Writer
+	// now is the wall clock (tests set one that reads 1970).
+	now func() time.Time
+	// lock is the state dir lock, released when run returns.
+	lock *os.File
 }
 
 const defaultStateDir = "/var/lib/iotagent"
@@ -57,13 +62,26 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"version", "print version, commit, Go version and target", cmdVersion},
+		{"enroll", "enroll with the station (TPM attestation, or a one-time token)", cmdEnroll},
+		{"run", "run the agent: certificate renewal", cmdRun},
+		{"status", "show the device identity and renewal state", cmdStatus},
+		{"renew", "renew the certificate now", cmdRenew},
 		{"tpm", "TPM commands: info, keygen", cmdTPM},
+		{"version", "print version, commit, Go version and target", cmdVersion},
 	}
 }
 
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	e := &env{stdin: stdin, stdout: stdout, stderr: stderr}
+	return runWith(ctx, &env{stdin: stdin, stdout: stdout, stderr: stderr, now: time.Now}, args)
+}
+
+func runWith(ctx context.Context, e *env, args []string) int {
+	stderr := e.stderr
+	defer func() {
+		if e.lock != nil {
+			e.lock.Close()
+		}
+	}()
 	fs := e.flagSet("iotagent")
 	fs.Usage = func() { topUsage(stderr) }
 	err := fs.Parse(args)

@@ -1,0 +1,300 @@
+// Command iotstation is the provisioning station and fleet side of
+// iotagent: certificate authority, EST enrollment with TPM attestation,
+// device registry, CRL and audit log.
+//
+// Exit status: 0 on success, 1 on a runtime failure, 2 on a usage error.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"iotagent.dev/iotagent/station"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+type env struct {
+	stdout, stderr io.Writer
+	// ready, when set, receives the serving address (tests use it).
+	ready func(addr string)
+}
+
+type command struct {
+	name, usage string
+	run         func(ctx context.Context, e *env, args []string) error
+}
+
+func commands() []command {
+	return []command{
+		{"init", "create a station directory: CA, TLS certificate, policy", cmdInit},
+		{"serve", "serve EST enrollment, the CRL and metrics", cmdServe},
+		{"fingerprint", "print the root CA fingerprint agents pin", cmdFingerprint},
+		{"devices", "list enrolled devices", cmdDevices},
+		{"revoke", "revoke a device", cmdRevoke},
+		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return runWith(ctx, &env{stdout: stdout, stderr: stderr}, args)
+}
+
+func runWith(ctx context.Context, e *env, args []string) int {
+	err := dispatch(ctx, e, args)
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	default:
+		fmt.Fprintf(e.stderr, "iotstation: %s\n", strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " "))
+		var ue usageError
+		if errors.As(err, &ue) {
+			return 2
+		}
+		return 1
+	}
+}
+
+func dispatch(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		w := e.stdout
+		if len(args) == 0 {
+			w = e.stderr
+		}
+		fmt.Fprintln(w, "usage: iotstation COMMAND --dir DIR [flags]\n\ncommands:")
+		for _, c := range commands() {
+			fmt.Fprintf(w, "  %-12s %s\n", c.name, c.usage)
+		}
+		if len(args) == 0 {
+			return usagef("no command given")
+		}
+		return nil
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(ctx, e, args[1:])
+		}
+	}
+	return usagef("unknown command %q (see iotstation help)", args[0])
+}
+
+// listFlag collects a repeatable flag; commas also separate values.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
+func newFlags(e *env, name string) (*flag.FlagSet, *string) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	dir := fs.String("dir", "", "station `DIR`ectory (required)")
+	return fs, dir
+}
+
+// parse parses flags and requires --dir; it returns the positional
+// arguments, at most maxArgs of them.
+func parse(fs *flag.FlagSet, dir *string, args []string, maxArgs int) ([]string, error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, usageError{err}
+	}
+	if *dir == "" {
+		return nil, usagef("%s: --dir is required", fs.Name())
+	}
+	if fs.NArg() > maxArgs {
+		return nil, usagef("%s: unexpected argument %q", fs.Name(), fs.Arg(maxArgs))
+	}
+	return fs.Args(), nil
+}
+
+func cmdInit(_ context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "init")
+	var roots, sans listFlag
+	fs.Var(&roots, "tpm-roots", "PEM `FILE` of TPM manufacturer CA certificates (repeatable)")
+	fs.Var(&sans, "san", "DNS name or IP the station is reached at (repeatable; default localhost,127.0.0.1,::1)")
+	lifetime := fs.Duration("cert-lifetime", 168*time.Hour, "device certificate `lifetime`")
+	manifest := fs.String("manifest", "", "`FILE` of 'EK_SHA256 DEVICE_ID' lines")
+	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	if *lifetime < 10*time.Second {
+		return usagef("--cert-lifetime %v is too short (minimum 10s)", *lifetime)
+	}
+	err := station.Init(station.InitOptions{
+		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
+		CertLifetime: *lifetime, AutoApprove: *autoApprove,
+	})
+	if err != nil {
+		return err
+	}
+	fp, err := station.RootFingerprint(*dir)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "station initialized in %s\nroot fingerprint: %s\n", *dir, fp)
+	return nil
+}
+
+func cmdFingerprint(_ context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "fingerprint")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	fp, err := station.RootFingerprint(*dir)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(e.stdout, fp)
+	return nil
+}
+
+func cmdServe(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "serve")
+	listen := fs.String("listen", ":8443", "HTTPS `ADDR`ess")
+	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(e.stderr, nil))
+	s, err := station.Open(station.Config{Dir: *dir, AutoApprove: *autoApprove, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()))
+	if e.ready != nil {
+		e.ready(l.Addr().String())
+	}
+	return s.Serve(ctx, l)
+}
+
+func cmdDevices(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "devices")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	devs, err := a.Devices(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		if devs == nil {
+			devs = []station.Device{}
+		}
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(devs)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATUS\tCERT SERIAL\tNOT AFTER\tENROLLED\tLAST SEEN\tEK SHA256")
+	for _, d := range devs {
+		ek := d.EKSHA256
+		if ek == "" {
+			ek = "(token)"
+		} else {
+			ek = ek[:16] + "…"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Status, d.CertSerial, d.NotAfter.UTC().Format(time.RFC3339),
+			d.EnrolledAt.UTC().Format(time.RFC3339), d.LastSeen.UTC().Format(time.RFC3339), ek)
+	}
+	return tw.Flush()
+}
+
+func cmdRevoke(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "revoke")
+	pos, err := parse(fs, dir, args, 1)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("revoke: want the device ID")
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	if err := a.Revoke(ctx, pos[0]); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "revoked %s; the CRL lists its certificates\n", pos[0])
+	return nil
+}
+
+func cmdToken(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 || args[0] != "create" {
+		return usagef("token: want 'token create --device ID [--ttl 24h]'")
+	}
+	fs, dir := newFlags(e, "token create")
+	device := fs.String("device", "", "device `ID` the token enrolls")
+	ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
+	if _, err := parse(fs, dir, args[1:], 0); err != nil {
+		return err
+	}
+	if *device == "" {
+		return usagef("token create: --device is required")
+	}
+	if err := station.ValidDeviceID(*device); err != nil {
+		return usageError{err}
+	}
+	if *ttl <= 0 || *ttl > station.MaxTokenTTL {
+		return usagef("token create: --ttl %v: want more than 0 and at most %v", *ttl, station.MaxTokenTTL)
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	t, err := a.CreateToken(ctx, *device, *ttl)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "one-time token for %s, valid until %s; enroll with: iotagent enroll --token <below>\n%s\n",
+		t.Device, t.Expires.Format(time.RFC3339), t.Credential())
+	return nil
+}

@@ -1,0 +1,228 @@
+package station
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Token is a one-time bootstrap credential: HTTP Basic DEVICE:SECRET for
+// simpleenroll.
+type Token struct {
+	Device  string    `json:"device"`
+	Secret  string    `json:"secret"`
+	Expires time.Time `json:"expires"`
+}
+
+// Credential returns the HTTP Basic credential, DEVICE:SECRET.
+func (t Token) Credential() string { return t.Device + ":" + t.Secret }
+
+// MaxTokenTTL bounds how long a bootstrap token stays usable.
+const MaxTokenTTL = 30 * 24 * time.Hour
+
+// CreateToken issues a one-time token for device id valid for ttl,
+// replacing any unused earlier one.
+func (s *Station) CreateToken(id string, ttl time.Duration) (Token, error) {
+	if err := ValidDeviceID(id); err != nil {
+		return Token{}, err
+	}
+	if ttl <= 0 || ttl > MaxTokenTTL {
+		return Token{}, fmt.Errorf("token TTL %v: want more than 0 and at most %v", ttl, MaxTokenTTL)
+	}
+	if d, err := s.reg.device(id); err != nil {
+		return Token{}, err
+	} else if d != nil && d.Status == StatusRevoked {
+		return Token{}, fmt.Errorf("device %s is revoked", id)
+	}
+	raw := make([]byte, 24)
+	if _, err := io.ReadFull(s.rand, raw); err != nil {
+		return Token{}, err
+	}
+	t := Token{Device: id, Secret: base64.RawURLEncoding.EncodeToString(raw), Expires: s.now().Add(ttl).UTC().Truncate(time.Second)}
+	if err := s.reg.putToken(id, t.Secret, t.Expires); err != nil {
+		return Token{}, err
+	}
+	s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "token", Result: "accepted", Device: id})
+	return t, nil
+}
+
+// Devices lists the registry.
+func (s *Station) Devices() ([]Device, error) { return s.reg.devices() }
+
+// Admin is the station's administrative operations. OpenAdmin returns one
+// that talks to a running station through its admin socket, or opens the
+// station directory itself when none runs.
+type Admin interface {
+	Devices(ctx context.Context) ([]Device, error)
+	Revoke(ctx context.Context, id string) error
+	CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error)
+	Close() error
+}
+
+// OpenAdmin connects to the station serving dir, or opens dir directly.
+func OpenAdmin(dir string) (Admin, error) {
+	sock := filepath.Join(dir, fileAdminSock)
+	if c, err := net.DialTimeout("unix", sock, time.Second); err == nil {
+		c.Close()
+		return &adminClient{c: &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", sock)
+			},
+		}}}, nil
+	}
+	s, err := Open(Config{Dir: dir})
+	if err != nil {
+		return nil, err
+	}
+	return localAdmin{s}, nil
+}
+
+type localAdmin struct{ s *Station }
+
+func (l localAdmin) Devices(context.Context) ([]Device, error) { return l.s.Devices() }
+func (l localAdmin) Revoke(_ context.Context, id string) error { return l.s.Revoke(id) }
+func (l localAdmin) CreateToken(_ context.Context, id string, ttl time.Duration) (Token, error) {
+	return l.s.CreateToken(id, ttl)
+}
+func (l localAdmin) Close() error { return l.s.Close() }
+
+// adminServer serves the admin API on admin.sock (mode 0600: whoever can
+// read the station's keys may administer it, nobody else).
+type adminServer struct {
+	srv  *http.Server
+	l    net.Listener
+	path string
+}
+
+func (s *Station) listenAdmin() (*adminServer, error) {
+	path := s.path(fileAdminSock)
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another station is serving %s (admin socket %s answers)", s.dir, path)
+	}
+	os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	// The station directory is 0700 already; the socket mode says the same.
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /devices", func(w http.ResponseWriter, r *http.Request) {
+		d, err := s.Devices()
+		adminReply(w, d, err)
+	})
+	mux.HandleFunc("POST /revoke", func(w http.ResponseWriter, r *http.Request) {
+		err := s.Revoke(r.URL.Query().Get("id"))
+		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /tokens", func(w http.ResponseWriter, r *http.Request) {
+		ttl, err := time.ParseDuration(r.URL.Query().Get("ttl"))
+		if err != nil {
+			adminReply(w, nil, fmt.Errorf("ttl: %w", err))
+			return
+		}
+		t, err := s.CreateToken(r.URL.Query().Get("device"), ttl)
+		adminReply(w, t, err)
+	})
+	return &adminServer{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l: l, path: path}, nil
+}
+
+func (a *adminServer) serve() error {
+	err := a.srv.Serve(a.l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func (a *adminServer) close() error {
+	err := a.srv.Close()
+	os.Remove(a.path)
+	return err
+}
+
+type adminError struct {
+	Error string `json:"error"`
+}
+
+func adminReply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		status := http.StatusBadRequest
+		if errors.Is(err, ErrUnknownDevice) {
+			status = http.StatusNotFound
+		}
+		w.WriteHeader(status)
+		json.NewEncoder(w).Encode(adminError{err.Error()})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}
+
+type adminClient struct{ c *http.Client }
+
+func (a *adminClient) call(ctx context.Context, method, path string, q url.Values, out any) error {
+	u := "http://station" + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := a.c.Do(req)
+	if err != nil {
+		return fmt.Errorf("station admin socket: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var ae adminError
+		if json.NewDecoder(resp.Body).Decode(&ae) == nil && ae.Error != "" {
+			if resp.StatusCode == http.StatusNotFound {
+				return fmt.Errorf("%w%s", ErrUnknownDevice, strings.TrimPrefix(ae.Error, ErrUnknownDevice.Error()))
+			}
+			return errors.New(ae.Error)
+		}
+		return fmt.Errorf("station admin socket: %s", resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+func (a *adminClient) Devices(ctx context.Context) ([]Device, error) {
+	var d []Device
+	return d, a.call(ctx, http.MethodGet, "/devices", nil, &d)
+}
+
+func (a *adminClient) Revoke(ctx context.Context, id string) error {
+	return a.call(ctx, http.MethodPost, "/revoke", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error) {
+	var t Token
+	return t, a.call(ctx, http.MethodPost, "/tokens", url.Values{"device": {id}, "ttl": {ttl.String()}}, &t)
+}
+
+func (a *adminClient) Close() error { return nil }
+
+// newStdLogger routes net/http's internal errors (TLS handshake failures,
+// mostly) to slog at debug level: scanners would flood the log otherwise.
+func newStdLogger(l *slog.Logger) *log.Logger {
+	return slog.NewLogLogger(l.Handler(), slog.LevelDebug)
+}

@@ -1,0 +1,283 @@
+package station
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"iotagent.dev/iotagent/internal/atomicfile"
+)
+
+// Files in the station directory.
+const (
+	fileConfig     = "station.json"
+	fileRootCert   = "root.crt"
+	fileRootKey    = "root.key"
+	fileCACert     = "ca.crt"
+	fileCAKey      = "ca.key"
+	fileTLSCert    = "tls.crt"
+	fileTLSKey     = "tls.key"
+	fileTPMRoots   = "tpm-roots.pem"
+	fileManifest   = "manifest.txt"
+	fileRegistry   = "registry.db"
+	fileAudit      = "audit.log"
+	fileCRLPEM     = "crl.pem"
+	fileAdminSock  = "admin.sock"
+	rootLifetime   = 20 * 365 * 24 * time.Hour
+	caLifetime     = 5 * 365 * 24 * time.Hour
+	tlsLifetime    = 2 * 365 * 24 * time.Hour
+	backdate       = 5 * time.Minute // tolerate devices whose clocks lag a little
+	deviceIDPrefix = "dev-"
+)
+
+// ca is the station's certificate authority: a root that signs the issuing
+// CA, which signs device certificates, the station's TLS certificate and the
+// CRL. The root's SHA-256 fingerprint is what agents pin.
+type ca struct {
+	root      *x509.Certificate
+	issuer    *x509.Certificate
+	issuerKey crypto.Signer
+}
+
+func newSerial(r io.Reader) (*big.Int, error) {
+	// 128 random bits, positive: RFC 5280 allows up to 20 octets.
+	b := make([]byte, 16)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return nil, err
+	}
+	b[0] &= 0x7f
+	if b[0] == 0 {
+		b[0] = 1
+	}
+	return new(big.Int).SetBytes(b), nil
+}
+
+func writeKey(path string, k *ecdsa.PrivateKey) error {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+}
+
+func writeCerts(path string, certs ...*x509.Certificate) error {
+	var out []byte
+	for _, c := range certs {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return atomicfile.Write(path, out, 0o644)
+}
+
+func readKey(path string) (crypto.Signer, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, fmt.Errorf("%s: no PEM key", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("%s: not a signing key", path)
+	}
+	return s, nil
+}
+
+// ReadCertificates reads every CERTIFICATE block of a PEM file.
+func ReadCertificates(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := ParsePEMCertificates(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return certs, nil
+}
+
+// ParsePEMCertificates parses every CERTIFICATE block in b; at least one
+// must be present.
+func ParsePEMCertificates(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no PEM certificate found")
+	}
+	return out, nil
+}
+
+// Fingerprint returns "sha256:HEX" of a certificate's DER: what
+// `iotagent enroll --station-fingerprint` pins.
+func Fingerprint(c *x509.Certificate) string {
+	s := sha256.Sum256(c.Raw)
+	return "sha256:" + hex.EncodeToString(s[:])
+}
+
+func createCert(r io.Reader, tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypto.Signer) (*x509.Certificate, error) {
+	serial, err := newSerial(r)
+	if err != nil {
+		return nil, err
+	}
+	tmpl.SerialNumber = serial
+	der, err := x509.CreateCertificate(r, tmpl, parent, pub, signer)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+// initCA creates the root, the issuing CA and the station TLS certificate
+// for sans in dir.
+func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
+	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	rootTmpl := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: name + " Root CA"},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              now.Add(rootLifetime),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	root, err := createCert(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	if err != nil {
+		return nil, err
+	}
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	issuer, err := createCert(rand.Reader, &x509.Certificate{
+		Subject:               pkix.Name{CommonName: name + " Issuing CA"},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              now.Add(caLifetime),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}, root, &caKey.PublicKey, rootKey)
+	if err != nil {
+		return nil, err
+	}
+	tlsKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: name + " station"},
+		NotBefore:   now.Add(-backdate),
+		NotAfter:    now.Add(tlsLifetime),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, s := range sans {
+		if ip := net.ParseIP(s); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, s)
+		}
+	}
+	tlsCert, err := createCert(rand.Reader, tmpl, issuer, &tlsKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range []func() error{
+		func() error { return writeKey(filepath.Join(dir, fileRootKey), rootKey) },
+		func() error { return writeKey(filepath.Join(dir, fileCAKey), caKey) },
+		func() error { return writeKey(filepath.Join(dir, fileTLSKey), tlsKey) },
+		func() error { return writeCerts(filepath.Join(dir, fileRootCert), root) },
+		func() error { return writeCerts(filepath.Join(dir, fileCACert), issuer) },
+		// The TLS chain includes the root so an agent can match the pinned
+		// fingerprint against what the station presents.
+		func() error { return writeCerts(filepath.Join(dir, fileTLSCert), tlsCert, issuer, root) },
+	} {
+		if err := w(); err != nil {
+			return nil, err
+		}
+	}
+	return &ca{root: root, issuer: issuer, issuerKey: caKey}, nil
+}
+
+// loadCA reads the CA from dir. The root key is not needed to run.
+func loadCA(dir string) (*ca, error) {
+	roots, err := ReadCertificates(filepath.Join(dir, fileRootCert))
+	if err != nil {
+		return nil, err
+	}
+	issuers, err := ReadCertificates(filepath.Join(dir, fileCACert))
+	if err != nil {
+		return nil, err
+	}
+	key, err := readKey(filepath.Join(dir, fileCAKey))
+	if err != nil {
+		return nil, err
+	}
+	c := &ca{root: roots[0], issuer: issuers[0], issuerKey: key}
+	if err := c.issuer.CheckSignatureFrom(c.root); err != nil {
+		return nil, fmt.Errorf("issuing CA is not signed by the root: %w", err)
+	}
+	return c, nil
+}
+
+// DeviceURI is the URI SAN of a device certificate: brokers and collectors
+// that map certificates to identities may use it or the CN.
+func DeviceURI(id string) *url.URL {
+	return &url.URL{Scheme: "urn", Opaque: "iotagent:device:" + id}
+}
+
+// issueDevice signs a client certificate for device id with pub.
+func (c *ca) issueDevice(r io.Reader, id string, pub crypto.PublicKey, now time.Time, lifetime time.Duration) (*x509.Certificate, error) {
+	notAfter := now.Add(lifetime)
+	if notAfter.After(c.issuer.NotAfter) {
+		notAfter = c.issuer.NotAfter
+	}
+	// Backdating tolerates device clocks that lag a little; for short
+	// lifetimes it must stay small, or it would eat the renewal window
+	// agents compute from notBefore.
+	back := min(backdate, lifetime/10)
+	return createCert(r, &x509.Certificate{
+		Subject:     pkix.Name{CommonName: id},
+		URIs:        []*url.URL{DeviceURI(id)},
+		NotBefore:   now.Add(-back),
+		NotAfter:    notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}, c.issuer, pub, c.issuerKey)
+}

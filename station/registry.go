@@ -1,0 +1,347 @@
+package station
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"sort"
+	"strings"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Device statuses.
+const (
+	StatusEnrolled = "enrolled"
+	StatusRevoked  = "revoked"
+)
+
+// Device is one registry entry: the binding of a device ID to its EK and
+// the certificates issued to it.
+type Device struct {
+	ID string `json:"id"`
+	// EKSHA256 is the SHA-256 of the EK certificate's SubjectPublicKeyInfo
+	// (hex); empty for devices enrolled with a token.
+	EKSHA256   string    `json:"ek_sha256"`
+	Status     string    `json:"status"`
+	CertSerial string    `json:"cert_serial"`
+	NotAfter   time.Time `json:"not_after"`
+	EnrolledAt time.Time `json:"enrolled_at"`
+	LastSeen   time.Time `json:"last_seen"`
+	// Serials lists every certificate serial issued to the device (hex).
+	Serials []string `json:"serials"`
+}
+
+// issued is a certificate the station signed, by serial.
+type issued struct {
+	Device    string    `json:"device"`
+	NotAfter  time.Time `json:"not_after"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// token is a one-time bootstrap credential for simpleenroll.
+type token struct {
+	SecretSHA256 string    `json:"secret_sha256"`
+	Expires      time.Time `json:"expires"`
+}
+
+var (
+	bucketDevices = []byte("devices") // id -> Device
+	bucketEKs     = []byte("eks")     // ek sha256 -> id
+	bucketCerts   = []byte("certs")   // serial hex -> issued
+	bucketTokens  = []byte("tokens")  // id -> token
+	bucketMeta    = []byte("meta")    // crl number
+	keyCRLNumber  = []byte("crl_number")
+)
+
+// Registry errors.
+var (
+	// ErrUnknownDevice: no device with that ID.
+	ErrUnknownDevice = errors.New("unknown device")
+	// ErrRegistryLocked: another process (a running station) holds the
+	// registry open.
+	ErrRegistryLocked = errors.New("registry in use by another process")
+)
+
+type registry struct {
+	db *bolt.DB
+}
+
+func openRegistry(path string) (*registry, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return nil, fmt.Errorf("%w: %s (is iotstation serve running? its admin socket serves this command)", ErrRegistryLocked, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("opening registry %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketTokens, bucketMeta} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("opening registry %s: %w", path, err)
+	}
+	return &registry{db: db}, nil
+}
+
+func (r *registry) close() error { return r.db.Close() }
+
+func getJSON[T any](b *bolt.Bucket, key string) (*T, error) {
+	v := b.Get([]byte(key))
+	if v == nil {
+		return nil, nil
+	}
+	var out T
+	if err := json.Unmarshal(v, &out); err != nil {
+		return nil, fmt.Errorf("registry entry %q: %w", key, err)
+	}
+	return &out, nil
+}
+
+func putJSON(b *bolt.Bucket, key string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(key), data)
+}
+
+func serialHex(s *big.Int) string { return strings.ToLower(s.Text(16)) }
+
+// device returns the device with id, or nil.
+func (r *registry) device(id string) (*Device, error) {
+	var d *Device
+	err := r.db.View(func(tx *bolt.Tx) error {
+		var err error
+		d, err = getJSON[Device](tx.Bucket(bucketDevices), id)
+		return err
+	})
+	return d, err
+}
+
+// deviceByEK returns the device bound to an EK hash, or nil.
+func (r *registry) deviceByEK(ek string) (*Device, error) {
+	var d *Device
+	err := r.db.View(func(tx *bolt.Tx) error {
+		id := tx.Bucket(bucketEKs).Get([]byte(ek))
+		if id == nil {
+			return nil
+		}
+		var err error
+		d, err = getJSON[Device](tx.Bucket(bucketDevices), string(id))
+		return err
+	})
+	return d, err
+}
+
+// certificate returns what the registry knows of a serial, or nil.
+func (r *registry) certificate(serial *big.Int) (*issued, error) {
+	var c *issued
+	err := r.db.View(func(tx *bolt.Tx) error {
+		var err error
+		c, err = getJSON[issued](tx.Bucket(bucketCerts), serialHex(serial))
+		return err
+	})
+	return c, err
+}
+
+// recordIssue binds id to ek (when non-empty) and records a newly issued
+// certificate, in one transaction. check runs inside the transaction with
+// the current entry (nil if new) and may refuse.
+func (r *registry) recordIssue(id, ek string, serial *big.Int, notAfter, now time.Time, check func(*Device) error) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		return recordIssueTx(tx, id, ek, serial, notAfter, now, check)
+	})
+}
+
+func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now time.Time, check func(*Device) error) error {
+	devs := tx.Bucket(bucketDevices)
+	d, err := getJSON[Device](devs, id)
+	if err != nil {
+		return err
+	}
+	if check != nil {
+		if err := check(d); err != nil {
+			return err
+		}
+	}
+	if d == nil {
+		d = &Device{ID: id, EnrolledAt: now}
+	}
+	if ek != "" {
+		if other := tx.Bucket(bucketEKs).Get([]byte(ek)); other != nil && string(other) != id {
+			return fmt.Errorf("EK already bound to device %s", other)
+		}
+		d.EKSHA256 = ek
+		if err := tx.Bucket(bucketEKs).Put([]byte(ek), []byte(id)); err != nil {
+			return err
+		}
+	}
+	s := serialHex(serial)
+	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, s, notAfter, now
+	d.Serials = append(d.Serials, s)
+	if err := putJSON(devs, id, d); err != nil {
+		return err
+	}
+	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: notAfter})
+}
+
+// touch records that a device was seen.
+func (r *registry) touch(id string, now time.Time) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		devs := tx.Bucket(bucketDevices)
+		d, err := getJSON[Device](devs, id)
+		if err != nil || d == nil {
+			return err
+		}
+		d.LastSeen = now
+		return putJSON(devs, id, d)
+	})
+}
+
+// devices lists every device, by ID.
+func (r *registry) devices() ([]Device, error) {
+	var out []Device
+	err := r.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
+			var d Device
+			if err := json.Unmarshal(v, &d); err != nil {
+				return fmt.Errorf("registry entry %q: %w", k, err)
+			}
+			out = append(out, d)
+			return nil
+		})
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, err
+}
+
+// revoke marks a device revoked and every certificate issued to it revoked
+// at now. Revoking twice is not an error.
+func (r *registry) revoke(id string, now time.Time) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		devs := tx.Bucket(bucketDevices)
+		d, err := getJSON[Device](devs, id)
+		if err != nil {
+			return err
+		}
+		if d == nil {
+			return fmt.Errorf("%w %q", ErrUnknownDevice, id)
+		}
+		d.Status = StatusRevoked
+		certs := tx.Bucket(bucketCerts)
+		for _, s := range d.Serials {
+			c, err := getJSON[issued](certs, s)
+			if err != nil {
+				return err
+			}
+			if c != nil && c.RevokedAt.IsZero() {
+				c.RevokedAt = now
+				if err := putJSON(certs, s, c); err != nil {
+					return err
+				}
+			}
+		}
+		return putJSON(devs, id, d)
+	})
+}
+
+// revokedSerial is a CRL entry.
+type revokedSerial struct {
+	serial    *big.Int
+	revokedAt time.Time
+}
+
+// revokedSince lists revoked certificates that have not yet expired at
+// now: expired ones need no CRL entry (RFC 5280 §3.3).
+func (r *registry) revokedUnexpired(now time.Time) ([]revokedSerial, error) {
+	var out []revokedSerial
+	err := r.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketCerts).ForEach(func(k, v []byte) error {
+			var c issued
+			if err := json.Unmarshal(v, &c); err != nil {
+				return err
+			}
+			if c.RevokedAt.IsZero() || c.NotAfter.Before(now) {
+				return nil
+			}
+			s, ok := new(big.Int).SetString(string(k), 16)
+			if !ok {
+				return fmt.Errorf("registry: bad serial %q", k)
+			}
+			out = append(out, revokedSerial{s, c.RevokedAt})
+			return nil
+		})
+	})
+	return out, err
+}
+
+// nextCRLNumber increments and returns the persisted CRL number.
+func (r *registry) nextCRLNumber() (*big.Int, error) {
+	n := new(big.Int)
+	err := r.db.Update(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if v := m.Get(keyCRLNumber); v != nil {
+			n.SetBytes(v)
+		}
+		n.Add(n, big.NewInt(1))
+		return m.Put(keyCRLNumber, n.Bytes())
+	})
+	return n, err
+}
+
+func hashSecret(secret string) string {
+	s := sha256.Sum256([]byte(secret))
+	return hex.EncodeToString(s[:])
+}
+
+// putToken stores a one-time token for id, replacing any earlier one.
+func (r *registry) putToken(id, secret string, expires time.Time) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		return putJSON(tx.Bucket(bucketTokens), id, token{SecretSHA256: hashSecret(secret), Expires: expires})
+	})
+}
+
+// Token refusal reasons.
+var (
+	errTokenUnknown = errors.New("no token for this device (never issued, or already used)")
+	errTokenExpired = errors.New("token expired")
+	errTokenWrong   = errors.New("wrong token secret")
+)
+
+// consumeToken checks and deletes the token of id, then runs issue in the
+// same transaction: a token can never be used twice, even by two requests
+// at once.
+func (r *registry) consumeToken(id, secret string, now time.Time, issue func(tx *bolt.Tx) error) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		tb := tx.Bucket(bucketTokens)
+		t, err := getJSON[token](tb, id)
+		if err != nil {
+			return err
+		}
+		if t == nil {
+			return errTokenUnknown
+		}
+		if subtle.ConstantTimeCompare([]byte(t.SecretSHA256), []byte(hashSecret(secret))) != 1 {
+			return errTokenWrong
+		}
+		if now.After(t.Expires) {
+			return errTokenExpired
+		}
+		if err := tb.Delete([]byte(id)); err != nil {
+			return err
+		}
+		return issue(tx)
+	})
+}

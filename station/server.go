@@ -1,0 +1,504 @@
+package station
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	bolt "go.etcd.io/bbolt"
+
+	"iotagent.dev/iotagent/est"
+)
+
+var cryptoRand = rand.Reader
+
+// requestTimeout bounds the work of one request.
+const requestTimeout = 20 * time.Second
+
+// Handler returns the station's HTTP handler: the EST endpoints under
+// /.well-known/est/, the CRL at /crl and metrics at /metrics.
+func (s *Station) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+est.PathCACerts, s.handleCACerts)
+	mux.HandleFunc("GET "+est.PathCSRAttrs, s.handleCSRAttrs)
+	mux.HandleFunc("POST "+est.PathEnroll, s.handleEnroll)
+	mux.HandleFunc("POST "+est.PathReenroll, s.handleReenroll)
+	mux.HandleFunc("POST "+est.PathTPMEnroll, s.handleTPMEnroll)
+	mux.HandleFunc("GET /crl", s.handleCRL)
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	return http.TimeoutHandler(mux, requestTimeout, "request timed out\n")
+}
+
+// TLSConfig returns the HTTPS configuration: TLS 1.2+ with AEAD suites
+// only, the station certificate chain, and client certificates requested
+// (not required: bootstrap and first attestation have none) and verified
+// by the handlers, which log why one is refused.
+func (s *Station) TLSConfig() (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(s.path(fileTLSCert), s.path(fileTLSKey))
+	if err != nil {
+		return nil, fmt.Errorf("loading station TLS certificate: %w", err)
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequestClientCert,
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		NextProtos: []string{"h2", "http/1.1"},
+		Time:       s.now,
+	}, nil
+}
+
+func (s *Station) path(name string) string { return s.dir + "/" + name }
+
+func remoteIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// fail answers a refused request: audit line, metrics, failure counted
+// against the client, text/plain reason.
+func (s *Station) fail(w http.ResponseWriter, r *http.Request, e AuditEntry, err error) {
+	var rf *refusal
+	if !errors.As(err, &rf) {
+		s.log.Error("enrollment error", "event", e.Event, "err", err)
+		rf = refuse(http.StatusInternalServerError, "internal", "internal error")
+	}
+	e.Time, e.Result, e.Reason, e.Remote = s.now().UTC(), "refused", rf.reason, remoteIP(r)
+	if aerr := s.audit.write(e); aerr != nil {
+		s.log.Error("audit log", "err", aerr)
+	}
+	s.metrics.enrollment(e.Event, "refused", rf.code)
+	s.limiter.fail(remoteIP(r))
+	if rf.status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Basic realm="est"`)
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(rf.status)
+	fmt.Fprintln(w, rf.reason)
+}
+
+// accept records an accepted decision.
+func (s *Station) accept(r *http.Request, e AuditEntry) {
+	e.Time, e.Result, e.Remote = s.now().UTC(), "accepted", remoteIP(r)
+	if err := s.audit.write(e); err != nil {
+		s.log.Error("audit log", "err", err)
+	}
+	s.metrics.enrollment(e.Event, "accepted", "")
+	s.limiter.succeed(remoteIP(r))
+}
+
+// begin applies what every enrollment request gets before its body is
+// read: the failure limiter and the body cap. It returns the body or
+// writes the refusal.
+func (s *Station) begin(w http.ResponseWriter, r *http.Request, e AuditEntry) ([]byte, bool) {
+	if wait, blocked := s.limiter.blocked(remoteIP(r)); blocked {
+		secs := int(wait/time.Second) + 1
+		w.Header().Set("Retry-After", strconv.Itoa(secs))
+		s.fail(w, r, e, refuse(http.StatusTooManyRequests, "rate_limited", "too many failed requests from this address; retry in %ds", secs))
+		return nil, false
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, est.MaxBody))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		s.fail(w, r, e, refuse(http.StatusRequestEntityTooLarge, "too_large", "request body over %d bytes", est.MaxBody))
+		return nil, false
+	}
+	if err != nil {
+		s.fail(w, r, e, refuse(http.StatusBadRequest, "malformed", "reading request body: %v", err))
+		return nil, false
+	}
+	return body, true
+}
+
+func writeBase64(w http.ResponseWriter, contentType string, der []byte) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set(est.HeaderCTE, "base64")
+	w.WriteHeader(http.StatusOK)
+	w.Write(est.EncodeBase64(der))
+}
+
+func (s *Station) handleCACerts(w http.ResponseWriter, r *http.Request) {
+	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly(est.RawCertificates(s.CACerts())))
+}
+
+// csrAttrs tells clients what the station wants in a CSR (RFC 7030 §4.5):
+// ECDSA with SHA-256 over a P-256 key.
+var csrAttrs = func() []byte {
+	type attr struct {
+		Type   asn1.ObjectIdentifier
+		Values []asn1.ObjectIdentifier `asn1:"set"`
+	}
+	b, err := asn1.Marshal([]any{
+		asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}, // ecdsa-with-SHA256
+		attr{asn1.ObjectIdentifier{1, 2, 840, 10045, 2, 1}, []asn1.ObjectIdentifier{{1, 2, 840, 10045, 3, 1, 7}}},
+	})
+	if err != nil {
+		panic(err)
+	}
+	return b
+}()
+
+func (s *Station) handleCSRAttrs(w http.ResponseWriter, r *http.Request) {
+	writeBase64(w, est.MediaCSRAttrs, csrAttrs)
+}
+
+func (s *Station) handleCRL(w http.ResponseWriter, r *http.Request) {
+	der, err := s.CRL()
+	if err != nil {
+		http.Error(w, "CRL unavailable", http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/pkix-crl")
+	w.Write(der)
+}
+
+// parseCSR decodes a base64 PKCS#10 body and checks its signature and key.
+func parseCSR(r *http.Request, body []byte) (*x509.CertificateRequest, error) {
+	if ct := r.Header.Get("Content-Type"); !est.MediaTypeIs(ct, est.MediaPKCS10) {
+		return nil, refuse(http.StatusUnsupportedMediaType, "malformed", "Content-Type %q, want %s", ct, est.MediaPKCS10)
+	}
+	der, err := est.DecodeBase64(body)
+	if err != nil {
+		return nil, refuse(http.StatusBadRequest, "malformed", "body: %v", err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, refuse(http.StatusBadRequest, "malformed", "CSR does not parse: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, refuse(http.StatusBadRequest, "csr_signature", "CSR signature does not verify: %v", err)
+	}
+	if err := checkCSRKey(csr.PublicKey); err != nil {
+		return nil, refuse(http.StatusBadRequest, "csr_key", "CSR: %v", err)
+	}
+	return csr, nil
+}
+
+// clientDevice verifies the client certificate of r, if any, and returns
+// it with the device it belongs to. No certificate: nil, nil, nil.
+func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return nil, nil, nil
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	roots.AddCert(s.ca.root)
+	inter.AddCert(s.ca.issuer)
+	for _, c := range r.TLS.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	now := s.now()
+	if _, err := leaf.Verify(x509.VerifyOptions{
+		Roots: roots, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}); err != nil {
+		var ie x509.CertificateInvalidError
+		if errors.As(err, &ie) && ie.Reason == x509.Expired {
+			return nil, nil, refuse(http.StatusForbidden, "cert_expired", "client certificate %s expired or not yet valid (valid %s to %s)",
+				serialHex(leaf.SerialNumber), leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
+		}
+		return nil, nil, refuse(http.StatusForbidden, "cert_untrusted", "client certificate not issued by this station: %v", err)
+	}
+	ic, err := s.reg.certificate(leaf.SerialNumber)
+	if err != nil {
+		return nil, nil, err
+	}
+	if ic == nil {
+		return nil, nil, refuse(http.StatusForbidden, "cert_unknown", "client certificate %s is not in the registry", serialHex(leaf.SerialNumber))
+	}
+	if !ic.RevokedAt.IsZero() {
+		return nil, nil, refuse(http.StatusForbidden, "cert_revoked", "client certificate %s was revoked at %s", serialHex(leaf.SerialNumber), ic.RevokedAt.UTC().Format(time.RFC3339))
+	}
+	d, err := s.reg.device(ic.Device)
+	if err != nil {
+		return nil, nil, err
+	}
+	if d == nil || d.Status == StatusRevoked {
+		return nil, nil, refuse(http.StatusForbidden, "device_revoked", "device %s is revoked", ic.Device)
+	}
+	return d, leaf, nil
+}
+
+// admit decides the device ID for an EK, or refuses.
+func (s *Station) admit(ekHash string) (string, error) {
+	if d, err := s.reg.deviceByEK(ekHash); err != nil {
+		return "", err
+	} else if d != nil {
+		return d.ID, nil
+	}
+	m, err := s.manifest.get()
+	if err != nil {
+		s.log.Warn("manifest", "err", err)
+	}
+	if id, ok := m[ekHash]; ok {
+		return id, nil
+	}
+	if s.autoApprove {
+		return deviceIDPrefix + ekHash[:16], nil
+	}
+	return "", refuse(http.StatusForbidden, "unknown_ek", "EK sha256:%s is not in the manifest and auto-approve is off", ekHash)
+}
+
+// canIssue is the registry check run, inside the issuing transaction, for
+// a device entry (nil when new).
+func canIssue(id, ekHash string) func(*Device) error {
+	return func(d *Device) error {
+		if d == nil {
+			return nil
+		}
+		if d.Status == StatusRevoked {
+			return refuse(http.StatusForbidden, "device_revoked", "device %s is revoked", id)
+		}
+		if ekHash != "" && d.EKSHA256 != "" && d.EKSHA256 != ekHash {
+			return refuse(http.StatusForbidden, "ek_mismatch", "device %s is bound to another EK (sha256:%s)", id, d.EKSHA256)
+		}
+		return nil
+	}
+}
+
+func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
+	e := AuditEntry{Event: "tpmenroll"}
+	body, ok := s.begin(w, r, e)
+	if !ok {
+		return
+	}
+	req, err := est.DecodeTPMEnrollRequest(r.Header.Get("Content-Type"), bytes.NewReader(body))
+	if err != nil {
+		status := http.StatusBadRequest
+		if errors.Is(err, est.ErrMediaType) {
+			status = http.StatusUnsupportedMediaType
+		}
+		s.fail(w, r, e, refuse(status, "malformed", "%v", err))
+		return
+	}
+	presented, _, err := s.clientDevice(r)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	att, err := s.verifyAttestation(req)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	e.EK = att.ekHash
+	id, err := s.admit(att.ekHash)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	e.Device = id
+	if presented != nil && presented.ID != id {
+		s.fail(w, r, e, refuse(http.StatusForbidden, "other_device", "client certificate belongs to device %s, the EK to device %s", presented.ID, id))
+		return
+	}
+	if d, err := s.reg.device(id); err != nil {
+		s.fail(w, r, e, err)
+		return
+	} else if err := canIssue(id, att.ekHash)(d); err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+
+	now := s.now()
+	cert, err := s.ca.issueDevice(s.rand, id, att.csr.PublicKey, now, s.certLifetime)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	e.Serial = serialHex(cert.SerialNumber)
+	// The certificate is encrypted under a fresh key that only the TPM
+	// holding both the EK and the certified key can recover.
+	aesKey := make([]byte, 16)
+	if _, err := io.ReadFull(s.rand, aesKey); err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	ekey, err := tpm2.ImportEncapsulationKey(&att.ekPub)
+	if err != nil {
+		s.fail(w, r, e, refuse(http.StatusForbidden, "ek_mismatch", "EK public area cannot encrypt a credential: %v", err))
+		return
+	}
+	blob, seed, err := tpm2.CreateCredential(s.rand, ekey, att.keyName, aesKey)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	enc, err := est.SealEncryptedData(s.rand, aesKey, cert.Raw)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	out, ct, err := (&est.TPMEnrollResponse{CredentialBlob: blob, EncryptedSeed: seed, EncryptedCert: enc}).Encode()
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	if err := s.reg.recordIssue(id, att.ekHash, cert.SerialNumber, cert.NotAfter, now, canIssue(id, att.ekHash)); err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	s.accept(r, e)
+	w.Header().Set("Content-Type", ct)
+	w.WriteHeader(http.StatusOK)
+	w.Write(out)
+}
+
+func (s *Station) handleEnroll(w http.ResponseWriter, r *http.Request) {
+	e := AuditEntry{Event: "simpleenroll"}
+	body, ok := s.begin(w, r, e)
+	if !ok {
+		return
+	}
+	id, secret, ok := r.BasicAuth()
+	if !ok {
+		s.fail(w, r, e, refuse(http.StatusUnauthorized, "token_missing", "HTTP Basic credentials DEVICE_ID:TOKEN required (iotstation token create)"))
+		return
+	}
+	e.Device = id
+	if err := ValidDeviceID(id); err != nil {
+		s.fail(w, r, e, refuse(http.StatusUnauthorized, "token_invalid", "%v", err))
+		return
+	}
+	csr, err := parseCSR(r, body)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	now := s.now()
+	cert, err := s.ca.issueDevice(s.rand, id, csr.PublicKey, now, s.certLifetime)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	e.Serial = serialHex(cert.SerialNumber)
+	err = s.reg.consumeToken(id, secret, now, func(tx *bolt.Tx) error {
+		return recordIssueTx(tx, id, "", cert.SerialNumber, cert.NotAfter, now, canIssue(id, ""))
+	})
+	switch {
+	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenExpired), errors.Is(err, errTokenWrong):
+		e.Serial = ""
+		s.fail(w, r, e, refuse(http.StatusUnauthorized, "token_invalid", "%v", err))
+		return
+	case err != nil:
+		e.Serial = ""
+		s.fail(w, r, e, err)
+		return
+	}
+	s.accept(r, e)
+	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly([][]byte{cert.Raw}))
+}
+
+func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
+	e := AuditEntry{Event: "simplereenroll"}
+	body, ok := s.begin(w, r, e)
+	if !ok {
+		return
+	}
+	d, leaf, err := s.clientDevice(r)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	if d == nil {
+		s.fail(w, r, e, refuse(http.StatusForbidden, "cert_missing", "simplereenroll needs the current device certificate (mutual TLS)"))
+		return
+	}
+	e.Device, e.EK = d.ID, d.EKSHA256
+	csr, err := parseCSR(r, body)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	if !samePublicKey(csr.PublicKey, leaf.PublicKey) {
+		s.fail(w, r, e, refuse(http.StatusForbidden, "csr_key_mismatch", "simplereenroll renews the same key; a new key is certified through tpmenroll"))
+		return
+	}
+	now := s.now()
+	cert, err := s.ca.issueDevice(s.rand, d.ID, csr.PublicKey, now, s.certLifetime)
+	if err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
+	e.Serial = serialHex(cert.SerialNumber)
+	if err := s.reg.recordIssue(d.ID, "", cert.SerialNumber, cert.NotAfter, now, canIssue(d.ID, "")); err != nil {
+		e.Serial = ""
+		s.fail(w, r, e, err)
+		return
+	}
+	s.accept(r, e)
+	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly([][]byte{cert.Raw}))
+}
+
+func samePublicKey(a, b crypto.PublicKey) bool {
+	ak, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && ak.Equal(b)
+}
+
+// Serve runs the station's HTTPS server on l, its admin socket and the
+// CRL refresher until ctx is done, then shuts down within 5 seconds.
+func (s *Station) Serve(ctx context.Context, l net.Listener) error {
+	tlsCfg, err := s.TLSConfig()
+	if err != nil {
+		return err
+	}
+	if _, err := s.refreshCRL(); err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		TLSConfig:         tlsCfg,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      60 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          newStdLogger(s.log),
+	}
+	admin, err := s.listenAdmin()
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 3)
+	go func() { errc <- srv.ServeTLS(l, "", "") }()
+	go func() { errc <- admin.serve() }()
+	stopCRL := make(chan struct{})
+	crlDone := make(chan struct{})
+	go func() {
+		defer close(crlDone)
+		s.crlLoop(stopCRL)
+	}()
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	close(stopCRL)
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = errors.Join(srv.Shutdown(sctx), admin.close())
+	<-crlDone
+	if runErr != nil && !errors.Is(runErr, http.ErrServerClosed) {
+		return runErr
+	}
+	return err
+}

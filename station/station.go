@@ -1,0 +1,360 @@
+// Package station is the fleet side of enrollment: a certificate authority,
+// an EST (RFC 7030) server with TPM credential activation (/tpmenroll), the
+// device registry, the CRL and the audit log.
+//
+// A station directory (iotstation init) holds:
+//
+//	station.json        configuration (name, SANs, certificate lifetime, policy)
+//	root.crt, root.key  the root CA (agents pin its fingerprint; keep root.key offline)
+//	ca.crt, ca.key      the issuing CA: device certificates, the TLS certificate, the CRL
+//	tls.crt, tls.key    the station's HTTPS certificate (chain includes the root)
+//	tpm-roots.pem       trusted TPM manufacturer CAs (roots and intermediates)
+//	manifest.txt        EK SHA-256 → device ID, one pair per line
+//	registry.db         devices, EK bindings, issued certificates, tokens (bbolt)
+//	audit.log           JSON lines: every decision with its reason
+//	crl.pem             the current CRL, for brokers (mosquitto crlfile)
+//	admin.sock          while serving: the admin API used by iotstation commands
+//
+// Keys are written 0600 and atomically.
+package station
+
+import (
+	"bufio"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"iotagent.dev/iotagent/internal/atomicfile"
+)
+
+// fileConfigJSON is station.json.
+type fileConfigJSON struct {
+	Name         string   `json:"name"`
+	SANs         []string `json:"sans"`
+	CertLifetime string   `json:"cert_lifetime"`
+	AutoApprove  bool     `json:"auto_approve"`
+}
+
+// InitOptions configures Init.
+type InitOptions struct {
+	Dir string
+	// Name prefixes the CA and station certificate names (default
+	// "iotagent").
+	Name string
+	// SANs are the DNS names and IP addresses the station is reached at
+	// (default localhost, 127.0.0.1, ::1).
+	SANs []string
+	// TPMRoots are PEM files of TPM manufacturer CAs; self-signed ones are
+	// trust anchors, others intermediates.
+	TPMRoots []string
+	// Manifest is a file of "EK_SHA256 DEVICE_ID" lines, copied in.
+	Manifest string
+	// CertLifetime of device certificates (default 168h).
+	CertLifetime time.Duration
+	AutoApprove  bool
+	Now          func() time.Time
+}
+
+// ErrInitialized: Init on a directory that already holds a station.
+var ErrInitialized = errors.New("station directory already initialized")
+
+// Init creates a station directory.
+func Init(opts InitOptions) error {
+	if opts.Dir == "" {
+		return errors.New("station directory not set")
+	}
+	if opts.Name == "" {
+		opts.Name = "iotagent"
+	}
+	if len(opts.SANs) == 0 {
+		opts.SANs = []string{"localhost", "127.0.0.1", "::1"}
+	}
+	if opts.CertLifetime == 0 {
+		opts.CertLifetime = 168 * time.Hour
+	}
+	if opts.CertLifetime < 10*time.Second {
+		return fmt.Errorf("certificate lifetime %v is too short (minimum 10s)", opts.CertLifetime)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if _, err := os.Stat(filepath.Join(opts.Dir, fileConfig)); err == nil {
+		return fmt.Errorf("%w: %s", ErrInitialized, opts.Dir)
+	}
+	// Validate every input before writing anything.
+	var roots []byte
+	for _, f := range opts.TPMRoots {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("--tpm-roots: %w", err)
+		}
+		if _, err := ParsePEMCertificates(b); err != nil {
+			return fmt.Errorf("--tpm-roots %s: %w", f, err)
+		}
+		roots = append(roots, b...)
+	}
+	var manifest []byte
+	if opts.Manifest != "" {
+		b, err := os.ReadFile(opts.Manifest)
+		if err != nil {
+			return fmt.Errorf("--manifest: %w", err)
+		}
+		if _, err := parseManifest(b); err != nil {
+			return fmt.Errorf("--manifest %s: %w", opts.Manifest, err)
+		}
+		manifest = b
+	}
+	if err := atomicfile.MkdirPrivate(opts.Dir); err != nil {
+		return err
+	}
+	if _, err := initCA(opts.Dir, opts.Name, opts.SANs, opts.Now()); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(opts.Dir, fileTPMRoots), roots, 0o644); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(opts.Dir, fileManifest), manifest, 0o644); err != nil {
+		return err
+	}
+	cfg, err := json.MarshalIndent(fileConfigJSON{
+		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove,
+	}, "", "  ")
+	if err != nil {
+		return err
+	}
+	// The config is written last: its presence means a complete directory.
+	return atomicfile.Write(filepath.Join(opts.Dir, fileConfig), append(cfg, '\n'), 0o644)
+}
+
+// RootFingerprint returns the "sha256:HEX" fingerprint of the station root
+// in dir.
+func RootFingerprint(dir string) (string, error) {
+	c, err := ReadCertificates(filepath.Join(dir, fileRootCert))
+	if err != nil {
+		return "", err
+	}
+	return Fingerprint(c[0]), nil
+}
+
+// Config configures Open.
+type Config struct {
+	Dir string
+	// AutoApprove, when true, admits any device whose EK chains to a
+	// trusted TPM root, overriding station.json. False keeps the file's
+	// setting.
+	AutoApprove bool
+	// CertLifetime overrides station.json when non-zero.
+	CertLifetime time.Duration
+	Logger       *slog.Logger
+	Now          func() time.Time
+	Rand         io.Reader
+}
+
+// Station is an opened station directory. Safe for concurrent use; Close
+// releases the registry and the audit log.
+type Station struct {
+	dir          string
+	name         string
+	autoApprove  bool
+	certLifetime time.Duration
+	log          *slog.Logger
+	now          func() time.Time
+	rand         io.Reader
+
+	ca       *ca
+	tpmRoots *x509.CertPool
+	tpmInter *x509.CertPool
+	reg      *registry
+	audit    *auditLog
+	limiter  *failureLimiter
+	manifest manifestCache
+	crl      atomic.Pointer[[]byte]
+	crlMu    sync.Mutex
+	metrics  metrics
+}
+
+// Open opens the station in cfg.Dir.
+func Open(cfg Config) (*Station, error) {
+	b, err := os.ReadFile(filepath.Join(cfg.Dir, fileConfig))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s is not a station directory (run iotstation init --dir %s)", cfg.Dir, cfg.Dir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var fc fileConfigJSON
+	if err := json.Unmarshal(b, &fc); err != nil {
+		return nil, fmt.Errorf("%s: %w", fileConfig, err)
+	}
+	s := &Station{
+		dir: cfg.Dir, name: fc.Name, autoApprove: fc.AutoApprove || cfg.AutoApprove,
+		log: cfg.Logger, now: cfg.Now, rand: cfg.Rand,
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.rand == nil {
+		s.rand = cryptoRand
+	}
+	s.limiter = newFailureLimiter(s.now)
+	s.certLifetime = cfg.CertLifetime
+	if s.certLifetime == 0 {
+		if s.certLifetime, err = time.ParseDuration(fc.CertLifetime); err != nil {
+			return nil, fmt.Errorf("%s: cert_lifetime: %w", fileConfig, err)
+		}
+	}
+	if s.ca, err = loadCA(cfg.Dir); err != nil {
+		return nil, err
+	}
+	s.tpmRoots, s.tpmInter = x509.NewCertPool(), x509.NewCertPool()
+	if rb, err := os.ReadFile(filepath.Join(cfg.Dir, fileTPMRoots)); err == nil && len(rb) > 0 {
+		certs, err := ParsePEMCertificates(rb)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", fileTPMRoots, err)
+		}
+		for _, c := range certs {
+			if isSelfSigned(c) {
+				s.tpmRoots.AddCert(c)
+			} else {
+				s.tpmInter.AddCert(c)
+			}
+		}
+	}
+	s.manifest.path = filepath.Join(cfg.Dir, fileManifest)
+	if _, err := s.manifest.get(); err != nil {
+		return nil, err
+	}
+	if s.reg, err = openRegistry(filepath.Join(cfg.Dir, fileRegistry)); err != nil {
+		return nil, err
+	}
+	if s.audit, err = openAudit(filepath.Join(cfg.Dir, fileAudit)); err != nil {
+		s.reg.close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Close releases the registry and the audit log.
+func (s *Station) Close() error {
+	return errors.Join(s.reg.close(), s.audit.close())
+}
+
+// Root returns the station's root certificate.
+func (s *Station) Root() *x509.Certificate { return s.ca.root }
+
+// CACerts returns the certificates /cacerts serves: the issuing CA, then
+// the root.
+func (s *Station) CACerts() []*x509.Certificate {
+	return []*x509.Certificate{s.ca.issuer, s.ca.root}
+}
+
+func isSelfSigned(c *x509.Certificate) bool {
+	return c.CheckSignatureFrom(c) == nil && c.Subject.String() == c.Issuer.String()
+}
+
+// deviceIDPattern: IDs end up in certificate CNs and MQTT topics, so no
+// slashes, wildcards or spaces.
+var deviceIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidDeviceID reports whether id can name a device.
+func ValidDeviceID(id string) error {
+	if !deviceIDPattern.MatchString(id) {
+		return fmt.Errorf("device ID %q: want 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit", id)
+	}
+	return nil
+}
+
+var hexPattern = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// parseManifest reads "EK_SHA256 DEVICE_ID" lines; '#' starts a comment.
+func parseManifest(b []byte) (map[string]string, error) {
+	out := map[string]string{}
+	ids := map[string]int{}
+	sc := bufio.NewScanner(strings.NewReader(string(b)))
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = line[:i]
+		}
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if len(f) != 2 {
+			return nil, fmt.Errorf("line %d: want EK_SHA256 DEVICE_ID", n)
+		}
+		ek := strings.ToLower(strings.TrimPrefix(f[0], "sha256:"))
+		if !hexPattern.MatchString(ek) {
+			return nil, fmt.Errorf("line %d: %q is not a SHA-256 in hex", n, f[0])
+		}
+		if err := ValidDeviceID(f[1]); err != nil {
+			return nil, fmt.Errorf("line %d: %w", n, err)
+		}
+		if prev, ok := ids[f[1]]; ok {
+			return nil, fmt.Errorf("line %d: device ID %s already on line %d", n, f[1], prev)
+		}
+		ids[f[1]] = n
+		out[ek] = f[1]
+	}
+	return out, sc.Err()
+}
+
+// manifestCache reloads manifest.txt when it changes, so operators add
+// devices without restarting the station.
+type manifestCache struct {
+	path string
+
+	mu      sync.Mutex
+	modTime time.Time
+	size    int64
+	entries map[string]string
+}
+
+func (m *manifestCache) get() (map[string]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	fi, err := os.Stat(m.path)
+	if errors.Is(err, os.ErrNotExist) {
+		m.entries = map[string]string{}
+		return m.entries, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if m.entries != nil && fi.ModTime().Equal(m.modTime) && fi.Size() == m.size {
+		return m.entries, nil
+	}
+	b, err := os.ReadFile(m.path)
+	if err != nil {
+		return nil, err
+	}
+	e, err := parseManifest(b)
+	if err != nil {
+		if m.entries != nil {
+			// Keep serving the last good manifest; the edit is broken.
+			return m.entries, fmt.Errorf("%s: %w (still using the previous version)", m.path, err)
+		}
+		return nil, fmt.Errorf("%s: %w", m.path, err)
+	}
+	m.entries, m.modTime, m.size = e, fi.ModTime(), fi.Size()
+	return e, nil
+}
+
+// pemCert encodes a certificate as PEM.
+func pemCert(c *x509.Certificate) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+}
