@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -101,22 +102,18 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		cfg.Timeout = 60 * time.Second
 	}
 	host := u.Hostname()
+	roots, pin, clock := cfg.Roots, cfg.Pin, cfg.Clock
 	tc := &tls.Config{
 		MinVersion:           tls.VersionTLS12,
-		RootCAs:              cfg.Roots,
 		ServerName:           host,
-		Time:                 cfg.Clock.Now,
 		GetClientCertificate: cfg.GetClientCertificate,
-	}
-	if cfg.Roots == nil {
-		pin := cfg.Pin
-		// Pinning replaces the WebPKI roots; the checks are done in
-		// VerifyConnection, which still requires a chain to the pinned
-		// certificate and the host name.
-		tc.InsecureSkipVerify = true
-		tc.VerifyConnection = func(cs tls.ConnectionState) error {
-			return verifyPinned(cs.PeerCertificates, pin, host, cfg.Clock.Now())
-		}
+		// Verification is done in VerifyConnection: the device's clock is
+		// only a lower bound on the time (see verifyStation), which
+		// crypto/tls's own check cannot express.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyStation(cs.PeerCertificates, roots, pin, host, clock.Now())
+		},
 	}
 	return &Client{
 		base:  u,
@@ -140,29 +137,46 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 // change, the next request must handshake with the new one).
 func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
 
-// verifyPinned checks that chain verifies up to a certificate whose SHA-256
-// is pin, for host, at now.
-func verifyPinned(chain []*x509.Certificate, pin []byte, host string, now time.Time) error {
-	for i, c := range chain {
-		sum := sha256.Sum256(c.Raw)
-		if subtle.ConstantTimeCompare(sum[:], pin) != 1 {
-			continue
+// verifyStation checks the station's TLS chain for host: up to roots, or
+// up to the certificate whose SHA-256 is pin.
+//
+// now is a lower bound on the real time: a gateway without RTC knows only
+// that it is at least its floor. A certificate that expired before now is
+// refused; one whose notBefore is after now may well be valid (a station
+// set up after the agent was built), so the chain is checked at the latest
+// notBefore it holds when that is later than now. The station's Date header
+// then teaches the clock.
+func verifyStation(chain []*x509.Certificate, roots *x509.CertPool, pin []byte, host string, now time.Time) error {
+	if len(chain) == 0 {
+		return errors.New("station presented no certificate")
+	}
+	at := now
+	for _, c := range chain {
+		if c.NotBefore.After(at) {
+			at = c.NotBefore
 		}
-		roots, inter := x509.NewCertPool(), x509.NewCertPool()
-		roots.AddCert(c)
-		for _, ic := range chain[1:i] {
-			inter.AddCert(ic)
+	}
+	inter := x509.NewCertPool()
+	if pin != nil {
+		i := slices.IndexFunc(chain, func(c *x509.Certificate) bool {
+			sum := sha256.Sum256(c.Raw)
+			return subtle.ConstantTimeCompare(sum[:], pin) == 1
+		})
+		if i < 0 {
+			return fmt.Errorf("station TLS chain holds no certificate with fingerprint sha256:%x", pin)
 		}
 		if i == 0 {
-			if err := chain[0].VerifyHostname(host); err != nil {
-				return err
-			}
-			return nil
+			return chain[0].VerifyHostname(host)
 		}
-		_, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, DNSName: host, CurrentTime: now})
-		return err
+		roots = x509.NewCertPool()
+		roots.AddCert(chain[i])
+		chain = chain[:i]
 	}
-	return fmt.Errorf("station TLS chain holds no certificate with fingerprint sha256:%x", pin)
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	_, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, DNSName: host, CurrentTime: at})
+	return err
 }
 
 // do sends a request and returns the body of a 200 answer. Other answers

@@ -20,11 +20,12 @@ import (
 //
 // Safe for concurrent use.
 type Clock struct {
-	now func() time.Time
+	now  func() time.Time     // the wall clock
+	mono func() time.Duration // monotonic time since the clock was made
 
 	mu      sync.Mutex
-	floor   time.Time // a wall time known to have passed
-	at      time.Time // now() when floor was learned; carries a monotonic reading
+	floor   time.Time     // a wall time known to have passed
+	at      time.Duration // mono() when floor was learned
 	saved   time.Time // floor last persisted
 	path    string
 	changed bool
@@ -36,7 +37,11 @@ func NewClock(now func() time.Time, floors ...time.Time) *Clock {
 	if now == nil {
 		now = time.Now
 	}
-	c := &Clock{now: now, at: now()}
+	// time.Since on a time.Now reading uses the monotonic clock, which
+	// settimeofday and NTP steps do not move.
+	t0 := time.Now()
+	c := &Clock{now: now, mono: func() time.Duration { return time.Since(t0) }}
+	c.at = c.mono()
 	for _, f := range floors {
 		if f.After(c.floor) {
 			c.floor = f
@@ -55,7 +60,7 @@ func (c *Clock) Now() time.Time {
 
 func (c *Clock) nowLocked() time.Time {
 	n := c.now()
-	if t := c.trustedLocked(n); n.Before(t) {
+	if t := c.trustedLocked(); n.Before(t) {
 		return t
 	}
 	return n
@@ -63,8 +68,8 @@ func (c *Clock) nowLocked() time.Time {
 
 // trustedLocked is the floor advanced by monotonic time: what trusted
 // sources vouch for, whatever the wall clock says.
-func (c *Clock) trustedLocked(n time.Time) time.Time {
-	return c.floor.Add(n.Sub(c.at)).Round(0)
+func (c *Clock) trustedLocked() time.Time {
+	return c.floor.Add(c.mono() - c.at).Round(0)
 }
 
 // Learn raises the floor to t, a time vouched for by a trusted source, if
@@ -72,11 +77,10 @@ func (c *Clock) trustedLocked(n time.Time) time.Time {
 func (c *Clock) Learn(t time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	n := c.now()
-	if t.IsZero() || !t.After(c.trustedLocked(n)) {
+	if t.IsZero() || !t.After(c.trustedLocked()) {
 		return false
 	}
-	c.floor, c.at, c.changed = t.Round(0), n, true
+	c.floor, c.at, c.changed = t.Round(0), c.mono(), true
 	return true
 }
 
@@ -86,7 +90,7 @@ func (c *Clock) Learn(t time.Time) bool {
 func (c *Clock) Trusted() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.trustedLocked(c.now())
+	return c.trustedLocked()
 }
 
 // clockFile is the state dir file holding the last trusted time.
@@ -131,7 +135,7 @@ const saveEvery = time.Hour
 // the last save (force: always).
 func (c *Clock) Save(force bool) error {
 	c.mu.Lock()
-	now := c.trustedLocked(c.now())
+	now := c.trustedLocked()
 	if c.path == "" || (!force && !c.changed && now.Sub(c.saved) < saveEvery) {
 		c.mu.Unlock()
 		return nil

@@ -45,22 +45,22 @@ type RenewerConfig struct {
 //
 // Each renewal attempt is a small state machine:
 //
-//	                 ┌────────── certificate valid ──────────┐
-//	                 │                                       │
-//	   KeepKey or no EK certificate              rotate (default)
-//	                 │                                       │
-//	         simplereenroll (mTLS,               new TPM key ─▶ tpmenroll (mTLS)
-//	         same key)                                       │
-//	                 │                                       │
-//	                 └──────────────┬────────────────────────┘
-//	                     refused (revoked, unknown…)
-//	                                ▼
-//	   certificate expired ─▶ re-attest: tpmenroll without a client
-//	                          certificate (new key unless KeepKey)
-//	                                │
-//	   success: store chain, trust bundle (refreshed), key ─▶ swap the
-//	   live Identity ─▶ flush the old key ─▶ schedule the next renewal
-//	   failure: back off (Retry-After respected) ─▶ try again, forever
+//	              ┌────────── certificate valid ──────────┐
+//	              │                                       │
+//	KeepKey or no EK certificate              rotate (default)
+//	              │                                       │
+//	      simplereenroll (mTLS,               new TPM key ─▶ tpmenroll (mTLS)
+//	      same key)                                       │
+//	              │                                       │
+//	              └──────────────┬────────────────────────┘
+//	                  refused (revoked, unknown…)
+//	                             ▼
+//	certificate expired ─▶ re-attest: tpmenroll without a client
+//	                       certificate (new key unless KeepKey)
+//	                             │
+//	success: store chain, trust bundle (refreshed), key ─▶ swap the
+//	live Identity ─▶ flush the old key ─▶ schedule the next renewal
+//	failure: back off (Retry-After respected) ─▶ try again, forever
 type Renewer struct {
 	cfg   RenewerConfig
 	log   *slog.Logger

@@ -21,11 +21,11 @@ var (
 
 // DER tags used below.
 const (
-	tagInteger     = 0x02
-	tagSequence    = 0x30
-	tagSet         = 0x31
-	tagContext0    = 0xa0 // [0] constructed
-	tagImplicit0   = 0x80 // [0] primitive
+	tagInteger   = 0x02
+	tagSequence  = 0x30
+	tagSet       = 0x31
+	tagContext0  = 0xa0 // [0] constructed
+	tagImplicit0 = 0x80 // [0] primitive
 )
 
 // tlv encodes one DER element.

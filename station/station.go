@@ -156,6 +156,10 @@ type Config struct {
 	AutoApprove bool
 	// CertLifetime overrides station.json when non-zero.
 	CertLifetime time.Duration
+	// FailuresBeforeSlowdown is how many failed enrollment requests a
+	// client address may make within a minute before it is answered 429
+	// (default 5).
+	FailuresBeforeSlowdown int
 	Logger       *slog.Logger
 	Now          func() time.Time
 	Rand         io.Reader
@@ -211,6 +215,9 @@ func Open(cfg Config) (*Station, error) {
 		s.rand = cryptoRand
 	}
 	s.limiter = newFailureLimiter(s.now)
+	if cfg.FailuresBeforeSlowdown > 0 {
+		s.limiter.maxFailures = cfg.FailuresBeforeSlowdown
+	}
 	s.certLifetime = cfg.CertLifetime
 	if s.certLifetime == 0 {
 		if s.certLifetime, err = time.ParseDuration(fc.CertLifetime); err != nil {

@@ -42,7 +42,7 @@ import (
 type workspace struct {
 	mu         sync.Mutex
 	dir        string
-	identities map[int]string // identity -> manufactured state dir
+	identities map[identity]string // identity -> manufactured state dir
 	seq        int
 }
 
@@ -60,7 +60,7 @@ func Main(m *testing.M) int {
 		return 1
 	}
 	ws.Lock()
-	ws.w = &workspace{dir: dir, identities: map[int]string{}}
+	ws.w = &workspace{dir: dir, identities: map[identity]string{}}
 	ws.Unlock()
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -92,9 +92,15 @@ func Tools() error {
 	return nil
 }
 
+// identity names a manufactured TPM.
+type identity struct {
+	n    int
+	noEK bool
+}
+
 // manufacture returns the template state dir of identity id, creating it on
 // first use.
-func (w *workspace) manufacture(id int) (string, error) {
+func (w *workspace) manufacture(id identity) (string, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if dir, ok := w.identities[id]; ok {
@@ -122,13 +128,19 @@ func (w *workspace) manufacture(id int) (string, error) {
 			return "", err
 		}
 	}
-	state := filepath.Join(w.dir, "id-"+strconv.Itoa(id))
+	state := filepath.Join(w.dir, fmt.Sprintf("id-%d-%v", id.n, id.noEK))
 	if err := os.MkdirAll(state, 0o700); err != nil {
 		return "", err
 	}
-	cmd := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", state,
-		"--config", filepath.Join(cfg, "swtpm_setup.conf"),
-		"--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--overwrite")
+	args := []string{"--tpm2", "--tpmstate", state, "--config", filepath.Join(cfg, "swtpm_setup.conf"), "--lock-nvram", "--overwrite"}
+	if id.noEK {
+		// EKs are still created, but no certificates: like TPMs whose
+		// vendor ships none.
+		args = append(args, "--createek")
+	} else {
+		args = append(args, "--create-ek-cert", "--create-platform-cert")
+	}
+	cmd := exec.Command("swtpm_setup", args...)
 	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+cfg, "HOME="+w.dir)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("tpmtest: swtpm_setup: %v\n%s", err, out)
@@ -161,7 +173,7 @@ func ManufacturerIntermediatePEM(t testing.TB) []byte {
 func caFile(t testing.TB, name string) []byte {
 	t.Helper()
 	w := current(t)
-	if _, err := w.manufacture(0); err != nil {
+	if _, err := w.manufacture(identity{}); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(filepath.Join(w.dir, "ca", name))
@@ -191,6 +203,9 @@ type Options struct {
 	// identity are clones (same seeds, same EK); different identities are
 	// different TPMs with EK certificates from the same manufacturer CA.
 	Identity int
+	// NoEKCertificate manufactures the TPM without EK certificates (the
+	// device must enroll with a token).
+	NoEKCertificate bool
 	// TCP serves the TPM on a loopback TCP port instead of a unix socket.
 	TCP bool
 }
@@ -224,7 +239,7 @@ func New(t testing.TB) *Simulator {
 func Start(t testing.TB, opts Options) *Simulator {
 	t.Helper()
 	w := current(t)
-	tmpl, err := w.manufacture(opts.Identity)
+	tmpl, err := w.manufacture(identity{opts.Identity, opts.NoEKCertificate})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,436 @@
+package enroll_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/station"
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+// device is one agent under test: its swtpm and state dir.
+type device struct {
+	sim *tpmtest.Simulator
+	tpm *tpm.TPM
+	dir string
+}
+
+func newDevice(t *testing.T, opts tpmtest.Options) *device {
+	t.Helper()
+	sim := tpmtest.Start(t, opts)
+	return &device{sim: sim, tpm: sim.Open(t), dir: t.TempDir()}
+}
+
+func (d *device) enroll(t *testing.T, st *stationtest.Station, token string) (*enroll.EnrollResult, error) {
+	t.Helper()
+	pin, err := enroll.ParsePin(st.Fingerprint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return enroll.Enroll(ctx, enroll.EnrollConfig{TPM: d.tpm, Dir: d.dir, Station: st.URL, Pin: pin, Token: token})
+}
+
+func (d *device) mustEnroll(t *testing.T, st *stationtest.Station) *enroll.State {
+	t.Helper()
+	res, err := d.enroll(t, st, "")
+	if err != nil {
+		t.Fatalf("Enroll: %v", err)
+	}
+	return res.State
+}
+
+func TestEnrollThreeDevices(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	ids := map[string]bool{}
+	for i := range 3 {
+		d := newDevice(t, tpmtest.Options{Identity: i})
+		s := d.mustEnroll(t, st)
+		if ids[s.Enrollment.DeviceID] {
+			t.Fatalf("device %d got the ID %s of another device", i, s.Enrollment.DeviceID)
+		}
+		ids[s.Enrollment.DeviceID] = true
+		if s.Enrollment.Method != "tpmenroll" {
+			t.Errorf("method = %s, want tpmenroll", s.Enrollment.Method)
+		}
+		// The certified key is the TPM key.
+		k, err := d.tpm.LoadKey(s.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !k.Public().(*ecdsa.PublicKey).Equal(s.Leaf().PublicKey) {
+			t.Errorf("device %d: certificate key is not the TPM key", i)
+		}
+		k.Close()
+		// OpenSSL, independently, accepts the chain.
+		out, err := exec.Command("openssl", "verify", "-CAfile", st.RootFile,
+			"-untrusted", filepath.Join(st.Dir, "ca.crt"), "-purpose", "sslclient",
+			filepath.Join(d.dir, "cert.pem")).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), ": OK") {
+			t.Errorf("openssl verify: %v\n%s", err, out)
+		}
+		for _, f := range []string{"cert.pem", "trust.pem", "device-key.json", "enrollment.json"} {
+			fi, err := os.Stat(filepath.Join(d.dir, f))
+			if err != nil || fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s: mode %v, %v; want 0600", f, fi.Mode().Perm(), err)
+			}
+		}
+		// Enrolling again is a no-op.
+		res, err := d.enroll(t, st, "")
+		if err != nil || !res.Already {
+			t.Errorf("second Enroll = already %v, %v; want already enrolled", res != nil && res.Already, err)
+		}
+	}
+	devs, err := st.Devices()
+	if err != nil || len(devs) != 3 {
+		t.Fatalf("registry has %d devices, %v; want 3", len(devs), err)
+	}
+	for _, dv := range devs {
+		if len(dv.EKSHA256) != 64 || dv.Status != station.StatusEnrolled {
+			t.Errorf("registry entry %+v", dv)
+		}
+	}
+}
+
+func TestEnrollWithTokenWhenNoEKCertificate(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	d := newDevice(t, tpmtest.Options{NoEKCertificate: true, Identity: 5})
+
+	_, err := d.enroll(t, st, "")
+	if !errors.Is(err, tpm.ErrNoEK) || !strings.Contains(err.Error(), "--token") {
+		t.Fatalf("Enroll without EK certificate or token = %v, want ErrNoEK telling to use --token", err)
+	}
+	tok, err := st.CreateToken("gw-token-1", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := d.enroll(t, st, tok.Credential())
+	if err != nil {
+		t.Fatalf("Enroll with token: %v", err)
+	}
+	if res.State.Enrollment.DeviceID != "gw-token-1" || res.State.Enrollment.Method != "simpleenroll" {
+		t.Errorf("enrollment = %+v, want gw-token-1 by simpleenroll", res.State.Enrollment)
+	}
+	// The token was consumed: a second device cannot use it.
+	d2 := newDevice(t, tpmtest.Options{NoEKCertificate: true, Identity: 5})
+	if _, err := d2.enroll(t, st, tok.Credential()); err == nil || !strings.Contains(err.Error(), "401") {
+		t.Errorf("reused token = %v, want 401", err)
+	}
+
+	// Without an EK, renewal keeps the key (simplereenroll).
+	r := newRenewer(t, d, enroll.RenewerConfig{})
+	before := r.Identity().Leaf()
+	if err := r.RenewNow(context.Background()); err != nil {
+		t.Fatalf("RenewNow: %v", err)
+	}
+	after := r.Identity().Leaf()
+	if after.SerialNumber.Cmp(before.SerialNumber) == 0 || !pubEqual(after, before) {
+		t.Error("token-enrolled device: renewal should give a new certificate for the same key")
+	}
+}
+
+func pubEqual(a, b *x509.Certificate) bool {
+	return a.PublicKey.(*ecdsa.PublicKey).Equal(b.PublicKey)
+}
+
+func newRenewer(t *testing.T, d *device, cfg enroll.RenewerConfig) *enroll.Renewer {
+	t.Helper()
+	cfg.TPM, cfg.Dir = d.tpm, d.dir
+	r, err := enroll.NewRenewer(cfg)
+	if err != nil {
+		t.Fatalf("NewRenewer: %v", err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// keyID names a public key for comparisons.
+func keyID(c *x509.Certificate) string {
+	s := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return fmt.Sprintf("%x", s[:8])
+}
+
+// watchState checks, as often as it can until stop, the invariant of key
+// rotation: the key certified by cert.pem always has its blobs on disk (as
+// the current key or the rotated key awaiting commit).
+func watchState(t *testing.T, dir string, stop <-chan struct{}) <-chan int {
+	checks := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { checks <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			chain, err := readCert(filepath.Join(dir, "cert.pem"))
+			if err != nil {
+				t.Errorf("cert.pem unreadable mid-run: %v", err)
+				return
+			}
+			ok := false
+			for _, f := range []string{"device-key.json", "device-key.next.json"} {
+				kf, err := tpm.ReadKeyFile(filepath.Join(dir, f))
+				if err != nil {
+					continue
+				}
+				if pk, err := kf.PublicKey(); err == nil && pk.(*ecdsa.PublicKey).Equal(chain.PublicKey) {
+					ok = true
+				}
+			}
+			if !ok {
+				// The rename of the rotated key may be under way; look again.
+				time.Sleep(time.Millisecond)
+				if kf, err := tpm.ReadKeyFile(filepath.Join(dir, "device-key.json")); err == nil {
+					if pk, _ := kf.PublicKey(); pk.(*ecdsa.PublicKey).Equal(chain.PublicKey) {
+						ok = true
+					}
+				}
+			}
+			if !ok {
+				t.Errorf("cert.pem certifies a key whose blobs are not on disk")
+				return
+			}
+			n++
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	return checks
+}
+
+func readCert(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := station.ParsePEMCertificates(b)
+	if err != nil {
+		return nil, err
+	}
+	return certs[0], nil
+}
+
+// Certificates of 30 s, an agent running for 2 minutes: at least three
+// renewals, each with a new TPM key, blobs of the certified key always on
+// disk, no TPM handles leaked (tpmtest checks at cleanup).
+func TestRotationRenewsWithNewKeys(t *testing.T) {
+	t.Parallel()
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: 30 * time.Second})
+	d := newDevice(t, tpmtest.Options{})
+	d.mustEnroll(t, st)
+	r := newRenewer(t, d, enroll.RenewerConfig{Recheck: time.Second})
+
+	keys := map[string]bool{keyID(r.Identity().Leaf()): true}
+	serials := map[string]bool{}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	stop := make(chan struct{})
+	checks := watchState(t, d.dir, stop)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			ch := r.Identity().Changed()
+			select {
+			case <-ctx.Done():
+				return
+			case <-ch:
+				leaf := r.Identity().Leaf()
+				if keys[keyID(leaf)] {
+					t.Errorf("renewal %s reused a key", leaf.SerialNumber.Text(16))
+				}
+				keys[keyID(leaf)] = true
+				serials[leaf.SerialNumber.Text(16)] = true
+			}
+		}
+	}()
+	if err := r.Run(ctx); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	wg.Wait()
+	close(stop)
+	n := <-checks
+	if len(serials) < 3 {
+		t.Errorf("%d renewals in 2 minutes with 30 s certificates, want at least 3", len(serials))
+	}
+	if n < 100 {
+		t.Errorf("state invariant checked only %d times", n)
+	}
+	if _, err := os.Stat(filepath.Join(d.dir, "device-key.next.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Error("a rotated key file was left behind")
+	}
+	hs, err := d.tpm.TransientHandles()
+	if err != nil || len(hs) != 1 {
+		t.Errorf("transient handles while the agent holds its key = %v, %v; want exactly 1", hs, err)
+	}
+	if rs := r.Status(); rs.Renewals != len(serials) || rs.LastError != "" {
+		t.Errorf("status = %+v, want %d renewals and no error", rs, len(serials))
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// The station is down when renewal is due: the agent keeps its
+// certificate, retries with backoff, and renews when the station returns.
+// Then the certificate expires while the station is down: the agent
+// re-attests when it returns.
+func TestStationDownThenExpiredWhileOffline(t *testing.T) {
+	t.Parallel()
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: 12 * time.Second})
+	d := newDevice(t, tpmtest.Options{})
+	d.mustEnroll(t, st)
+	r := newRenewer(t, d, enroll.RenewerConfig{Recheck: 200 * time.Millisecond, BackoffBase: 200 * time.Millisecond, BackoffCap: time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	runDone := make(chan error, 1)
+	go func() { runDone <- r.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-runDone; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+
+	st.Stop()
+	first := r.Identity().Leaf()
+	waitFor(t, 20*time.Second, "failed renewal attempts", func() bool { return r.Status().Failures >= 2 })
+	if got := r.Identity().Leaf(); got.SerialNumber.Cmp(first.SerialNumber) != 0 {
+		t.Fatal("certificate changed while the station was down")
+	}
+	if rs := r.Status(); !strings.Contains(rs.LastError, "connection refused") {
+		t.Errorf("last error = %q, want connection refused", rs.LastError)
+	}
+	st.Restart()
+	waitFor(t, 20*time.Second, "renewal after the station returned", func() bool {
+		return r.Identity().Leaf().SerialNumber.Cmp(first.SerialNumber) != 0
+	})
+
+	// Down again, until the certificate has expired.
+	st.Stop()
+	second := r.Identity().Leaf()
+	waitFor(t, 30*time.Second, "certificate expiry", func() bool { return time.Now().After(second.NotAfter) })
+	if got := r.Identity().Leaf(); got.SerialNumber.Cmp(second.SerialNumber) != 0 {
+		t.Fatal("certificate changed while the station was down")
+	}
+	st.Restart()
+	waitFor(t, 20*time.Second, "re-attestation after expiry", func() bool {
+		return r.Identity().Leaf().SerialNumber.Cmp(second.SerialNumber) != 0
+	})
+	if got := r.Identity().Leaf(); !time.Now().Before(got.NotAfter) {
+		t.Error("the certificate after re-attestation is not valid")
+	}
+	audit, _ := os.ReadFile(filepath.Join(st.Dir, "audit.log"))
+	if !strings.Contains(string(audit), `"event":"tpmenroll","result":"accepted"`) {
+		t.Error("audit log lacks the re-attestation")
+	}
+}
+
+func TestRevokedDeviceIsListedAndRefused(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newDevice(t, tpmtest.Options{})
+	s := d.mustEnroll(t, st)
+	if err := st.Revoke(s.Enrollment.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	der, err := st.CRL()
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := false
+	for _, e := range crl.RevokedCertificateEntries {
+		if e.SerialNumber.Cmp(s.Leaf().SerialNumber) == 0 {
+			listed = true
+		}
+	}
+	if !listed {
+		t.Errorf("CRL does not list the revoked serial %s", s.Leaf().SerialNumber.Text(16))
+	}
+	if err := crl.CheckSignatureFrom(st.CACerts()[0]); err != nil {
+		t.Errorf("CRL signature: %v", err)
+	}
+
+	r := newRenewer(t, d, enroll.RenewerConfig{})
+	err = r.RenewNow(context.Background())
+	var se *enroll.StatusError
+	if !errors.As(err, &se) || se.Code != 403 || !strings.Contains(se.Message, "revoked") {
+		t.Fatalf("renewal of a revoked device = %v, want 403 revoked", err)
+	}
+	// The fallback, re-attestation, is refused too.
+	err = r.RenewNow(context.Background())
+	if !errors.As(err, &se) || se.Code != 403 || !strings.Contains(se.Message, "is revoked") {
+		t.Fatalf("re-attestation of a revoked device = %v, want 403 device revoked", err)
+	}
+}
+
+// A gateway that boots with its clock at 1970 enrolls (the build time is
+// its floor; the station's authenticated Date header teaches it the time),
+// schedules its renewal from that time, and renews.
+func TestEnrollWithClockAt1970(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newDevice(t, tpmtest.Options{})
+	start := time.Now()
+	wall := func() time.Time { return time.Unix(0, 0).Add(time.Since(start)) }
+	buildTime := time.Now().Add(-30 * 24 * time.Hour)
+	clock := enroll.NewClock(wall, buildTime)
+	pin, _ := enroll.ParsePin(st.Fingerprint)
+	res, err := enroll.Enroll(context.Background(), enroll.EnrollConfig{TPM: d.tpm, Dir: d.dir, Station: st.URL, Pin: pin, Clock: clock})
+	if err != nil {
+		t.Fatalf("Enroll with the wall clock at 1970: %v", err)
+	}
+	if skew := clock.Now().Sub(time.Now()); skew < -5*time.Second || skew > 5*time.Second {
+		t.Errorf("clock after enrollment is off by %v; it should have learned the station's time", skew)
+	}
+	floor, err := enroll.LoadClockFloor(d.dir)
+	if err != nil || floor.Before(start.Add(-5*time.Second)) {
+		t.Errorf("persisted trusted time = %v, %v; want about now", floor, err)
+	}
+
+	// A restart: the wall clock still reads 1970; the persisted floor
+	// carries the agent until the station is reached again.
+	clock2 := enroll.NewClock(wall, buildTime, floor)
+	r := newRenewer(t, d, enroll.RenewerConfig{Clock: clock2})
+	leaf := res.State.Leaf()
+	due := enroll.RenewalTime(leaf.NotBefore, leaf.NotAfter, 0)
+	if !due.After(time.Now()) {
+		t.Fatalf("renewal due at %v, before now", due)
+	}
+	if err := r.RenewNow(context.Background()); err != nil {
+		t.Fatalf("RenewNow with the wall clock at 1970: %v", err)
+	}
+	next := r.Status().NextRenewal
+	if next.Year() < 2020 || !next.After(time.Now()) {
+		t.Errorf("next renewal scheduled at %v, want in the future of the real time", next)
+	}
+}

@@ -1,0 +1,473 @@
+package station_test
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"io"
+	"math/big"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/station"
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+// tpmDevice is a swtpm with a loaded device key and its EK.
+type tpmDevice struct {
+	tpm *tpm.TPM
+	key *tpm.Key
+	ek  tpm.EK
+}
+
+func newTPMDevice(t testing.TB, identity int) *tpmDevice {
+	t.Helper()
+	tp := tpmtest.Start(t, tpmtest.Options{Identity: identity}).Open(t)
+	kf, err := tp.CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := tp.LoadKey(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	eks, err := tp.EndorsementKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &tpmDevice{tpm: tp, key: k, ek: eks[0]}
+}
+
+func csrFor(t testing.TB, key crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "ignored"}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+func (d *tpmDevice) request(t testing.TB) *est.TPMEnrollRequest {
+	t.Helper()
+	return &est.TPMEnrollRequest{
+		CSR:       csrFor(t, d.key),
+		EKChain:   [][]byte{d.ek.Certificate.Raw},
+		EKPublic:  d.ek.MarshalPublicArea(),
+		KeyPublic: d.key.MarshalPublicArea(),
+	}
+}
+
+// client talks HTTPS to the station, trusting its root, optionally with a
+// client certificate.
+func client(t testing.TB, st *stationtest.Station, cert *tls.Certificate) *http.Client {
+	t.Helper()
+	pool := x509.NewCertPool()
+	pool.AddCert(st.Root())
+	cfg := &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{*cert}
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+}
+
+type answer struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func post(t testing.TB, c *http.Client, st *stationtest.Station, path, ct string, body []byte, basic ...string) answer {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, st.URL+path, bytes.NewReader(body))
+	req.Header.Set("Content-Type", ct)
+	if len(basic) == 2 {
+		req.SetBasicAuth(basic[0], basic[1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return answer{resp.StatusCode, resp.Header, b}
+}
+
+func tpmEnroll(t testing.TB, c *http.Client, st *stationtest.Station, req *est.TPMEnrollRequest) answer {
+	t.Helper()
+	body, ct, err := req.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return post(t, c, st, est.PathTPMEnroll, ct, body)
+}
+
+// activate recovers the certificate from a /tpmenroll answer with d's TPM.
+func (d *tpmDevice) activate(t testing.TB, a answer) (*x509.Certificate, error) {
+	t.Helper()
+	resp, err := est.DecodeTPMEnrollResponse(a.header.Get("Content-Type"), bytes.NewReader(a.body))
+	if err != nil {
+		t.Fatalf("decoding answer: %v (status %d: %s)", err, a.status, a.body)
+	}
+	secret, err := d.tpm.ActivateCredential(d.key, &d.ek, resp.CredentialBlob, resp.EncryptedSeed)
+	if err != nil {
+		return nil, err
+	}
+	der, err := est.OpenEncryptedData(secret, resp.EncryptedCert)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+func registryJSON(t testing.TB, st *stationtest.Station) string {
+	t.Helper()
+	d, err := st.Devices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(d)
+	return string(b)
+}
+
+func lastAudit(t testing.TB, st *stationtest.Station) station.AuditEntry {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(st.Dir, "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	var e station.AuditEntry
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &e); err != nil {
+		t.Fatalf("audit line %q: %v", lines[len(lines)-1], err)
+	}
+	return e
+}
+
+func TestTPMEnrollIssuesOnlyToTheTPM(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newTPMDevice(t, 0)
+	a := tpmEnroll(t, client(t, st, nil), st, d.request(t))
+	if a.status != http.StatusOK {
+		t.Fatalf("tpmenroll = %d %s", a.status, a.body)
+	}
+	cert, err := d.activate(t, a)
+	if err != nil {
+		t.Fatalf("activating: %v", err)
+	}
+	if !d.key.Public().(*ecdsa.PublicKey).Equal(cert.PublicKey) {
+		t.Error("certificate is not for the TPM key")
+	}
+	ekHash := station.EKHash(d.ek.Certificate.Cert)
+	if want := "dev-" + ekHash[:16]; cert.Subject.CommonName != want {
+		t.Errorf("CN = %q, want %q (the station decides the subject)", cert.Subject.CommonName, want)
+	}
+	if e := lastAudit(t, st); e.Result != "accepted" || e.EK != ekHash || e.Serial == "" {
+		t.Errorf("audit = %+v", e)
+	}
+}
+
+// swEK makes an RSA "EK" certificate from a CA the station does not trust,
+// with the matching EK public area.
+func swEK(t testing.TB) ([]byte, []byte) {
+	t.Helper()
+	k, _ := rsa.GenerateKey(rand.Reader, 2048)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "fake EK"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := tpm2.RSAEKTemplate
+	pub.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
+	return der, tpm2.Marshal(&pub)
+}
+
+func TestTPMEnrollBadInput(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, Lenient: true})
+	strict := stationtest.Start(t, stationtest.Options{Lenient: true})
+	d := newTPMDevice(t, 0)
+	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+
+	noFixedTPM := func() *est.TPMEnrollRequest {
+		r := d.request(t)
+		pub := d.key.PublicArea()
+		pub.ObjectAttributes.FixedTPM = false
+		r.KeyPublic = tpm2.Marshal(&pub)
+		return r
+	}
+	for _, tc := range []struct {
+		name   string
+		st     *stationtest.Station
+		req    func() *est.TPMEnrollRequest
+		status int
+		reason string
+	}{
+		{"EK chain to an untrusted root", st, func() *est.TPMEnrollRequest {
+			r := d.request(t)
+			r.EKChain[0], r.EKPublic = swEK(t)
+			return r
+		}, 403, "does not chain to a trusted TPM manufacturer root"},
+		{"EK public area of another key", st, func() *est.TPMEnrollRequest {
+			r := d.request(t)
+			_, r.EKPublic = swEK(t)
+			return r
+		}, 403, "EK public area does not match the EK certificate"},
+		{"key without fixedTPM", st, noFixedTPM, 403, "lacks [fixedTPM]"},
+		{"CSR key is not the certified key", st, func() *est.TPMEnrollRequest {
+			r := d.request(t)
+			r.CSR = csrFor(t, soft)
+			return r
+		}, 403, "CSR public key is not the certified key"},
+		{"bad CSR signature", st, func() *est.TPMEnrollRequest {
+			r := d.request(t)
+			r.CSR[len(r.CSR)-3] ^= 0xff
+			return r
+		}, 400, "CSR signature does not verify"},
+		{"garbage key public area", st, func() *est.TPMEnrollRequest {
+			r := d.request(t)
+			r.KeyPublic = []byte{1, 2, 3}
+			return r
+		}, 400, "key public area does not parse"},
+		{"unknown EK without auto-approve", strict, func() *est.TPMEnrollRequest { return d.request(t) }, 403, "is not in the manifest and auto-approve is off"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := registryJSON(t, tc.st)
+			a := tpmEnroll(t, client(t, tc.st, nil), tc.st, tc.req())
+			if a.status != tc.status || !strings.Contains(string(a.body), tc.reason) {
+				t.Errorf("tpmenroll = %d %q, want %d containing %q", a.status, a.body, tc.status, tc.reason)
+			}
+			if e := lastAudit(t, tc.st); e.Event != "tpmenroll" || e.Result != "refused" || !strings.Contains(e.Reason, tc.reason) {
+				t.Errorf("audit = %+v, want refused with %q", e, tc.reason)
+			}
+			if after := registryJSON(t, tc.st); after != before {
+				t.Errorf("registry changed:\n%s\n%s", before, after)
+			}
+		})
+	}
+}
+
+// The EK of TPM A with the key of TPM B: the station cannot tell, but the
+// certificate it issues is useless to both TPMs.
+func TestTPMEnrollMixedTPMsLeaksNothing(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	a, b := newTPMDevice(t, 0), newTPMDevice(t, 1)
+	req := b.request(t)
+	req.EKChain, req.EKPublic = [][]byte{a.ek.Certificate.Raw}, a.ek.MarshalPublicArea()
+	ans := tpmEnroll(t, client(t, st, nil), st, req)
+	if ans.status != http.StatusOK {
+		t.Fatalf("tpmenroll = %d %s", ans.status, ans.body)
+	}
+	// B holds the key but not the EK; A holds the EK but not the key.
+	if _, err := b.activate(t, ans); err == nil {
+		t.Error("TPM B recovered a certificate encrypted to TPM A's EK")
+	}
+	aWithB := &tpmDevice{tpm: a.tpm, key: a.key, ek: a.ek}
+	if _, err := aWithB.activate(t, ans); err == nil {
+		t.Error("TPM A recovered a certificate bound to TPM B's key")
+	}
+}
+
+// enrolledClient enrolls d and returns an HTTP client using its
+// certificate, and the certificate.
+func enrolledClient(t testing.TB, st *stationtest.Station, d *tpmDevice) (*http.Client, *x509.Certificate) {
+	t.Helper()
+	a := tpmEnroll(t, client(t, st, nil), st, d.request(t))
+	if a.status != http.StatusOK {
+		t.Fatalf("tpmenroll = %d %s", a.status, a.body)
+	}
+	cert, err := d.activate(t, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: d.key, Leaf: cert}
+	return client(t, st, tc), cert
+}
+
+func reenrollBody(t testing.TB, key crypto.Signer) []byte {
+	return est.EncodeBase64(csrFor(t, key))
+}
+
+func TestReenroll(t *testing.T) {
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: time.Hour, Now: now, Lenient: true})
+	d, other := newTPMDevice(t, 0), newTPMDevice(t, 1)
+	c, cert := enrolledClient(t, st, d)
+
+	a := post(t, c, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d.key))
+	if a.status != http.StatusOK {
+		t.Fatalf("simplereenroll = %d %s", a.status, a.body)
+	}
+	der, err := est.DecodeBase64(a.body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := est.ParseCertsOnly(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, _ := x509.ParseCertificate(raw[0])
+	if renewed.Subject.CommonName != cert.Subject.CommonName || !renewed.PublicKey.(*ecdsa.PublicKey).Equal(cert.PublicKey) {
+		t.Error("renewed certificate changed the subject or the key")
+	}
+
+	cOther, _ := enrolledClient(t, st, other)
+	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for _, tc := range []struct {
+		name   string
+		c      *http.Client
+		path   string
+		body   func() ([]byte, string)
+		status int
+		reason string
+	}{
+		{"no client certificate", client(t, st, nil), est.PathReenroll, func() ([]byte, string) { return reenrollBody(t, d.key), est.MediaPKCS10 }, 403, "needs the current device certificate"},
+		{"different key", c, est.PathReenroll, func() ([]byte, string) { return reenrollBody(t, soft), est.MediaPKCS10 }, 403, "renews the same key"},
+		{"garbage base64", c, est.PathReenroll, func() ([]byte, string) { return []byte("%%% not base64 %%%"), est.MediaPKCS10 }, 400, "invalid base64"},
+		{"wrong content type", c, est.PathReenroll, func() ([]byte, string) { return reenrollBody(t, d.key), "text/plain" }, 415, "want application/pkcs10"},
+		{"oversize body", c, est.PathReenroll, func() ([]byte, string) { return bytes.Repeat([]byte("A"), est.MaxBody+1), est.MediaPKCS10 }, 413, "over 65536 bytes"},
+		{"other device's certificate for tpmenroll", cOther, est.PathTPMEnroll, func() ([]byte, string) {
+			b, ct, _ := d.request(t).Encode()
+			return b, ct
+		}, 403, "client certificate belongs to device"},
+		{"malformed multipart", c, est.PathTPMEnroll, func() ([]byte, string) {
+			return []byte("--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x--\r\n"), "multipart/mixed; boundary=x"
+		}, 415, "part 1 (CSR)"},
+		{"oversize multipart", c, est.PathTPMEnroll, func() ([]byte, string) {
+			return bytes.Repeat([]byte("A"), est.MaxBody+10), "multipart/mixed; boundary=x"
+		}, 413, "over 65536 bytes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := registryJSON(t, st)
+			body, ct := tc.body()
+			a := post(t, tc.c, st, tc.path, ct, body)
+			if a.status != tc.status || !strings.Contains(string(a.body), tc.reason) {
+				t.Errorf("= %d %q, want %d containing %q", a.status, a.body, tc.status, tc.reason)
+			}
+			if e := lastAudit(t, st); e.Result != "refused" || !strings.Contains(e.Reason, tc.reason) {
+				t.Errorf("audit = %+v, want refused with %q", e, tc.reason)
+			}
+			if after := registryJSON(t, st); after != before {
+				t.Errorf("registry changed")
+			}
+		})
+	}
+
+	// Expired: the station's clock passes the certificate's notAfter.
+	offset.Store(int64(2 * time.Hour))
+	before := registryJSON(t, st)
+	a = post(t, c, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d.key))
+	if a.status != 403 || !strings.Contains(string(a.body), "expired") {
+		t.Errorf("simplereenroll with an expired certificate = %d %q, want 403 expired", a.status, a.body)
+	}
+	if registryJSON(t, st) != before {
+		t.Error("registry changed")
+	}
+	offset.Store(0)
+
+	// Revoked.
+	if err := st.Revoke(cert.Subject.CommonName); err != nil {
+		t.Fatal(err)
+	}
+	before = registryJSON(t, st)
+	a = post(t, c, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d.key))
+	if a.status != 403 || !strings.Contains(string(a.body), "revoked") {
+		t.Errorf("simplereenroll with a revoked certificate = %d %q, want 403 revoked", a.status, a.body)
+	}
+	if e := lastAudit(t, st); e.Result != "refused" || !strings.Contains(e.Reason, "revoked") {
+		t.Errorf("audit = %+v", e)
+	}
+	if registryJSON(t, st) != before {
+		t.Error("registry changed")
+	}
+}
+
+func TestTokens(t *testing.T) {
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	st := stationtest.Start(t, stationtest.Options{Now: now, Lenient: true})
+	c := client(t, st, nil)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tok, err := st.CreateToken("gw-7", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := post(t, c, st, est.PathEnroll, est.MediaPKCS10, reenrollBody(t, key), "gw-7", tok.Secret)
+	if a.status != 200 {
+		t.Fatalf("simpleenroll = %d %s", a.status, a.body)
+	}
+	for _, tc := range []struct {
+		name   string
+		setup  func() (string, string)
+		status int
+		reason string
+	}{
+		{"token reused", func() (string, string) { return "gw-7", tok.Secret }, 401, "already used"},
+		{"wrong secret", func() (string, string) {
+			st.CreateToken("gw-8", time.Hour)
+			return "gw-8", "guess"
+		}, 401, "wrong token secret"},
+		{"expired token", func() (string, string) {
+			t2, _ := st.CreateToken("gw-9", time.Minute)
+			offset.Store(int64(2 * time.Minute))
+			return "gw-9", t2.Secret
+		}, 401, "token expired"},
+		{"no credentials", func() (string, string) { return "", "" }, 401, "HTTP Basic credentials"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			user, pass := tc.setup()
+			before := registryJSON(t, st)
+			var a answer
+			if user == "" {
+				a = post(t, c, st, est.PathEnroll, est.MediaPKCS10, reenrollBody(t, key))
+			} else {
+				a = post(t, c, st, est.PathEnroll, est.MediaPKCS10, reenrollBody(t, key), user, pass)
+			}
+			if a.status != tc.status || !strings.Contains(string(a.body), tc.reason) {
+				t.Errorf("= %d %q, want %d containing %q", a.status, a.body, tc.status, tc.reason)
+			}
+			if a.header.Get("WWW-Authenticate") == "" {
+				t.Error("401 without WWW-Authenticate")
+			}
+			if e := lastAudit(t, st); e.Event != "simpleenroll" || e.Result != "refused" {
+				t.Errorf("audit = %+v", e)
+			}
+			if registryJSON(t, st) != before {
+				t.Error("registry changed")
+			}
+		})
+	}
+}
+
+// A client that keeps failing is slowed down with 429 and Retry-After.
+func TestFailingClientIsSlowedDown(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	c := client(t, st, nil)
+	var last answer
+	for range 6 {
+		last = post(t, c, st, est.PathEnroll, est.MediaPKCS10, []byte("garbage"), "gw-1", "nope")
+	}
+	if last.status != http.StatusTooManyRequests || last.header.Get("Retry-After") == "" {
+		t.Fatalf("6th failing request = %d (Retry-After %q), want 429 with Retry-After", last.status, last.header.Get("Retry-After"))
+	}
+}
