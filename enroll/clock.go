@@ -26,7 +26,7 @@ type Clock struct {
 	mu      sync.Mutex
 	floor   time.Time     // a wall time known to have passed
 	at      time.Duration // mono() when floor was learned
-	saved   time.Time // floor last persisted
+	saved   time.Time     // floor last persisted
 	path    string
 	changed bool
 }

@@ -160,9 +160,9 @@ type Config struct {
 	// client address may make within a minute before it is answered 429
 	// (default 5).
 	FailuresBeforeSlowdown int
-	Logger       *slog.Logger
-	Now          func() time.Time
-	Rand         io.Reader
+	Logger                 *slog.Logger
+	Now                    func() time.Time
+	Rand                   io.Reader
 }
 
 // Station is an opened station directory. Safe for concurrent use; Close
