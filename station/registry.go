@@ -1,6 +1,7 @@
 package station
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
@@ -33,8 +34,9 @@ type Device struct {
 	NotAfter   time.Time `json:"not_after"`
 	EnrolledAt time.Time `json:"enrolled_at"`
 	LastSeen   time.Time `json:"last_seen"`
-	// Serials lists every certificate serial issued to the device (hex).
-	Serials []string `json:"serials"`
+	// Issued counts the certificates issued to the device; their serials
+	// are indexed in the registry for revocation.
+	Issued int `json:"certificates_issued"`
 }
 
 // issued is a certificate the station signed, by serial.
@@ -54,6 +56,7 @@ var (
 	bucketDevices = []byte("devices") // id -> Device
 	bucketEKs     = []byte("eks")     // ek sha256 -> id
 	bucketCerts   = []byte("certs")   // serial hex -> issued
+	bucketByDev   = []byte("bydev")   // id NUL serial hex -> nothing: a device's certificates
 	bucketTokens  = []byte("tokens")  // id -> token
 	bucketMeta    = []byte("meta")    // crl number
 	keyCRLNumber  = []byte("crl_number")
@@ -81,7 +84,7 @@ func openRegistry(path string) (*registry, error) {
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketTokens, bucketMeta} {
+		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -118,6 +121,9 @@ func putJSON(b *bolt.Bucket, key string, v any) error {
 }
 
 func serialHex(s *big.Int) string { return strings.ToLower(s.Text(16)) }
+
+// devCertKey indexes a device's certificate; IDs hold no NUL.
+func devCertKey(id, serial string) []byte { return []byte(id + "\x00" + serial) }
 
 // device returns the device with id, or nil.
 func (r *registry) device(id string) (*Device, error) {
@@ -190,8 +196,11 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now ti
 	}
 	s := serialHex(serial)
 	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, s, notAfter, now
-	d.Serials = append(d.Serials, s)
+	d.Issued++
 	if err := putJSON(devs, id, d); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketByDev).Put(devCertKey(id, s), nil); err != nil {
 		return err
 	}
 	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: notAfter})
@@ -241,7 +250,10 @@ func (r *registry) revoke(id string, now time.Time) error {
 		}
 		d.Status = StatusRevoked
 		certs := tx.Bucket(bucketCerts)
-		for _, s := range d.Serials {
+		prefix := devCertKey(id, "")
+		cur := tx.Bucket(bucketByDev).Cursor()
+		for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
+			s := string(k[len(prefix):])
 			c, err := getJSON[issued](certs, s)
 			if err != nil {
 				return err

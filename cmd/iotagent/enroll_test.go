@@ -1,0 +1,124 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestEnrollStatusRenewCLI(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: time.Hour})
+	sim := tpmtest.New(t)
+	state := filepath.Join(t.TempDir(), "state")
+	g := []string{"--tpm", sim.Spec, "--state-dir", state}
+
+	code, out, errs := agent(t, append(g, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint)...)
+	if code != 0 || !strings.Contains(out, "enrolled as dev-") || !strings.Contains(out, "by tpmenroll") {
+		t.Fatalf("enroll = %d, %q, %q", code, out, errs)
+	}
+	code, out, _ = agent(t, append(g, "enroll", "--station", st.URL, "--station-ca", st.RootFile)...)
+	if code != 0 || !strings.Contains(out, "already enrolled as dev-") {
+		t.Fatalf("second enroll = %d, %q; want already enrolled", code, out)
+	}
+
+	code, out, errs = agent(t, append(g, "status", "--json")...)
+	if code != 0 {
+		t.Fatalf("status = %d, %s", code, errs)
+	}
+	var s map[string]any
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	for _, k := range []string{"device_id", "cert_serial", "cert_not_after", "next_renewal", "last_renewal_error", "tpm"} {
+		if _, ok := s[k]; !ok {
+			t.Errorf("status --json lacks %q:\n%s", k, out)
+		}
+	}
+	if s["tpm"] != sim.Spec {
+		t.Errorf("status tpm = %v, want %s", s["tpm"], sim.Spec)
+	}
+	serial := s["cert_serial"]
+
+	code, out, errs = agent(t, append(g, "renew")...)
+	if code != 0 || !strings.Contains(out, "renewed dev-") {
+		t.Fatalf("renew = %d, %q, %q", code, out, errs)
+	}
+	_, out, _ = agent(t, append(g, "status", "--json")...)
+	json.Unmarshal([]byte(out), &s)
+	if s["cert_serial"] == serial {
+		t.Error("renew did not change the certificate")
+	}
+
+	// With the daemon running, renew asks it (SIGUSR1) instead of racing
+	// it for the state dir.
+	os.Remove(filepath.Join(state, "renewal.json")) // run writes it once it holds the state dir
+	ctx, cancel := context.WithCancel(context.Background())
+	var rout, rerr bytes.Buffer
+	done := make(chan int)
+	go func() {
+		done <- runWith(ctx, &env{stdin: strings.NewReader(""), stdout: &rout, stderr: &rerr, now: time.Now}, append(g, "run"))
+	}()
+	waitForFile(t, filepath.Join(state, "renewal.json"))
+	code, out, errs = agent(t, append(g, "renew")...)
+	if code != 0 || !strings.Contains(out, "renewed by the running agent") {
+		t.Errorf("renew with the daemon running = %d, %q, %q", code, out, errs)
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Errorf("run exited %d: %s", code, rerr.String())
+	}
+}
+
+func waitForFile(t *testing.T, path string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not appear", path)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestEnrollBadInput(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	sim := tpmtest.New(t)
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"no station", []string{"enroll", "--station-fingerprint", st.Fingerprint}, 2, "--station is required"},
+		{"both CA and fingerprint", []string{"enroll", "--station", st.URL, "--station-ca", st.RootFile, "--station-fingerprint", st.Fingerprint}, 2, "exactly one of"},
+		{"bad fingerprint", []string{"enroll", "--station", st.URL, "--station-fingerprint", "md5:abc"}, 2, "want sha256:"},
+		{"missing CA file", []string{"enroll", "--station", st.URL, "--station-ca", "/nonexistent.pem"}, 2, "/nonexistent.pem"},
+		{"http URL", []string{"enroll", "--station", "http://" + st.Addr, "--station-fingerprint", st.Fingerprint}, 1, "want https://"},
+		{"wrong fingerprint", []string{"enroll", "--station", st.URL, "--station-fingerprint", "sha256:" + strings.Repeat("00", 32)}, 1, "no certificate with fingerprint"},
+		{"station down", []string{"enroll", "--station", "https://127.0.0.1:1", "--station-fingerprint", st.Fingerprint}, 1, "connection refused"},
+		{"unknown EK, no auto-approve", []string{"enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint}, 1, "not in the manifest"},
+		{"status before enrolling", []string{"status"}, 1, "not enrolled"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			state := filepath.Join(t.TempDir(), "state")
+			code, _, errs := agent(t, append([]string{"--tpm", sim.Spec, "--state-dir", state}, tc.args...)...)
+			if code != tc.code || !strings.Contains(errs, tc.want) || strings.Count(strings.TrimSpace(errs), "\n") > 0 && !strings.Contains(errs, "level=") {
+				t.Errorf("= %d, %q; want %d and one line containing %q", code, errs, tc.code, tc.want)
+			}
+			if _, err := os.Stat(filepath.Join(state, "cert.pem")); err == nil {
+				t.Error("a certificate was stored")
+			}
+		})
+	}
+}
