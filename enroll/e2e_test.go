@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/est"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm"
@@ -432,5 +433,58 @@ func TestEnrollWithClockAt1970(t *testing.T) {
 	next := r.Status().NextRenewal
 	if next.Year() < 2020 || !next.After(time.Now()) {
 		t.Errorf("next renewal scheduled at %v, want in the future of the real time", next)
+	}
+}
+
+// An agent held for approval waits (honouring Retry-After) instead of
+// failing, and says so when it gives up.
+func TestEnrollWaitsForApproval(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{HoldUnknown: true})
+	d := newDevice(t, tpmtest.Options{})
+	pin, _ := enroll.ParsePin(st.Fingerprint)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	_, err := enroll.Enroll(ctx, enroll.EnrollConfig{TPM: d.tpm, Dir: d.dir, Station: st.URL, Pin: pin})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "awaiting approval") {
+		t.Fatalf("Enroll while held = %v, want the deadline while awaiting approval", err)
+	}
+	devs, _ := st.Devices()
+	if len(devs) != 1 || devs[0].Status != station.StatusPending {
+		t.Fatalf("registry = %+v", devs)
+	}
+	st.Approve(devs[0].ID)
+	if _, err := d.enroll(t, st, ""); err != nil {
+		t.Fatalf("Enroll after approval: %v", err)
+	}
+}
+
+// The manifest names devices by EK (the hash iotagent tpm info prints);
+// a device ID stays bound to the EK that first enrolled it, even if the
+// manifest is later edited to give it to another TPM.
+func TestManifestNamesDevicesAndBindsEK(t *testing.T) {
+	a := newDevice(t, tpmtest.Options{Identity: 0})
+	b := newDevice(t, tpmtest.Options{Identity: 1})
+	ekHash := func(d *device) string {
+		eks, err := d.tpm.EndorsementKeys()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return est.EKHash(eks[0].Certificate.Cert)
+	}
+	st := stationtest.Start(t, stationtest.Options{Manifest: ekHash(a) + " gw-factory-17\n"})
+	s := a.mustEnroll(t, st)
+	if s.Enrollment.DeviceID != "gw-factory-17" || s.Leaf().Subject.CommonName != "gw-factory-17" {
+		t.Fatalf("device ID = %s, want gw-factory-17 from the manifest", s.Enrollment.DeviceID)
+	}
+	// The operator edits the manifest (picked up without a restart) and
+	// gives the ID to TPM B.
+	time.Sleep(10 * time.Millisecond)
+	if err := os.WriteFile(filepath.Join(st.Dir, "manifest.txt"), []byte(ekHash(b)+" gw-factory-17\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := b.enroll(t, st, "")
+	var se *enroll.StatusError
+	if !errors.As(err, &se) || se.Code != 403 || !strings.Contains(se.Message, "bound to another EK") {
+		t.Fatalf("enrolling TPM B under A's device ID = %v, want 403 bound to another EK", err)
 	}
 }

@@ -15,9 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"iotagent.dev/iotagent/est"
 	"iotagent.dev/iotagent/internal/atomicfile"
@@ -255,7 +257,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	switch {
 	case ekErr == nil:
 		log.Info("enrolling by TPM credential activation", "ek", eks[0].KeyType)
-		cert, err = attest(ctx, c, cfg.TPM, key, &eks[0])
+		cert, err = attestWaiting(ctx, c, cfg.TPM, key, &eks[0], log)
 		var se *StatusError
 		if err != nil && cfg.Token != "" && errors.As(err, &se) && se.Refused() {
 			log.Info("tpmenroll refused; trying the token", "reason", se.Message)
@@ -290,6 +292,29 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 		return nil, err
 	}
 	return &EnrollResult{State: st}, nil
+}
+
+// attestWaiting is attest that, while the station holds the device for an
+// operator's approval (202 Accepted), waits as told by Retry-After and asks
+// again, until ctx ends.
+func attestWaiting(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, log *slog.Logger) (*x509.Certificate, error) {
+	for {
+		cert, err := attest(ctx, c, t, key, ek)
+		var se *StatusError
+		if !errors.As(err, &se) || se.Code != http.StatusAccepted {
+			return cert, err
+		}
+		wait := min(max(se.RetryAfter, time.Second), 10*time.Minute)
+		if se.RetryAfter == 0 {
+			wait = time.Minute
+		}
+		log.Info("the station holds this device for approval; asking again later", "station_says", se.Message, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (still awaiting approval)", ctx.Err())
+		case <-time.After(wait):
+		}
+	}
 }
 
 // tokenEnroll enrolls key with a one-time token DEVICE_ID:SECRET.

@@ -9,7 +9,10 @@ package est
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -93,6 +96,15 @@ func DecodeBase64(b []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %w", ErrBase64, err)
 	}
 	return out[:n], nil
+}
+
+// EKHash returns the SHA-256 (hex) of an EK certificate's
+// SubjectPublicKeyInfo: how station manifests and registries name an EK,
+// and what iotagent tpm info prints for building a manifest. It is stable
+// across re-issued EK certificates for the same key.
+func EKHash(ekCert *x509.Certificate) string {
+	s := sha256.Sum256(ekCert.RawSubjectPublicKeyInfo)
+	return hex.EncodeToString(s[:])
 }
 
 // MediaTypeIs reports whether the Content-Type header value ct has the

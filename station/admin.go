@@ -61,12 +61,24 @@ func (s *Station) CreateToken(id string, ttl time.Duration) (Token, error) {
 // Devices lists the registry.
 func (s *Station) Devices() ([]Device, error) { return s.reg.devices() }
 
+// Approve lets a device held for approval enroll at its next attempt.
+func (s *Station) Approve(id string) error {
+	err := s.reg.approve(id)
+	e := AuditEntry{Time: s.now().UTC(), Event: "approve", Result: "accepted", Device: id}
+	if err != nil {
+		e.Result, e.Reason = "refused", err.Error()
+	}
+	s.audit.write(e)
+	return err
+}
+
 // Admin is the station's administrative operations. OpenAdmin returns one
 // that talks to a running station through its admin socket, or opens the
 // station directory itself when none runs.
 type Admin interface {
 	Devices(ctx context.Context) ([]Device, error)
 	Revoke(ctx context.Context, id string) error
+	Approve(ctx context.Context, id string) error
 	CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error)
 	Close() error
 }
@@ -92,8 +104,9 @@ func OpenAdmin(dir string) (Admin, error) {
 
 type localAdmin struct{ s *Station }
 
-func (l localAdmin) Devices(context.Context) ([]Device, error) { return l.s.Devices() }
-func (l localAdmin) Revoke(_ context.Context, id string) error { return l.s.Revoke(id) }
+func (l localAdmin) Devices(context.Context) ([]Device, error)  { return l.s.Devices() }
+func (l localAdmin) Revoke(_ context.Context, id string) error  { return l.s.Revoke(id) }
+func (l localAdmin) Approve(_ context.Context, id string) error { return l.s.Approve(id) }
 func (l localAdmin) CreateToken(_ context.Context, id string, ttl time.Duration) (Token, error) {
 	return l.s.CreateToken(id, ttl)
 }
@@ -130,6 +143,10 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	})
 	mux.HandleFunc("POST /revoke", func(w http.ResponseWriter, r *http.Request) {
 		err := s.Revoke(r.URL.Query().Get("id"))
+		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /approve", func(w http.ResponseWriter, r *http.Request) {
+		err := s.Approve(r.URL.Query().Get("id"))
 		adminReply(w, struct{}{}, err)
 	})
 	mux.HandleFunc("POST /tokens", func(w http.ResponseWriter, r *http.Request) {
@@ -212,6 +229,10 @@ func (a *adminClient) Devices(ctx context.Context) ([]Device, error) {
 
 func (a *adminClient) Revoke(ctx context.Context, id string) error {
 	return a.call(ctx, http.MethodPost, "/revoke", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) Approve(ctx context.Context, id string) error {
+	return a.call(ctx, http.MethodPost, "/approve", url.Values{"id": {id}}, &struct{}{})
 }
 
 func (a *adminClient) CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error) {

@@ -4,10 +4,8 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rsa"
-	"crypto/sha256"
 	"crypto/x509"
 	"encoding/asn1"
-	"encoding/hex"
 	"fmt"
 	"slices"
 
@@ -30,13 +28,8 @@ func refuse(status int, code, format string, args ...any) *refusal {
 	return &refusal{status: status, code: code, reason: fmt.Sprintf(format, args...)}
 }
 
-// EKHash returns the SHA-256 (hex) of an EK certificate's
-// SubjectPublicKeyInfo: how manifests and the registry name an EK. It is
-// stable across re-issued EK certificates for the same key.
-func EKHash(ekCert *x509.Certificate) string {
-	s := sha256.Sum256(ekCert.RawSubjectPublicKeyInfo)
-	return hex.EncodeToString(s[:])
-}
+// EKHash is est.EKHash: how manifests and the registry name an EK.
+func EKHash(ekCert *x509.Certificate) string { return est.EKHash(ekCert) }
 
 var oidSAN = asn1.ObjectIdentifier{2, 5, 29, 17}
 

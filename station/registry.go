@@ -18,6 +18,10 @@ import (
 
 // Device statuses.
 const (
+	// StatusPending: held for an operator's approval; nothing issued.
+	StatusPending = "pending"
+	// StatusApproved: approved, not yet enrolled.
+	StatusApproved = "approved"
 	StatusEnrolled = "enrolled"
 	StatusRevoked  = "revoked"
 )
@@ -204,6 +208,43 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now ti
 		return err
 	}
 	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: notAfter})
+}
+
+// hold registers a device whose EK is unknown as pending approval, bound
+// to that EK. An existing entry is left alone.
+func (r *registry) hold(id, ek string, now time.Time) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		devs := tx.Bucket(bucketDevices)
+		if devs.Get([]byte(id)) != nil {
+			return nil
+		}
+		if other := tx.Bucket(bucketEKs).Get([]byte(ek)); other != nil {
+			return fmt.Errorf("EK already bound to device %s", other)
+		}
+		if err := tx.Bucket(bucketEKs).Put([]byte(ek), []byte(id)); err != nil {
+			return err
+		}
+		return putJSON(devs, id, &Device{ID: id, EKSHA256: ek, Status: StatusPending, LastSeen: now})
+	})
+}
+
+// approve lets a pending device enroll.
+func (r *registry) approve(id string) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		devs := tx.Bucket(bucketDevices)
+		d, err := getJSON[Device](devs, id)
+		if err != nil {
+			return err
+		}
+		if d == nil {
+			return fmt.Errorf("%w %q", ErrUnknownDevice, id)
+		}
+		if d.Status != StatusPending {
+			return fmt.Errorf("device %s is %s, not pending", id, d.Status)
+		}
+		d.Status = StatusApproved
+		return putJSON(devs, id, d)
+	})
 }
 
 // touch records that a device was seen.

@@ -96,6 +96,21 @@ func (s *Station) fail(w http.ResponseWriter, r *http.Request, e AuditEntry, err
 	fmt.Fprintln(w, rf.reason)
 }
 
+// pending answers 202 with Retry-After (RFC 7030 §4.2.3): the device is
+// held for an operator's approval.
+func (s *Station) pending(w http.ResponseWriter, r *http.Request, e AuditEntry) {
+	e.Time, e.Result, e.Remote = s.now().UTC(), "pending", remoteIP(r)
+	e.Reason = "awaiting approval: iotstation approve " + e.Device
+	if err := s.audit.write(e); err != nil {
+		s.log.Error("audit log", "err", err)
+	}
+	s.metrics.enrollment(e.Event, "pending", "")
+	w.Header().Set("Retry-After", strconv.Itoa(int(pendingRetry/time.Second)))
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusAccepted)
+	fmt.Fprintln(w, e.Reason)
+}
+
 // accept records an accepted decision.
 func (s *Station) accept(r *http.Request, e AuditEntry) {
 	e.Time, e.Result, e.Remote = s.now().UTC(), "accepted", remoteIP(r)
@@ -238,7 +253,14 @@ func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, err
 	return d, leaf, nil
 }
 
-// admit decides the device ID for an EK, or refuses.
+// errPending marks an admission held for approval.
+var errPending = errors.New("awaiting approval")
+
+// pendingRetry is what a held device is told to wait before asking again.
+const pendingRetry = 60 * time.Second
+
+// admit decides the device ID for an EK, or refuses. A device held for
+// approval gets its ID and errPending.
 func (s *Station) admit(ekHash string) (string, error) {
 	if d, err := s.reg.deviceByEK(ekHash); err != nil {
 		return "", err
@@ -255,6 +277,13 @@ func (s *Station) admit(ekHash string) (string, error) {
 	if s.autoApprove {
 		return deviceIDPrefix + ekHash[:16], nil
 	}
+	if s.holdUnknown {
+		id := deviceIDPrefix + ekHash[:16]
+		if err := s.reg.hold(id, ekHash, s.now()); err != nil {
+			return "", err
+		}
+		return id, errPending
+	}
 	return "", refuse(http.StatusForbidden, "unknown_ek", "EK sha256:%s is not in the manifest and auto-approve is off", ekHash)
 }
 
@@ -267,6 +296,9 @@ func canIssue(id, ekHash string) func(*Device) error {
 		}
 		if d.Status == StatusRevoked {
 			return refuse(http.StatusForbidden, "device_revoked", "device %s is revoked", id)
+		}
+		if d.Status == StatusPending {
+			return errPending
 		}
 		if ekHash != "" && d.EKSHA256 != "" && d.EKSHA256 != ekHash {
 			return refuse(http.StatusForbidden, "ek_mismatch", "device %s is bound to another EK (sha256:%s)", id, d.EKSHA256)
@@ -302,11 +334,15 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	}
 	e.EK = att.ekHash
 	id, err := s.admit(att.ekHash)
+	e.Device = id
+	if errors.Is(err, errPending) {
+		s.pending(w, r, e)
+		return
+	}
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
 	}
-	e.Device = id
 	if presented != nil && presented.ID != id {
 		s.fail(w, r, e, refuse(http.StatusForbidden, "other_device", "client certificate belongs to device %s, the EK to device %s", presented.ID, id))
 		return
@@ -314,7 +350,10 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	if d, err := s.reg.device(id); err != nil {
 		s.fail(w, r, e, err)
 		return
-	} else if err := canIssue(id, att.ekHash)(d); err != nil {
+	} else if err := canIssue(id, att.ekHash)(d); errors.Is(err, errPending) {
+		s.pending(w, r, e)
+		return
+	} else if err != nil {
 		s.fail(w, r, e, err)
 		return
 	}

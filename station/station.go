@@ -44,6 +44,7 @@ type fileConfigJSON struct {
 	SANs         []string `json:"sans"`
 	CertLifetime string   `json:"cert_lifetime"`
 	AutoApprove  bool     `json:"auto_approve"`
+	HoldUnknown  bool     `json:"hold_unknown"`
 }
 
 // InitOptions configures Init.
@@ -63,7 +64,11 @@ type InitOptions struct {
 	// CertLifetime of device certificates (default 168h).
 	CertLifetime time.Duration
 	AutoApprove  bool
-	Now          func() time.Time
+	// HoldUnknown registers devices whose EK chains to a trusted root but
+	// is not in the manifest as pending: they are answered 202 with
+	// Retry-After until an operator runs iotstation approve.
+	HoldUnknown bool
+	Now         func() time.Time
 }
 
 // ErrInitialized: Init on a directory that already holds a station.
@@ -128,7 +133,7 @@ func Init(opts InitOptions) error {
 		return err
 	}
 	cfg, err := json.MarshalIndent(fileConfigJSON{
-		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove,
+		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown,
 	}, "", "  ")
 	if err != nil {
 		return err
@@ -154,6 +159,9 @@ type Config struct {
 	// trusted TPM root, overriding station.json. False keeps the file's
 	// setting.
 	AutoApprove bool
+	// HoldUnknown, when true, holds unknown EKs for approval (see
+	// InitOptions.HoldUnknown), overriding station.json.
+	HoldUnknown bool
 	// CertLifetime overrides station.json when non-zero.
 	CertLifetime time.Duration
 	// FailuresBeforeSlowdown is how many failed enrollment requests a
@@ -171,6 +179,7 @@ type Station struct {
 	dir          string
 	name         string
 	autoApprove  bool
+	holdUnknown  bool
 	certLifetime time.Duration
 	log          *slog.Logger
 	now          func() time.Time
@@ -203,7 +212,8 @@ func Open(cfg Config) (*Station, error) {
 	}
 	s := &Station{
 		dir: cfg.Dir, name: fc.Name, autoApprove: fc.AutoApprove || cfg.AutoApprove,
-		log: cfg.Logger, now: cfg.Now, rand: cfg.Rand,
+		holdUnknown: fc.HoldUnknown || cfg.HoldUnknown,
+		log:         cfg.Logger, now: cfg.Now, rand: cfg.Rand,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)

@@ -471,3 +471,42 @@ func TestFailingClientIsSlowedDown(t *testing.T) {
 		t.Fatalf("6th failing request = %d (Retry-After %q), want 429 with Retry-After", last.status, last.header.Get("Retry-After"))
 	}
 }
+
+// With --hold-unknown, an unknown EK is held for approval: 202 with
+// Retry-After, a pending registry entry; after iotstation approve it
+// enrolls.
+func TestHoldForApproval(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{HoldUnknown: true})
+	d := newTPMDevice(t, 0)
+	c := client(t, st, nil)
+	for range 2 {
+		a := tpmEnroll(t, c, st, d.request(t))
+		if a.status != http.StatusAccepted || a.header.Get("Retry-After") != "60" || !strings.Contains(string(a.body), "iotstation approve dev-") {
+			t.Fatalf("tpmenroll of an unknown EK = %d (Retry-After %q) %q, want 202 with Retry-After", a.status, a.header.Get("Retry-After"), a.body)
+		}
+	}
+	devs, _ := st.Devices()
+	if len(devs) != 1 || devs[0].Status != station.StatusPending || devs[0].CertSerial != "" {
+		t.Fatalf("registry = %+v, want one pending device without certificate", devs)
+	}
+	if e := lastAudit(t, st); e.Result != "pending" {
+		t.Errorf("audit = %+v, want pending", e)
+	}
+	if err := st.Approve(devs[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Approve(devs[0].ID); err == nil || !strings.Contains(err.Error(), "not pending") {
+		t.Errorf("approving twice = %v", err)
+	}
+	a := tpmEnroll(t, c, st, d.request(t))
+	if a.status != http.StatusOK {
+		t.Fatalf("tpmenroll after approval = %d %s", a.status, a.body)
+	}
+	if _, err := d.activate(t, a); err != nil {
+		t.Fatal(err)
+	}
+	devs, _ = st.Devices()
+	if devs[0].Status != station.StatusEnrolled {
+		t.Errorf("status after enrollment = %s", devs[0].Status)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"iotagent.dev/iotagent/est"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/buildinfo"
 	"iotagent.dev/iotagent/tpm"
@@ -67,7 +68,9 @@ type ekCertJSON struct {
 	Issuer    string    `json:"issuer"`
 	NotBefore time.Time `json:"not_before"`
 	NotAfter  time.Time `json:"not_after"`
-	Error     string    `json:"error,omitempty"`
+	// EKSHA256 names the EK in a station manifest.
+	EKSHA256 string `json:"ek_sha256,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 type deviceKeyJSON struct {
@@ -119,6 +122,7 @@ func cmdTPMInfo(_ context.Context, e *env, args []string) error {
 		if c.Cert != nil {
 			j.Subject, j.Issuer = c.Cert.Subject.String(), c.Cert.Issuer.String()
 			j.NotBefore, j.NotAfter = c.Cert.NotBefore.UTC(), c.Cert.NotAfter.UTC()
+			j.EKSHA256 = est.EKHash(c.Cert)
 		} else {
 			j.Error = c.ParseErr.Error()
 		}
@@ -142,7 +146,7 @@ func cmdTPMInfo(_ context.Context, e *env, args []string) error {
 			fmt.Fprintf(w, "EK certificate %s (%s): unparsable: %s\n", c.NVIndex, c.KeyType, c.Error)
 			continue
 		}
-		fmt.Fprintf(w, "EK certificate %s (%s): issuer %q, valid until %s\n", c.NVIndex, c.KeyType, c.Issuer, c.NotAfter.Format(time.DateOnly))
+		fmt.Fprintf(w, "EK certificate %s (%s): issuer %q, valid until %s\n  ek_sha256 (for a station manifest): %s\n", c.NVIndex, c.KeyType, c.Issuer, c.NotAfter.Format(time.DateOnly), c.EKSHA256)
 	}
 	if dk := out.DeviceKey; dk == nil {
 		fmt.Fprintln(w, "Device key:    none (create one with: iotagent tpm keygen)")

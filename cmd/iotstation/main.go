@@ -55,6 +55,7 @@ func commands() []command {
 		{"serve", "serve EST enrollment, the CRL and metrics", cmdServe},
 		{"fingerprint", "print the root CA fingerprint agents pin", cmdFingerprint},
 		{"devices", "list enrolled devices", cmdDevices},
+		{"approve", "let a device held for approval enroll", cmdApprove},
 		{"revoke", "revoke a device", cmdRevoke},
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 	}
@@ -148,6 +149,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	lifetime := fs.Duration("cert-lifetime", 168*time.Hour, "device certificate `lifetime`")
 	manifest := fs.String("manifest", "", "`FILE` of 'EK_SHA256 DEVICE_ID' lines")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval (202 + Retry-After) instead of refusing them")
 	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
@@ -157,7 +159,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	}
 	err := station.Init(station.InitOptions{
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
-		CertLifetime: *lifetime, AutoApprove: *autoApprove,
+		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold,
 	})
 	if err != nil {
 		return err
@@ -187,11 +189,12 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags(e, "serve")
 	listen := fs.String("listen", ":8443", "HTTPS `ADDR`ess")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
-	s, err := station.Open(station.Config{Dir: *dir, AutoApprove: *autoApprove, Logger: log})
+	s, err := station.Open(station.Config{Dir: *dir, AutoApprove: *autoApprove, HoldUnknown: *hold, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -246,23 +249,33 @@ func cmdDevices(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdRevoke(ctx context.Context, e *env, args []string) error {
-	fs, dir := newFlags(e, "revoke")
+	return deviceAction(ctx, e, "revoke", args, station.Admin.Revoke, "revoked %s; the CRL lists its certificates\n")
+}
+
+func cmdApprove(ctx context.Context, e *env, args []string) error {
+	return deviceAction(ctx, e, "approve", args, station.Admin.Approve, "approved %s; it enrolls at its next attempt\n")
+}
+
+// deviceAction runs an admin operation on the device named by the one
+// positional argument.
+func deviceAction(ctx context.Context, e *env, name string, args []string, op func(station.Admin, context.Context, string) error, done string) error {
+	fs, dir := newFlags(e, name)
 	pos, err := parse(fs, dir, args, 1)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("revoke: want the device ID")
+		return usagef("%s: want the device ID", name)
 	}
 	a, err := station.OpenAdmin(*dir)
 	if err != nil {
 		return err
 	}
 	defer a.Close()
-	if err := a.Revoke(ctx, pos[0]); err != nil {
+	if err := op(a, ctx, pos[0]); err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stdout, "revoked %s; the CRL lists its certificates\n", pos[0])
+	fmt.Fprintf(e.stdout, done, pos[0])
 	return nil
 }
 

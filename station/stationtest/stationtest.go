@@ -18,6 +18,7 @@ import (
 // Options configure a test station.
 type Options struct {
 	AutoApprove  bool
+	HoldUnknown  bool
 	CertLifetime time.Duration // default 1h
 	// Manifest lines, "EK_SHA256 DEVICE_ID".
 	Manifest string
@@ -70,7 +71,7 @@ func Start(t testing.TB, opts Options) *Station {
 	sdir := filepath.Join(dir, "station")
 	if err := station.Init(station.InitOptions{
 		Dir: sdir, TPMRoots: []string{rootsFile}, Manifest: manifest,
-		CertLifetime: opts.CertLifetime, AutoApprove: opts.AutoApprove, Now: opts.Now,
+		CertLifetime: opts.CertLifetime, AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown, Now: opts.Now,
 	}); err != nil {
 		t.Fatalf("station.Init: %v", err)
 	}
