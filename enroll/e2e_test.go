@@ -410,7 +410,7 @@ func TestEnrollWithClockAt1970(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Enroll with the wall clock at 1970: %v", err)
 	}
-	if skew := clock.Now().Sub(time.Now()); skew < -5*time.Second || skew > 5*time.Second {
+	if skew := time.Until(clock.Now()); skew < -5*time.Second || skew > 5*time.Second {
 		t.Errorf("clock after enrollment is off by %v; it should have learned the station's time", skew)
 	}
 	floor, err := enroll.LoadClockFloor(d.dir)

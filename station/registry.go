@@ -14,6 +14,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 // Device statuses.
@@ -81,7 +82,7 @@ type registry struct {
 
 func openRegistry(path string) (*registry, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
-	if errors.Is(err, bolt.ErrTimeout) {
+	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("%w: %s (is iotstation serve running? its admin socket serves this command)", ErrRegistryLocked, path)
 	}
 	if err != nil {

@@ -152,6 +152,12 @@ func writeBase64(w http.ResponseWriter, contentType string, der []byte) {
 }
 
 func (s *Station) handleCACerts(w http.ResponseWriter, r *http.Request) {
+	// A device asking with its certificate is alive: that is "last seen".
+	if d, _, err := s.clientDevice(r); err == nil && d != nil {
+		if err := s.reg.touch(d.ID, s.now()); err != nil {
+			s.log.Warn("registry", "err", err)
+		}
+	}
 	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly(est.RawCertificates(s.CACerts())))
 }
 

@@ -22,7 +22,6 @@ import (
 	"bufio"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -369,9 +368,4 @@ func (m *manifestCache) get() (map[string]string, error) {
 	}
 	m.entries, m.modTime, m.size = e, fi.ModTime(), fi.Size()
 	return e, nil
-}
-
-// pemCert encodes a certificate as PEM.
-func pemCert(c *x509.Certificate) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
 }
