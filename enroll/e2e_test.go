@@ -1,6 +1,7 @@
 package enroll_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/sha256"
@@ -170,9 +171,39 @@ func keyID(c *x509.Certificate) string {
 
 // watchState checks, as often as it can until stop, the invariant of key
 // rotation: the key certified by cert.pem always has its blobs on disk (as
-// the current key or the rotated key awaiting commit).
+// the current key or the rotated key awaiting commit). The files are read
+// as a consistent snapshot: cert.pem before and after the key files, and
+// the snapshot is retaken if it changed in between.
 func watchState(t *testing.T, dir string, stop <-chan struct{}) <-chan int {
 	checks := make(chan int, 1)
+	certified := func() (*x509.Certificate, bool, bool) {
+		before, err := os.ReadFile(filepath.Join(dir, "cert.pem"))
+		if err != nil {
+			t.Errorf("cert.pem unreadable mid-run: %v", err)
+			return nil, false, true
+		}
+		var keys []*tpm.KeyFile
+		for _, f := range []string{"device-key.json", "device-key.next.json"} {
+			if kf, err := tpm.ReadKeyFile(filepath.Join(dir, f)); err == nil {
+				keys = append(keys, kf)
+			}
+		}
+		after, _ := os.ReadFile(filepath.Join(dir, "cert.pem"))
+		if !bytes.Equal(before, after) {
+			return nil, false, false // changed under us: not a snapshot
+		}
+		certs, err := station.ParsePEMCertificates(after)
+		if err != nil {
+			t.Errorf("cert.pem: %v", err)
+			return nil, false, true
+		}
+		for _, kf := range keys {
+			if pk, err := kf.PublicKey(); err == nil && pk.(*ecdsa.PublicKey).Equal(certs[0].PublicKey) {
+				return certs[0], true, true
+			}
+		}
+		return certs[0], false, true
+	}
 	go func() {
 		n := 0
 		defer func() { checks <- n }()
@@ -182,31 +213,16 @@ func watchState(t *testing.T, dir string, stop <-chan struct{}) <-chan int {
 				return
 			default:
 			}
-			chain, err := readCert(filepath.Join(dir, "cert.pem"))
-			if err != nil {
-				t.Errorf("cert.pem unreadable mid-run: %v", err)
-				return
-			}
-			ok := false
-			for _, f := range []string{"device-key.json", "device-key.next.json"} {
-				kf, err := tpm.ReadKeyFile(filepath.Join(dir, f))
-				if err != nil {
-					continue
-				}
-				if pk, err := kf.PublicKey(); err == nil && pk.(*ecdsa.PublicKey).Equal(chain.PublicKey) {
-					ok = true
+			ok, consistent := false, false
+			// The key rename follows the certificate write: a snapshot
+			// taken between them is retaken once the rename is done.
+			for try := 0; try < 50 && !ok; try++ {
+				_, ok, consistent = certified()
+				if !ok {
+					time.Sleep(time.Millisecond)
 				}
 			}
-			if !ok {
-				// The rename of the rotated key may be under way; look again.
-				time.Sleep(time.Millisecond)
-				if kf, err := tpm.ReadKeyFile(filepath.Join(dir, "device-key.json")); err == nil {
-					if pk, _ := kf.PublicKey(); pk.(*ecdsa.PublicKey).Equal(chain.PublicKey) {
-						ok = true
-					}
-				}
-			}
-			if !ok {
+			if consistent && !ok {
 				t.Errorf("cert.pem certifies a key whose blobs are not on disk")
 				return
 			}

@@ -79,6 +79,7 @@ func TestScheduleWithClockAt1970(t *testing.T) {
 			t.Fatalf("jitter = %v, want in [0, %v)", r.jitter, lifetime/20)
 		}
 
+		// attemptFn runs with r.mu held; the test reads under it too.
 		var attempts []time.Time
 		fail := 2
 		r.attemptFn = func(context.Context) error {
@@ -92,11 +93,13 @@ func TestScheduleWithClockAt1970(t *testing.T) {
 			r.pickJitter()
 			return nil
 		}
+		locked := func(f func()) { r.mu.Lock(); defer r.mu.Unlock(); f() }
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error)
 		go func() { done <- r.Run(ctx) }()
 
 		time.Sleep(25 * 24 * time.Hour)
+		r.mu.Lock()
 		if len(attempts) != 3 {
 			t.Fatalf("%d attempts in 25 days, want 3 (two failures, one success)", len(attempts))
 		}
@@ -109,28 +112,31 @@ func TestScheduleWithClockAt1970(t *testing.T) {
 		if gap := attempts[2].Sub(attempts[1]); gap <= 0 || gap > 20*time.Second {
 			t.Errorf("second retry after %v, want within the 20 s backoff ceiling", gap)
 		}
-		if st := r.Status(); st.Renewals != 1 || st.LastError != "" || st.Failures != 0 {
+		if st := r.status; st.Renewals != 1 || st.LastError != "" || st.Failures != 0 {
 			t.Errorf("status after success = %+v", st)
 		}
 		newLeaf := r.st.Leaf()
 		nextDue := RenewalTime(newLeaf.NotBefore, newLeaf.NotAfter, r.jitter)
-		if got := r.Status().NextRenewal; !got.Equal(nextDue.UTC()) {
+		if got := r.status.NextRenewal; !got.Equal(nextDue.UTC()) {
 			t.Errorf("next renewal = %v, want %v", got, nextDue)
 		}
+		r.mu.Unlock()
 
 		// The wall clock is set (NTP) well past the renewal time: the
 		// renewer notices within its recheck interval instead of sleeping
 		// on a timer computed from the old time.
-		fail = 0
+		var before int
+		locked(func() { fail, before = 0, len(attempts) })
 		target := clock.Now().Sub(time.Unix(0, 0)) + 21*24*time.Hour
 		mu.Lock()
 		jump = target - time.Since(start)
 		mu.Unlock()
-		before := len(attempts)
 		time.Sleep(2 * time.Minute)
-		if len(attempts) != before+1 {
-			t.Errorf("after a wall-clock jump past the renewal time: %d attempts in 2 minutes, want 1", len(attempts)-before)
-		}
+		locked(func() {
+			if len(attempts) != before+1 {
+				t.Errorf("after a wall-clock jump past the renewal time: %d attempts in 2 minutes, want 1", len(attempts)-before)
+			}
+		})
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("Run = %v, want nil on cancellation", err)
