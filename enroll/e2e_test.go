@@ -233,18 +233,6 @@ func watchState(t *testing.T, dir string, stop <-chan struct{}) <-chan int {
 	return checks
 }
 
-func readCert(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	certs, err := station.ParsePEMCertificates(b)
-	if err != nil {
-		return nil, err
-	}
-	return certs[0], nil
-}
-
 // Certificates of 30 s, an agent running for 2 minutes: at least three
 // renewals, each with a new TPM key, blobs of the certified key always on
 // disk, no TPM handles leaked (tpmtest checks at cleanup).

@@ -1,6 +1,7 @@
 package station
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -79,6 +80,8 @@ type Admin interface {
 	Devices(ctx context.Context) ([]Device, error)
 	Revoke(ctx context.Context, id string) error
 	Approve(ctx context.Context, id string) error
+	IssueService(ctx context.Context, req ServiceRequest) (*ServiceCert, error)
+	TrustPEM(ctx context.Context) ([]byte, error)
 	CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error)
 	Close() error
 }
@@ -107,6 +110,10 @@ type localAdmin struct{ s *Station }
 func (l localAdmin) Devices(context.Context) ([]Device, error)  { return l.s.Devices() }
 func (l localAdmin) Revoke(_ context.Context, id string) error  { return l.s.Revoke(id) }
 func (l localAdmin) Approve(_ context.Context, id string) error { return l.s.Approve(id) }
+func (l localAdmin) IssueService(_ context.Context, r ServiceRequest) (*ServiceCert, error) {
+	return l.s.IssueService(r.Name, r.SANs, r.Server, r.Lifetime)
+}
+func (l localAdmin) TrustPEM(context.Context) ([]byte, error) { return l.s.TrustPEM(), nil }
 func (l localAdmin) CreateToken(_ context.Context, id string, ttl time.Duration) (Token, error) {
 	return l.s.CreateToken(id, ttl)
 }
@@ -148,6 +155,18 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	mux.HandleFunc("POST /approve", func(w http.ResponseWriter, r *http.Request) {
 		err := s.Approve(r.URL.Query().Get("id"))
 		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /issue", func(w http.ResponseWriter, r *http.Request) {
+		var req ServiceRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil {
+			adminReply(w, nil, err)
+			return
+		}
+		c, err := s.IssueService(req.Name, req.SANs, req.Server, req.Lifetime)
+		adminReply(w, c, err)
+	})
+	mux.HandleFunc("GET /trust", func(w http.ResponseWriter, r *http.Request) {
+		adminReply(w, s.TrustPEM(), nil)
 	})
 	mux.HandleFunc("POST /tokens", func(w http.ResponseWriter, r *http.Request) {
 		ttl, err := time.ParseDuration(r.URL.Query().Get("ttl"))
@@ -196,11 +215,19 @@ func adminReply(w http.ResponseWriter, v any, err error) {
 type adminClient struct{ c *http.Client }
 
 func (a *adminClient) call(ctx context.Context, method, path string, q url.Values, out any) error {
-	u := "http://station" + path
+	u := path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	return a.callBody(ctx, method, u, nil, out)
+}
+
+func (a *adminClient) callBody(ctx context.Context, method, path string, body []byte, out any) error {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://station"+path, rd)
 	if err != nil {
 		return err
 	}
@@ -233,6 +260,28 @@ func (a *adminClient) Revoke(ctx context.Context, id string) error {
 
 func (a *adminClient) Approve(ctx context.Context, id string) error {
 	return a.call(ctx, http.MethodPost, "/approve", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) IssueService(ctx context.Context, r ServiceRequest) (*ServiceCert, error) {
+	body, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	var c ServiceCert
+	if err := a.callBody(ctx, http.MethodPost, "/issue", body, &c); err != nil {
+		return nil, err
+	}
+	cert, err := ParsePEMCertificates(c.Chain)
+	if err != nil {
+		return nil, err
+	}
+	c.Cert = cert[0]
+	return &c, nil
+}
+
+func (a *adminClient) TrustPEM(ctx context.Context) ([]byte, error) {
+	var b []byte
+	return b, a.call(ctx, http.MethodGet, "/trust", nil, &b)
 }
 
 func (a *adminClient) CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error) {

@@ -281,3 +281,87 @@ func (c *ca) issueDevice(r io.Reader, id string, pub crypto.PublicKey, now time.
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}, c.issuer, pub, c.issuerKey)
 }
+
+// ServiceCert is a certificate the station issues to a fleet-side service:
+// an MQTT broker or CoAP collector (server), or a backend subscriber
+// (client). Key is PKCS#8 PEM; Chain is the certificate then the issuing
+// CA, PEM.
+type ServiceCert struct {
+	Chain []byte            `json:"chain"`
+	Key   []byte            `json:"key"`
+	Cert  *x509.Certificate `json:"-"`
+}
+
+// ServiceRequest asks for a ServiceCert (see Station.IssueService).
+type ServiceRequest struct {
+	Name     string        `json:"name"`
+	SANs     []string      `json:"sans"`
+	Server   bool          `json:"server"`
+	Lifetime time.Duration `json:"lifetime"`
+}
+
+// IssueService issues a certificate for a service named cn: with server,
+// a TLS server certificate for sans (DNS names or IPs); otherwise a client
+// certificate (for example a backend subscriber reading every device's
+// telemetry). Services are not devices: they are not in the registry and
+// cannot enroll.
+func (s *Station) IssueService(cn string, sans []string, server bool, lifetime time.Duration) (*ServiceCert, error) {
+	if cn == "" {
+		return nil, errors.New("service certificate needs a name")
+	}
+	if err := ValidDeviceID(cn); err == nil {
+		if d, _ := s.reg.device(cn); d != nil {
+			return nil, fmt.Errorf("%q is a device ID; a service must not share it", cn)
+		}
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	now := s.now()
+	tmpl := &x509.Certificate{
+		Subject:   pkix.Name{CommonName: cn, OrganizationalUnit: []string{"service"}},
+		NotBefore: now.Add(-backdate),
+		NotAfter:  now.Add(lifetime),
+		KeyUsage:  x509.KeyUsageDigitalSignature,
+	}
+	if server {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		for _, n := range sans {
+			if ip := net.ParseIP(n); ip != nil {
+				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+			} else {
+				tmpl.DNSNames = append(tmpl.DNSNames, n)
+			}
+		}
+	} else {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
+	if tmpl.NotAfter.After(s.ca.issuer.NotAfter) {
+		tmpl.NotAfter = s.ca.issuer.NotAfter
+	}
+	c, err := createCert(s.rand, tmpl, s.ca.issuer, &key.PublicKey, s.ca.issuerKey)
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	out := &ServiceCert{Cert: c, Key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})}
+	for _, x := range []*x509.Certificate{c, s.ca.issuer} {
+		out.Chain = append(out.Chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: x.Raw})...)
+	}
+	s.audit.write(AuditEntry{Time: now.UTC(), Event: "issue-service", Result: "accepted", Device: cn, Serial: serialHex(c.SerialNumber)})
+	return out, nil
+}
+
+// TrustPEM returns the station's CA certificates (issuing CA, root) as PEM:
+// the cafile a broker verifies device certificates with.
+func (s *Station) TrustPEM() []byte {
+	var out []byte
+	for _, c := range s.CACerts() {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return out
+}

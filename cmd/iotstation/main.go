@@ -21,6 +21,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/station"
 )
 
@@ -58,6 +59,7 @@ func commands() []command {
 		{"approve", "let a device held for approval enroll", cmdApprove},
 		{"revoke", "revoke a device", cmdRevoke},
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
+		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
 	}
 }
 
@@ -309,5 +311,53 @@ func cmdToken(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "one-time token for %s, valid until %s; enroll with: iotagent enroll --token <below>\n%s\n",
 		t.Device, t.Expires.Format(time.RFC3339), t.Credential())
+	return nil
+}
+
+func cmdIssue(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "issue")
+	name := fs.String("name", "", "service `NAME` (the certificate's CN; for a backend client, its MQTT user name)")
+	server := fs.Bool("server", false, "a TLS server certificate (broker, collector) for the --san names")
+	var sans listFlag
+	fs.Var(&sans, "san", "DNS name or IP of the server (repeatable)")
+	out := fs.String("out", "", "write `PREFIX`.crt (certificate and issuing CA), PREFIX.key (0600) and PREFIX-ca.pem (the station's CA certificates)")
+	lifetime := fs.Duration("lifetime", 365*24*time.Hour, "certificate lifetime")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	switch {
+	case *name == "":
+		return usagef("issue: --name is required")
+	case *out == "":
+		return usagef("issue: --out is required")
+	case *server && len(sans) == 0:
+		return usagef("issue: a --server certificate needs at least one --san")
+	case !*server && len(sans) > 0:
+		return usagef("issue: --san only applies with --server")
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	c, err := a.IssueService(ctx, station.ServiceRequest{Name: *name, SANs: sans, Server: *server, Lifetime: *lifetime})
+	if err != nil {
+		return err
+	}
+	trust, err := a.TrustPEM(ctx)
+	if err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		path string
+		data []byte
+		mode os.FileMode
+	}{{*out + ".key", c.Key, 0o600}, {*out + ".crt", c.Chain, 0o644}, {*out + "-ca.pem", trust, 0o644}} {
+		if err := atomicfile.Write(f.path, f.data, f.mode); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(e.stdout, "issued %s (serial %s, valid until %s): %s.crt %s.key %s-ca.pem\n",
+		*name, c.Cert.SerialNumber.Text(16), c.Cert.NotAfter.UTC().Format(time.RFC3339), *out, *out, *out)
 	return nil
 }

@@ -88,6 +88,26 @@ func TestStationCLI(t *testing.T) {
 	if code != 1 || !strings.Contains(errs, `unknown device "gw-nope"`) {
 		t.Errorf("revoke unknown = %d, %q", code, errs)
 	}
+	// Service certificates for a broker and a backend reader.
+	prefix := filepath.Join(t.TempDir(), "broker")
+	code, out, errs = stationCLI(t, "issue", "--dir", dir, "--name", "broker", "--server", "--san", "127.0.0.1", "--out", prefix)
+	if code != 0 || !strings.Contains(out, "issued broker") {
+		t.Fatalf("issue = %d, %q, %q", code, out, errs)
+	}
+	chain, err := station.ReadCertificates(prefix + ".crt")
+	if err != nil || len(chain) != 2 || chain[0].Subject.CommonName != "broker" || len(chain[0].IPAddresses) != 1 {
+		t.Errorf("broker.crt = %d certificates, %v", len(chain), err)
+	}
+	if fi, err := os.Stat(prefix + ".key"); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("broker.key mode = %v, %v", fi.Mode().Perm(), err)
+	}
+	if trust, err := station.ReadCertificates(prefix + "-ca.pem"); err != nil || len(trust) != 2 {
+		t.Errorf("broker-ca.pem = %d certificates, %v", len(trust), err)
+	}
+	code, _, errs = stationCLI(t, "issue", "--dir", dir, "--name", "x", "--server", "--out", prefix)
+	if code != 2 || !strings.Contains(errs, "needs at least one --san") {
+		t.Errorf("issue --server without --san = %d, %q", code, errs)
+	}
 	cancel()
 	if code := <-done; code != 0 {
 		t.Errorf("serve exited %d: %s", code, serr.String())
