@@ -273,6 +273,7 @@ func (k *Key) sign(alg tpm2.TPMIAlgHash, digest []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	k.t.signatures.Add(1)
 	es, err := rsp.Signature.Signature.ECDSA()
 	if err != nil {
 		return nil, err

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -58,7 +59,13 @@ type TPM struct {
 
 	mu sync.Mutex // held for each whole command sequence
 	tr transport.TPMCloser
+
+	signatures atomic.Uint64
 }
+
+// Signatures returns how many signatures keys of this TPM have made since
+// it was opened: what reconnects and renewals cost on a slow TPM.
+func (t *TPM) Signatures() uint64 { return t.signatures.Load() }
 
 // Open connects to the TPM named by spec (see Spec) and checks that it
 // answers.

@@ -3,12 +3,13 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -17,6 +18,8 @@ import (
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/buildinfo"
+	"iotagent.dev/iotagent/store"
+	"iotagent.dev/iotagent/telemetry"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -219,11 +222,20 @@ type statusJSON struct {
 	Renewals         int       `json:"renewals"`
 	Station          string    `json:"station"`
 	TPM              string    `json:"tpm"`
+	// From the running agent (or the queue file when none runs).
+	QueueDepth     int64     `json:"queue_depth"`
+	QueueBytes     int64     `json:"queue_bytes"`
+	RecordsDropped uint64    `json:"records_dropped"`
+	Uplink         string    `json:"uplink"`
+	UplinkError    string    `json:"uplink_error,omitempty"`
+	LastAck        time.Time `json:"last_ack,omitzero"`
+	Running        bool      `json:"running"`
 }
 
 func cmdStatus(_ context.Context, e *env, args []string) error {
 	fs := e.flagSet("status")
 	asJSON := fs.Bool("json", false, "print JSON")
+	socket := fs.String("ingest-socket", telemetry.DefaultSocket, "the running agent's ingest socket `PATH` (its status file is beside it)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -246,6 +258,7 @@ func cmdStatus(_ context.Context, e *env, args []string) error {
 		NextRenewal: next, LastRenewal: rs.LastRenewal, LastRenewalError: rs.LastError, Renewals: rs.Renewals,
 		Station: st.Enrollment.Station, TPM: spec.String(),
 	}
+	e.queueStatus(&out, filepath.Join(filepath.Dir(*socket), "status.json"))
 	if *asJSON {
 		return writeJSON(e, out)
 	}
@@ -254,48 +267,38 @@ func cmdStatus(_ context.Context, e *env, args []string) error {
 	if out.LastRenewalError != "" {
 		fmt.Fprintf(e.stdout, "last error:    %s\n", out.LastRenewalError)
 	}
+	fmt.Fprintf(e.stdout, "uplink:        %s\nqueue:         %d records, %d bytes, %d dropped\n", out.Uplink, out.QueueDepth, out.QueueBytes, out.RecordsDropped)
+	if !out.LastAck.IsZero() {
+		fmt.Fprintf(e.stdout, "last ack:      %s\n", out.LastAck.Format(time.RFC3339))
+	}
 	return nil
 }
 
-// cmdRun runs the agent's long-running parts until SIGTERM or SIGINT.
-// SIGUSR1 renews the certificate now.
-func cmdRun(ctx context.Context, e *env, args []string) error {
-	fs := e.flagSet("run")
-	keepKey := fs.Bool("keep-key", false, "renew without rotating the TPM key")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if err := e.lockState(); err != nil {
-		return err
-	}
-	t, err := e.openTPM()
-	if err != nil {
-		return err
-	}
-	defer t.Close()
-	r, err := enroll.NewRenewer(e.renewerConfig(t, *keepKey))
-	if err != nil {
-		return err
-	}
-	defer r.Close()
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-usr1:
-				r.RenewNow(ctx)
+// queueStatus fills the queue and uplink fields: from the running agent's
+// status file when it is fresh, else from the queue file itself.
+func (e *env) queueStatus(out *statusJSON, statusFile string) {
+	out.Uplink = "not running"
+	if b, err := os.ReadFile(statusFile); err == nil {
+		var rs runtimeStatus
+		if json.Unmarshal(b, &rs) == nil && time.Since(rs.Updated) < 10*time.Second {
+			out.Running = true
+			out.QueueDepth, out.QueueBytes, out.RecordsDropped = rs.QueueDepth, rs.QueueBytes, rs.RecordsDropped
+			out.Uplink = "none configured"
+			if rs.Uplink != nil {
+				out.Uplink, out.UplinkError, out.LastAck = rs.Uplink.State, rs.Uplink.LastError, rs.Uplink.LastAck
 			}
+			return
 		}
-	}()
-	log := e.logger()
-	log.Info("iotagent running", "device", r.Identity().DeviceID(), "version", buildinfo.Get().Version)
-	err = r.Run(ctx)
-	<-done
-	return err
+	}
+	path := filepath.Join(e.stateDir, "queue.db")
+	if !fileExists(path) {
+		return
+	}
+	q, err := store.Open(store.Options{Path: path, OpenTimeout: 200 * time.Millisecond})
+	if err != nil {
+		return
+	}
+	defer q.Close()
+	st := q.Stats()
+	out.QueueDepth, out.QueueBytes, out.RecordsDropped = st.Depth, st.Bytes, st.Dropped
 }

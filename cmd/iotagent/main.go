@@ -28,6 +28,8 @@ func main() {
 	os.Exit(code)
 }
 
+var errHelp = flag.ErrHelp
+
 // usageError marks an error as the caller's: exit status 2.
 type usageError struct{ err error }
 
@@ -49,6 +51,9 @@ type env struct {
 	now func() time.Time
 	// lock is the state dir lock, released when run returns.
 	lock *os.File
+	// stateDirSet records that --state-dir was given (it beats the
+	// config file).
+	stateDirSet bool
 }
 
 const defaultStateDir = "/var/lib/iotagent"
@@ -63,7 +68,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"enroll", "enroll with the station (TPM attestation, or a one-time token)", cmdEnroll},
-		{"run", "run the agent: certificate renewal", cmdRun},
+		{"run", "run the agent: renewal, ingest, collectors, uplink", cmdRun},
+		{"send", "send a measurement (or SenML from stdin) to the running agent", cmdSend},
 		{"status", "show the device identity and renewal state", cmdStatus},
 		{"renew", "renew the certificate now", cmdRenew},
 		{"tpm", "TPM commands: info, keygen", cmdTPM},
@@ -91,7 +97,7 @@ func runWith(ctx context.Context, e *env, args []string) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, errHelp):
 		return 0
 	default:
 		fmt.Fprintf(stderr, "iotagent: %s\n", oneLine(err))
@@ -140,8 +146,26 @@ func (e *env) flagSet(name string) *flag.FlagSet {
 		e.stateDir = defaultStateDir
 	}
 	fs.StringVar(&e.tpmSpec, "tpm", e.tpmSpec, "TPM `SPEC`: /dev/tpmrm0, unix:PATH or tcp:HOST:PORT")
-	fs.StringVar(&e.stateDir, "state-dir", e.stateDir, "agent state `DIR`")
+	fs.Var(&trackedString{&e.stateDir, &e.stateDirSet}, "state-dir", "agent state `DIR` (default "+defaultStateDir+")")
 	return fs
+}
+
+// trackedString is a string flag that remembers whether it was set.
+type trackedString struct {
+	p   *string
+	set *bool
+}
+
+func (t *trackedString) String() string {
+	if t.p == nil {
+		return ""
+	}
+	return *t.p
+}
+
+func (t *trackedString) Set(v string) error {
+	*t.p, *t.set = v, true
+	return nil
 }
 
 // parse parses a subcommand's flags; stray arguments are a usage error.

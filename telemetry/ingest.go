@@ -1,0 +1,300 @@
+package telemetry
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"iotagent.dev/iotagent/store"
+	"iotagent.dev/iotagent/telemetry/senml"
+)
+
+// DefaultSocket is where local producers find the agent.
+const DefaultSocket = "/run/iotagent/ingest.sock"
+
+// MaxLine bounds one ingest line: a SenML JSON pack.
+const MaxLine = 64 << 10
+
+// IngestConfig configures the local ingest socket. Zero values mean the
+// defaults.
+type IngestConfig struct {
+	// Socket is the unix socket path (default DefaultSocket). Its directory
+	// is created 0750 if missing; the socket is 0660 so a producers' group
+	// can write.
+	Socket string
+	Store  *store.Store
+	// Now resolves SenML times given relative to "now" (the agent's
+	// trusted clock; default time.Now).
+	Now func() time.Time
+	// MaxConns bounds concurrent producer connections (default 64).
+	MaxConns int
+	// IdleTimeout closes a connection with nothing to say (default 5 min).
+	IdleTimeout time.Duration
+	Logger      *slog.Logger
+	// OnIngest, when set, is told how many records each accepted line
+	// stored.
+	OnIngest func(records int)
+}
+
+// Ingest serves the local ingest protocol on a unix socket: one SenML JSON
+// pack per line, answered "ok SEQ" once every record of the line is
+// committed to disk (SEQ is the sequence number of its last record), or
+// "error REASON" with nothing stored.
+type Ingest struct {
+	cfg   IngestConfig
+	log   *slog.Logger
+	ready chan struct{}
+}
+
+// NewIngest checks cfg and fills defaults.
+func NewIngest(cfg IngestConfig) (*Ingest, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("ingest: no store")
+	}
+	if cfg.Socket == "" {
+		cfg.Socket = DefaultSocket
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = 64
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = 5 * time.Minute
+	}
+	i := &Ingest{cfg: cfg, log: cfg.Logger, ready: make(chan struct{})}
+	if i.log == nil {
+		i.log = slog.New(slog.DiscardHandler)
+	}
+	return i, nil
+}
+
+// Ready is closed once Run listens on the socket.
+func (i *Ingest) Ready() <-chan struct{} { return i.ready }
+
+// Socket returns the socket path.
+func (i *Ingest) Socket() string { return i.cfg.Socket }
+
+// listen creates the socket.
+func (i *Ingest) listen() (*net.UnixListener, error) {
+	path := i.cfg.Socket
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("ingest socket directory: %w", err)
+	}
+	// A socket left by a crash would make Listen fail; one that answers
+	// belongs to a running agent.
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("ingest socket %s is in use by another agent", path)
+	}
+	os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("ingest socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("ingest socket: %w", err)
+	}
+	l.SetUnlinkOnClose(true)
+	return l, nil
+}
+
+// Run serves until ctx ends, then closes the socket and waits for the
+// connections it serves to finish their current line.
+func (i *Ingest) Run(ctx context.Context) error {
+	l, err := i.listen()
+	if err != nil {
+		return err
+	}
+	close(i.ready)
+	var wg sync.WaitGroup
+	conns := make(chan struct{}, i.cfg.MaxConns)
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				wg.Wait()
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			wg.Wait()
+			return fmt.Errorf("ingest: %w", err)
+		}
+		select {
+		case conns <- struct{}{}:
+		default:
+			c.Write([]byte("error too many connections\n"))
+			c.Close()
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-conns }()
+			i.serve(ctx, c)
+		}()
+	}
+}
+
+func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	defer stop()
+	r := bufio.NewReaderSize(c, 4096)
+	w := bufio.NewWriter(c)
+	for {
+		c.SetReadDeadline(time.Now().Add(i.cfg.IdleTimeout))
+		line, err := readLine(r, MaxLine)
+		if errors.Is(err, errLineTooLong) {
+			fmt.Fprintf(w, "error line over %d bytes\n", MaxLine)
+			if w.Flush() != nil {
+				return
+			}
+			continue
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) && ctx.Err() == nil && !isTimeout(err) {
+				i.log.Debug("ingest connection", "err", err)
+			}
+			return
+		}
+		line = bytes.TrimSpace(line)
+		if len(line) == 0 {
+			continue
+		}
+		fmt.Fprintln(w, i.handle(ctx, line))
+		if w.Flush() != nil {
+			return
+		}
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+var errLineTooLong = errors.New("line too long")
+
+// readLine reads one line of at most max bytes. A longer line is consumed
+// up to its end and reported as errLineTooLong, so the next line is read
+// normally.
+func readLine(r *bufio.Reader, max int) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, err := r.ReadSlice('\n')
+		if len(line)+len(chunk) > max+1 {
+			// Drain the rest of the oversize line.
+			for errors.Is(err, bufio.ErrBufferFull) {
+				_, err = r.ReadSlice('\n')
+			}
+			if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+				return nil, err
+			}
+			return nil, errLineTooLong
+		}
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return line, nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF) && len(line) > 0:
+			return line, nil
+		default:
+			return nil, err
+		}
+	}
+}
+
+// handle stores one line and returns the answer.
+func (i *Ingest) handle(ctx context.Context, line []byte) string {
+	payloads, err := EncodeForQueue(line, i.cfg.Now())
+	if err != nil {
+		return "error " + err.Error()
+	}
+	_, last, err := i.cfg.Store.Append(ctx, payloads...)
+	switch {
+	case errors.Is(err, store.ErrFull):
+		return "error queue full"
+	case errors.Is(err, syscall.ENOSPC):
+		return "error disk full: nothing stored"
+	case errors.Is(err, store.ErrTooLarge):
+		return "error record larger than the queue"
+	case err != nil:
+		i.log.Error("ingest: storing records", "err", err)
+		return "error storing records: " + err.Error()
+	}
+	if i.cfg.OnIngest != nil {
+		i.cfg.OnIngest(len(payloads))
+	}
+	return fmt.Sprintf("ok %d", last)
+}
+
+// EncodeForQueue validates a SenML JSON pack, resolves it (absolute times,
+// base fields applied) at now and returns one queue payload per record:
+// each a single-record SenML CBOR pack, compact on flash.
+func EncodeForQueue(jsonPack []byte, now time.Time) ([][]byte, error) {
+	p, err := senml.ParseJSON(jsonPack)
+	if err != nil {
+		return nil, err
+	}
+	return encodeResolved(p, now)
+}
+
+func encodeResolved(p senml.Pack, now time.Time) ([][]byte, error) {
+	r, err := p.Resolve(now)
+	if err != nil {
+		return nil, err
+	}
+	if len(r) == 0 {
+		return nil, errors.New("senml: the pack holds no measurement")
+	}
+	out := make([][]byte, len(r))
+	for k := range r {
+		r[k].Seq = 0
+		b, err := senml.Pack{r[k]}.EncodeCBOR()
+		if err != nil {
+			return nil, err
+		}
+		out[k] = b
+	}
+	return out, nil
+}
+
+// DecodeQueued turns queued records back into SenML records stamped with
+// their sequence numbers. A record that does not decode (damaged on flash)
+// is returned in bad, to be dropped and counted rather than block the
+// queue forever.
+func DecodeQueued(recs []store.Record) (p senml.Pack, bad []uint64) {
+	p = make(senml.Pack, 0, len(recs))
+	for _, r := range recs {
+		one, err := senml.DecodeCBOR(r.Data)
+		if err != nil || len(one) != 1 {
+			bad = append(bad, r.Seq)
+			continue
+		}
+		one[0].Seq = r.Seq
+		p = append(p, one[0])
+	}
+	return p, bad
+}

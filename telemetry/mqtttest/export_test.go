@@ -1,0 +1,4 @@
+package mqtttest
+
+// MQTTConnect exposes mqttConnect to the tests.
+var MQTTConnect = mqttConnect

@@ -1,0 +1,221 @@
+package mqtttest
+
+import (
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+)
+
+// MessageBuffer is how many messages a Subscriber holds for the test to
+// read before it drops them (and fails the test).
+const MessageBuffer = 100_000
+
+// Message is a message the Subscriber received.
+type Message struct {
+	Topic   string
+	Payload []byte
+	// Retained is set on a retained message delivered at subscription.
+	Retained bool
+	// Duplicate is the DUP flag: the broker sent the message before,
+	// without an acknowledgement.
+	Duplicate bool
+}
+
+// Subscriber is the test's observer of what the broker delivers: a paho
+// client connected as ReaderName, subscribed at QoS 1 with a clean
+// session. Unlike the product's uplink it reconnects by itself (paho's
+// auto-reconnect, retrying every 250 ms at most) and subscribes again on
+// every connect, so it survives Restart and Kill; messages published
+// while it is disconnected are not delivered to it.
+//
+// Broker.Subscribe opens it and closes it at cleanup; Close may be called
+// earlier. At most one Subscriber per broker is open at a time: mosquitto
+// takes the client ID from the certificate, so a second one would take
+// over the first's session. Its methods are safe for concurrent use.
+type Subscriber struct {
+	b      *Broker
+	t      testing.TB
+	topic  string
+	client mqtt.Client
+	msgs   chan Message
+	stop   chan struct{} // closed by Close
+
+	mu         sync.Mutex
+	closed     bool
+	dropped    int
+	subscribed int           // SUBACKs granting the subscription
+	changed    chan struct{} // closed and replaced when subscribed changes
+	lost       int           // connections lost
+	subErr     error         // the last failed subscription
+	handlers   sync.WaitGroup
+}
+
+// Subscribe connects a Subscriber to topic (a filter: "devices/#" sees
+// everything devices may publish) and returns once the broker granted the
+// subscription. It fails the test if it cannot within 10 s.
+func (b *Broker) Subscribe(t testing.TB, topic string) *Subscriber {
+	t.Helper()
+	b.subMu.Lock()
+	if b.sub != nil {
+		b.subMu.Unlock()
+		t.Fatalf("mqtttest: a Subscriber is already open on this broker (its client ID %q is taken from the certificate, so a second one would evict it); subscribe to a wider filter instead", ReaderName)
+	}
+	s := &Subscriber{b: b, t: t, topic: topic, msgs: make(chan Message, MessageBuffer), stop: make(chan struct{}), changed: make(chan struct{})}
+	b.sub = s
+	b.subMu.Unlock()
+
+	opts := mqtt.NewClientOptions().
+		AddBroker(b.URL).
+		SetClientID(ReaderName).
+		SetTLSConfig(b.ClientTLS(t, ReaderName)).
+		SetProtocolVersion(4).
+		SetCleanSession(true).
+		SetAutoReconnect(true).
+		SetMaxReconnectInterval(250 * time.Millisecond).
+		SetConnectTimeout(5 * time.Second).
+		// A subscription is re-made in onConnect on every connect; with
+		// a clean session there is nothing for ResumeSubs to resume.
+		SetOnConnectHandler(s.onConnect).
+		SetConnectionLostHandler(func(mqtt.Client, error) {
+			s.mu.Lock()
+			s.lost++
+			s.mu.Unlock()
+		})
+	s.client = mqtt.NewClient(opts)
+	t.Cleanup(s.Close)
+	tok := s.client.Connect()
+	if !tok.WaitTimeout(10 * time.Second) {
+		t.Fatalf("mqtttest: subscriber connect timed out\n%s", b.LogTail())
+	}
+	if err := tok.Error(); err != nil {
+		t.Fatalf("mqtttest: subscriber connect: %v\n%s", err, b.LogTail())
+	}
+	s.WaitSubscribed(t, 1)
+	return s
+}
+
+// onConnect subscribes, on paho's goroutine, after every connect.
+func (s *Subscriber) onConnect(c mqtt.Client) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.handlers.Add(1)
+	s.mu.Unlock()
+	defer s.handlers.Done()
+
+	tok := c.Subscribe(s.topic, 1, s.deliver)
+	timeout := time.NewTimer(10 * time.Second)
+	defer timeout.Stop()
+	var err error
+	select {
+	case <-tok.Done():
+		err = tok.Error()
+		if err == nil && tok.(*mqtt.SubscribeToken).Result()[s.topic] == 0x80 {
+			err = errors.New("the broker refused the subscription (SUBACK 0x80)")
+		}
+	case <-timeout.C:
+		err = errors.New("no SUBACK within 10s")
+	case <-s.stop:
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		// A connection lost meanwhile brings another onConnect.
+		s.subErr = err
+		return
+	}
+	s.subscribed++
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// deliver runs on paho's goroutine; it never blocks it.
+func (s *Subscriber) deliver(_ mqtt.Client, m mqtt.Message) {
+	msg := Message{Topic: m.Topic(), Payload: m.Payload(), Retained: m.Retained(), Duplicate: m.Duplicate()}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	select {
+	case s.msgs <- msg:
+	default:
+		s.dropped++
+	}
+}
+
+// Messages returns the messages received, in order. The channel holds
+// MessageBuffer messages; past that the Subscriber drops messages and
+// fails the test at Close. Close closes the channel.
+func (s *Subscriber) Messages() <-chan Message { return s.msgs }
+
+// Subscribed returns how many times the broker granted the subscription:
+// 1 when Subscribe returns, one more after each reconnect.
+func (s *Subscriber) Subscribed() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.subscribed
+}
+
+// ConnectionsLost returns how many times the connection to the broker
+// was lost.
+func (s *Subscriber) ConnectionsLost() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lost
+}
+
+// WaitSubscribed waits until Subscribed reaches n, failing t after 10 s.
+// After a Restart, n := s.Subscribed() before it and WaitSubscribed(t, n+1)
+// after it ensures the subscriber sees what is published next.
+func (s *Subscriber) WaitSubscribed(t testing.TB, n int) {
+	t.Helper()
+	timeout := time.NewTimer(10 * time.Second)
+	defer timeout.Stop()
+	for {
+		s.mu.Lock()
+		got, changed, err := s.subscribed, s.changed, s.subErr
+		s.mu.Unlock()
+		if got >= n {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
+			t.Fatalf("mqtttest: subscriber subscribed %d times, want %d within 10s (last error: %v)\n%s", got, n, err, s.b.LogTail())
+		}
+	}
+}
+
+// Close disconnects, closes the Messages channel (messages already in it
+// stay readable) and fails the test if messages were dropped. It may be
+// called more than once.
+func (s *Subscriber) Close() {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.closed = true
+	s.mu.Unlock()
+
+	close(s.stop)
+	s.client.Disconnect(250)
+	s.handlers.Wait()
+	s.mu.Lock()
+	close(s.msgs)
+	dropped := s.dropped
+	s.mu.Unlock()
+	s.b.subMu.Lock()
+	s.b.sub = nil
+	s.b.subMu.Unlock()
+	if dropped > 0 {
+		s.t.Errorf("mqtttest: the subscriber dropped %d messages: Messages() was full (%d); read it while publishing", dropped, MessageBuffer)
+	}
+}

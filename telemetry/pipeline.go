@@ -1,0 +1,181 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"iotagent.dev/iotagent/store"
+	"iotagent.dev/iotagent/telemetry/senml"
+)
+
+// Uplink carries telemetry to the fleet: the MQTT uplink in this package,
+// the CoAP-over-DTLS uplink in package dtls. The pipeline owns what is
+// sent; the uplink owns the connection.
+type Uplink interface {
+	// Ready blocks until the uplink is connected, or ctx ends.
+	Ready(ctx context.Context) error
+	// Deliver sends one payload and returns nil only once the peer has
+	// acknowledged it (PUBACK, CoAP ACK). Safe for concurrent use: the
+	// pipeline keeps up to Window payloads in flight.
+	Deliver(ctx context.Context, payload []byte) error
+	// Encode renders records as one payload in the uplink's format.
+	Encode(senml.Pack) ([]byte, error)
+	// MaxPayload bounds an encoded payload in bytes.
+	MaxPayload() int
+	// Window is how many payloads may be in flight at once.
+	Window() int
+}
+
+// PipelineConfig configures a Pipeline.
+type PipelineConfig struct {
+	Store  *store.Store
+	Uplink Uplink
+	// PeekRecords bounds how many records are read from the queue at once
+	// (default 1000).
+	PeekRecords int
+	Logger      *slog.Logger
+	// OnDelivered is told about each acknowledged payload.
+	OnDelivered func(records int, lastSeq uint64)
+}
+
+// Pipeline moves records from the durable queue to the uplink,
+// at-least-once: a record leaves the queue only after the uplink's peer
+// acknowledged the payload that carried it. After a failed delivery it
+// waits for the deliveries in flight, then starts again from the oldest
+// record still queued (duplicates are possible and carry their sequence
+// numbers; losses are not).
+type Pipeline struct {
+	cfg PipelineConfig
+	log *slog.Logger
+
+	delivered atomic.Uint64
+	corrupt   atomic.Uint64
+}
+
+// NewPipeline checks cfg.
+func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
+	if cfg.Store == nil || cfg.Uplink == nil {
+		return nil, errors.New("pipeline: store and uplink are required")
+	}
+	if cfg.PeekRecords == 0 {
+		cfg.PeekRecords = 1000
+	}
+	p := &Pipeline{cfg: cfg, log: cfg.Logger}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	return p, nil
+}
+
+// Delivered returns how many records were acknowledged.
+func (p *Pipeline) Delivered() uint64 { return p.delivered.Load() }
+
+// Corrupt returns how many queued records could not be decoded and were
+// dropped.
+func (p *Pipeline) Corrupt() uint64 { return p.corrupt.Load() }
+
+// Run delivers until ctx ends; it returns nil then.
+func (p *Pipeline) Run(ctx context.Context) error {
+	up := p.cfg.Uplink
+	window := max(up.Window(), 1)
+	slots := make(chan struct{}, window)
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	defer wg.Wait()
+
+	// A failed delivery wakes the loop even while it waits for new
+	// records, so the failed ones are sent again without waiting for more.
+	var mu sync.Mutex
+	var wake context.CancelFunc = func() {}
+	fail := func() {
+		failed.Store(true)
+		mu.Lock()
+		wake()
+		mu.Unlock()
+	}
+	var cursor uint64
+	for {
+		if failed.Load() {
+			wg.Wait() // let the deliveries in flight finish
+			failed.Store(false)
+			cursor = 0 // acknowledged records are gone; resend the rest
+		}
+		if err := up.Ready(ctx); err != nil {
+			return nil
+		}
+		waitCtx, cancel := context.WithCancel(ctx)
+		mu.Lock()
+		wake = cancel
+		mu.Unlock()
+		if failed.Load() {
+			cancel()
+		}
+		err := p.cfg.Store.Wait(waitCtx, cursor)
+		cancel()
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			continue // woken by a failure
+		}
+		recs, err := p.cfg.Store.Peek(cursor, p.cfg.PeekRecords, 4<<20)
+		if err != nil {
+			return err
+		}
+		if len(recs) == 0 {
+			continue
+		}
+		cursor = recs[len(recs)-1].Seq
+		pack, bad := DecodeQueued(recs)
+		if len(bad) > 0 {
+			p.corrupt.Add(uint64(len(bad)))
+			p.log.Error("dropping queued records that do not decode", "count", len(bad), "first_seq", bad[0])
+			if err := p.cfg.Store.Ack(bad...); err != nil {
+				return err
+			}
+		}
+		if len(pack) == 0 {
+			continue
+		}
+		chunks, err := pack.Split(up.Encode, up.MaxPayload())
+		if err != nil {
+			return err
+		}
+		for _, ch := range chunks {
+			if failed.Load() {
+				break
+			}
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				return nil
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-slots }()
+				if err := up.Deliver(ctx, ch.Data); err != nil {
+					if ctx.Err() == nil {
+						p.log.Debug("delivery failed; will resend", "err", err, "records", len(ch.Records))
+					}
+					fail()
+					return
+				}
+				seqs := ch.Seqs()
+				if err := p.cfg.Store.Ack(seqs...); err != nil {
+					// The records stay queued and are sent again: a
+					// duplicate, never a loss.
+					p.log.Error("acknowledging delivered records", "err", err)
+					return
+				}
+				p.delivered.Add(uint64(len(seqs)))
+				if p.cfg.OnDelivered != nil {
+					p.cfg.OnDelivered(len(seqs), seqs[len(seqs)-1])
+				}
+			}()
+		}
+	}
+}
