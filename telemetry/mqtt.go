@@ -263,7 +263,7 @@ func (m *MQTT) status(state string) []byte {
 func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
 	lost := make(chan error, 1)
 	opts := paho.NewClientOptions().
-		AddBroker("tcp://" + m.addr). // the scheme is unused: connections come from dial
+		AddBroker("tcp://"+m.addr). // the scheme is unused: connections come from dial
 		SetClientID(m.cfg.Identity.DeviceID()).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
