@@ -75,6 +75,7 @@ type MQTT struct {
 	cache     tls.ClientSessionCache
 	cacheFor  <-chan struct{} // identity generation the cache belongs to
 	lastAck   time.Time
+	lastCert  string
 }
 
 // UplinkState reports an uplink's connection.
@@ -84,6 +85,9 @@ type UplinkState struct {
 	Since     time.Time `json:"since"`
 	LastError string    `json:"last_error,omitempty"`
 	LastAck   time.Time `json:"last_ack,omitzero"`
+	// CertSerial is the serial (hex) of the device certificate presented
+	// in the last full handshake (a resumed one presents none).
+	CertSerial string `json:"cert_serial,omitempty"`
 }
 
 // ErrNotConnected is returned by Deliver while the uplink is down.
@@ -155,7 +159,7 @@ func (m *MQTT) State() UplinkState {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := m.state
-	s.LastAck = m.lastAck
+	s.LastAck, s.CertSerial = m.lastAck, m.lastCert
 	return s
 }
 
@@ -227,9 +231,21 @@ func (m *MQTT) tlsConfig() *tls.Config {
 		},
 		RootCAs:              m.cfg.RootCAs,
 		ServerName:           m.host,
-		GetClientCertificate: m.cfg.Identity.GetClientCertificate,
+		GetClientCertificate: m.clientCertificate,
 		ClientSessionCache:   m.cache,
 	}
+}
+
+// clientCertificate presents the identity's current certificate and notes
+// which one it was.
+func (m *MQTT) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	c, err := m.cfg.Identity.GetClientCertificate(cri)
+	if err == nil && c != nil && c.Leaf != nil {
+		m.mu.Lock()
+		m.lastCert = c.Leaf.SerialNumber.Text(16)
+		m.mu.Unlock()
+	}
+	return c, err
 }
 
 // dial opens the TLS connection paho speaks over, counting the handshake.

@@ -49,15 +49,19 @@ const (
 	startTimeout = 10 * time.Second
 	stopTimeout  = 5 * time.Second
 	probeTimeout = 2 * time.Second
-	certLifetime = 24 * time.Hour
 )
+
+// certLifetime is the lifetime of the certificates the fixture issues:
+// longer than any test.
+const certLifetime = 24 * time.Hour
 
 // Options configure a test broker. The zero value is the production-like
 // broker described in the package documentation.
 type Options struct {
 	// Config holds extra mosquitto.conf lines, written after the listener's
 	// own settings (so listener options apply to the test listener), for
-	// example "max_inflight_messages 1" or "max_keepalive 5".
+	// example "max_inflight_messages 1" or "max_keepalive 5". They must
+	// leave log_dest and log_type alone: Start and ReloadCRL read the log.
 	Config []string
 	// ACL holds extra acl_file lines appended to DefaultACL, for example
 	// "user fleet-commander" then "topic write devices/+/cmd".
@@ -99,8 +103,9 @@ type Broker struct {
 	mu   sync.Mutex // serializes process changes
 	proc *process   // nil while stopped
 
-	subMu sync.Mutex
-	sub   *Subscriber // the open subscriber, if any
+	subMu     sync.Mutex
+	sub       *Subscriber // the open subscriber, if any
+	subBuffer int         // Messages capacity; 0 means MessageBuffer
 }
 
 // process is one run of mosquitto.
@@ -314,12 +319,16 @@ func (b *Broker) probe() error {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(probeTimeout))
-	return mqttConnect(conn)
+	if err := mqttConnect(conn); err != nil {
+		return err
+	}
+	_, err = conn.Write([]byte{0xe0, 0}) // DISCONNECT
+	return err
 }
 
 // mqttConnect sends an MQTT 3.1.1 CONNECT with clean session and an empty
 // client ID (mosquitto uses the username, from the certificate) and reads
-// the CONNACK, then sends DISCONNECT.
+// an accepting CONNACK.
 func mqttConnect(rw io.ReadWriter) error {
 	connect := []byte{
 		0x10, 12, // CONNECT, remaining length
@@ -341,8 +350,7 @@ func mqttConnect(rw io.ReadWriter) error {
 	if ack[3] != 0 {
 		return fmt.Errorf("CONNACK refused the connection: return code %d", ack[3])
 	}
-	_, err := rw.Write([]byte{0xe0, 0}) // DISCONNECT
-	return err
+	return nil
 }
 
 // Stop stops the broker (SIGTERM, then SIGKILL if it lingers) and waits
@@ -392,8 +400,13 @@ func stopProcess(p *process, sig syscall.Signal) bool {
 // connections and sessions and must reconnect.
 //
 // mosquitto reads crlfile when it starts: Restart is how a test makes the
-// broker apply the station's current CRL (after st.Revoke). ReloadCRL does
-// the same without dropping connections.
+// broker apply the station's current CRL (after st.Revoke) and drop every
+// connection, a revoked device's included. ReloadCRL applies it without
+// dropping connections.
+//
+// A failure is reported with Errorf on the test that called Start (so
+// Restart may be called from its subtests and other goroutines); the
+// broker is then down and the test's next connection fails.
 func (b *Broker) Restart() {
 	b.t.Helper()
 	b.mu.Lock()
@@ -409,37 +422,48 @@ func (b *Broker) Restart() {
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err != nil {
-		b.t.Fatalf("mqtttest: restarting mosquitto on %s: %v\n%s", b.Addr, err, b.LogTail())
+		b.t.Errorf("mqtttest: restarting mosquitto on %s: %v\n%s", b.Addr, err, b.LogTail())
 	}
 }
 
 // ReloadCRL makes the running broker apply the station's current CRL to
-// new connections, and returns once it does. It sends SIGHUP: measured on
-// mosquitto 2.0.11 (TestReloadCRL), a SIGHUP re-reads crlfile for new
-// handshakes, while connections already established stay up (a revoked
-// device stays connected until it reconnects; Restart drops everyone).
+// new connections, and returns once it does. It sends SIGHUP, which on
+// mosquitto 2.0.11 (measured by TestReloadCRL and TestTLSResumption):
+//   - re-reads crlfile: a handshake with a certificate revoked since is
+//     refused with a "revoked certificate" alert;
+//   - keeps established connections, a revoked device's included, until
+//     they end (Restart drops them all);
+//   - invalidates TLS sessions issued before it: no client resumes one,
+//     so no revoked device skips the CRL check by resuming.
+//
+// A failure is reported with Errorf on the test that called Start, as
+// with Restart.
 func (b *Broker) ReloadCRL() {
 	b.t.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.proc == nil {
-		b.t.Fatal("mqtttest: ReloadCRL on a stopped broker")
+		b.t.Error("mqtttest: ReloadCRL on a stopped broker")
+		return
 	}
 	before := b.logSize()
 	if err := b.proc.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		b.t.Fatalf("mqtttest: SIGHUP: %v", err)
+		b.t.Errorf("mqtttest: SIGHUP: %v", err)
+		return
 	}
-	// mosquitto handles the signal in its main loop, which logs when it is
-	// done reloading; then a probe shows the listener still answers.
+	// mosquitto's single-threaded main loop logs this line and then
+	// reloads: a connection accepted after the line is served by the
+	// reloaded configuration. The probe also shows the listener survived.
 	deadline := time.Now().Add(startTimeout)
 	for !bytes.Contains(b.logSince(before), []byte("Reloading config.")) {
 		if time.Now().After(deadline) {
-			b.t.Fatalf("mqtttest: mosquitto did not reload within %v\n%s", startTimeout, b.LogTail())
+			b.t.Errorf("mqtttest: mosquitto did not reload within %v\n%s", startTimeout, b.LogTail())
+			return
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	if err := b.probe(); err != nil {
-		b.t.Fatalf("mqtttest: mosquitto does not answer after reloading: %v\n%s", err, b.LogTail())
+		b.t.Errorf("mqtttest: mosquitto does not answer after reloading: %v\n%s", err, b.LogTail())
 	}
 }
 

@@ -1,6 +1,7 @@
 package mqtttest
 
 import (
+	"context"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -74,12 +75,14 @@ func NewProxy(t testing.TB, target string) *Proxy {
 // target's.
 type link struct {
 	client net.Conn
+	cancel context.CancelFunc // ends the dial to the target
 	mu     sync.Mutex
 	server net.Conn // nil until dialed
 	closed bool
 }
 
 func (k *link) close() {
+	k.cancel()
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.closed = true
@@ -102,23 +105,24 @@ func (p *Proxy) accept() {
 			c.Close()
 			continue
 		}
-		k := &link{client: c}
+		ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+		k := &link{client: c, cancel: cancel}
 		p.mu.Lock()
 		if p.closed {
 			p.mu.Unlock()
-			c.Close()
+			k.close()
 			return
 		}
 		p.links[k] = struct{}{}
 		p.wg.Add(1)
 		p.mu.Unlock()
-		go p.serve(k)
+		go p.serve(ctx, k)
 	}
 }
 
 // serve dials the target for k and forwards both ways until either side
 // closes or the link is cut; then it closes both.
-func (p *Proxy) serve(k *link) {
+func (p *Proxy) serve(ctx context.Context, k *link) {
 	defer p.wg.Done()
 	defer func() {
 		k.close()
@@ -126,7 +130,8 @@ func (p *Proxy) serve(k *link) {
 		delete(p.links, k)
 		p.mu.Unlock()
 	}()
-	s, err := net.DialTimeout("tcp", p.target, dialTimeout)
+	var d net.Dialer
+	s, err := d.DialContext(ctx, "tcp", p.target)
 	if err != nil {
 		return // the client sees its connection closed, as when the broker is down
 	}

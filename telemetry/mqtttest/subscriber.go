@@ -2,6 +2,7 @@ package mqtttest
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -12,6 +13,9 @@ import (
 // MessageBuffer is how many messages a Subscriber holds for the test to
 // read before it drops them (and fails the test).
 const MessageBuffer = 100_000
+
+// subscribeTimeout bounds a Subscriber's connect and each subscription.
+const subscribeTimeout = 10 * time.Second
 
 // Message is a message the Subscriber received.
 type Message struct {
@@ -48,7 +52,6 @@ type Subscriber struct {
 	dropped    int
 	subscribed int           // SUBACKs granting the subscription
 	changed    chan struct{} // closed and replaced when subscribed changes
-	lost       int           // connections lost
 	subErr     error         // the last failed subscription
 	handlers   sync.WaitGroup
 }
@@ -56,6 +59,8 @@ type Subscriber struct {
 // Subscribe connects a Subscriber to topic (a filter: "devices/#" sees
 // everything devices may publish) and returns once the broker granted the
 // subscription. It fails the test if it cannot within 10 s.
+// If the test is not reading Messages fast enough, the Subscriber fails
+// it at the first message dropped and reports the count at Close.
 func (b *Broker) Subscribe(t testing.TB, topic string) *Subscriber {
 	t.Helper()
 	b.subMu.Lock()
@@ -63,7 +68,11 @@ func (b *Broker) Subscribe(t testing.TB, topic string) *Subscriber {
 		b.subMu.Unlock()
 		t.Fatalf("mqtttest: a Subscriber is already open on this broker (its client ID %q is taken from the certificate, so a second one would evict it); subscribe to a wider filter instead", ReaderName)
 	}
-	s := &Subscriber{b: b, t: t, topic: topic, msgs: make(chan Message, MessageBuffer), stop: make(chan struct{}), changed: make(chan struct{})}
+	size := b.subBuffer
+	if size == 0 {
+		size = MessageBuffer
+	}
+	s := &Subscriber{b: b, t: t, topic: topic, msgs: make(chan Message, size), stop: make(chan struct{}), changed: make(chan struct{})}
 	b.sub = s
 	b.subMu.Unlock()
 
@@ -78,16 +87,11 @@ func (b *Broker) Subscribe(t testing.TB, topic string) *Subscriber {
 		SetConnectTimeout(5 * time.Second).
 		// A subscription is re-made in onConnect on every connect; with
 		// a clean session there is nothing for ResumeSubs to resume.
-		SetOnConnectHandler(s.onConnect).
-		SetConnectionLostHandler(func(mqtt.Client, error) {
-			s.mu.Lock()
-			s.lost++
-			s.mu.Unlock()
-		})
+		SetOnConnectHandler(s.onConnect)
 	s.client = mqtt.NewClient(opts)
 	t.Cleanup(s.Close)
 	tok := s.client.Connect()
-	if !tok.WaitTimeout(10 * time.Second) {
+	if !tok.WaitTimeout(subscribeTimeout) {
 		t.Fatalf("mqtttest: subscriber connect timed out\n%s", b.LogTail())
 	}
 	if err := tok.Error(); err != nil {
@@ -109,7 +113,7 @@ func (s *Subscriber) onConnect(c mqtt.Client) {
 	defer s.handlers.Done()
 
 	tok := c.Subscribe(s.topic, 1, s.deliver)
-	timeout := time.NewTimer(10 * time.Second)
+	timeout := time.NewTimer(subscribeTimeout)
 	defer timeout.Stop()
 	var err error
 	select {
@@ -119,7 +123,7 @@ func (s *Subscriber) onConnect(c mqtt.Client) {
 			err = errors.New("the broker refused the subscription (SUBACK 0x80)")
 		}
 	case <-timeout.C:
-		err = errors.New("no SUBACK within 10s")
+		err = fmt.Errorf("no SUBACK within %v", subscribeTimeout)
 	case <-s.stop:
 		return
 	}
@@ -147,6 +151,12 @@ func (s *Subscriber) deliver(_ mqtt.Client, m mqtt.Message) {
 	case s.msgs <- msg:
 	default:
 		s.dropped++
+		if s.dropped == 1 {
+			// Now, not only at Close: a test blocked on a message that
+			// was dropped would otherwise time out without saying why.
+			// Close waits for s.mu, so the test is still running.
+			s.t.Errorf("mqtttest: the subscriber is dropping messages: Messages() is full (%d); read it while publishing", cap(s.msgs))
+		}
 	}
 }
 
@@ -163,20 +173,12 @@ func (s *Subscriber) Subscribed() int {
 	return s.subscribed
 }
 
-// ConnectionsLost returns how many times the connection to the broker
-// was lost.
-func (s *Subscriber) ConnectionsLost() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.lost
-}
-
 // WaitSubscribed waits until Subscribed reaches n, failing t after 10 s.
 // After a Restart, n := s.Subscribed() before it and WaitSubscribed(t, n+1)
 // after it ensures the subscriber sees what is published next.
 func (s *Subscriber) WaitSubscribed(t testing.TB, n int) {
 	t.Helper()
-	timeout := time.NewTimer(10 * time.Second)
+	timeout := time.NewTimer(subscribeTimeout)
 	defer timeout.Stop()
 	for {
 		s.mu.Lock()
@@ -188,7 +190,7 @@ func (s *Subscriber) WaitSubscribed(t testing.TB, n int) {
 		select {
 		case <-changed:
 		case <-timeout.C:
-			t.Fatalf("mqtttest: subscriber subscribed %d times, want %d within 10s (last error: %v)\n%s", got, n, err, s.b.LogTail())
+			t.Fatalf("mqtttest: subscriber subscribed %d times, want %d within %v (last error: %v)\n%s", got, n, subscribeTimeout, err, s.b.LogTail())
 		}
 	}
 }
@@ -216,6 +218,6 @@ func (s *Subscriber) Close() {
 	s.b.sub = nil
 	s.b.subMu.Unlock()
 	if dropped > 0 {
-		s.t.Errorf("mqtttest: the subscriber dropped %d messages: Messages() was full (%d); read it while publishing", dropped, MessageBuffer)
+		s.t.Errorf("mqtttest: the subscriber dropped %d messages: Messages() was full (%d); read it while publishing", dropped, cap(s.msgs))
 	}
 }

@@ -1,0 +1,431 @@
+package telemetry_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/store"
+	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/telemetry/mqtttest"
+	"iotagent.dev/iotagent/telemetry/senml"
+	"iotagent.dev/iotagent/tpm"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+// rig is one enrolled agent with its queue, ingest socket, MQTT uplink and
+// pipeline, against a real station and mosquitto.
+type rig struct {
+	t       *testing.T
+	st      *stationtest.Station
+	br      *mqtttest.Broker
+	sim     *tpmtest.Simulator
+	tpm     *tpm.TPM
+	renewer *enroll.Renewer
+	q       *store.Store
+	ing     *telemetry.Ingest
+	up      *telemetry.MQTT
+	pipe    *telemetry.Pipeline
+	dir     string
+	id      string
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type rigOptions struct {
+	url      func(*mqtttest.Broker) string // default the broker's URL
+	maxBytes int64
+	lifetime time.Duration
+	noUplink bool
+}
+
+func newRig(t *testing.T, opts rigOptions) *rig {
+	t.Helper()
+	if opts.lifetime == 0 {
+		opts.lifetime = time.Hour
+	}
+	r := &rig{t: t}
+	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: opts.lifetime})
+	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
+	r.sim = tpmtest.New(t)
+	tp := r.sim.Open(t)
+	r.tpm = tp
+	r.dir = t.TempDir()
+	pin, _ := enroll.ParsePin(r.st.Fingerprint)
+	res, err := enroll.Enroll(context.Background(), enroll.EnrollConfig{TPM: tp, Dir: r.dir, Station: r.st.URL, Pin: pin})
+	if err != nil {
+		t.Fatalf("Enroll: %v", err)
+	}
+	r.id = res.State.Enrollment.DeviceID
+	r.renewer, err = enroll.NewRenewer(enroll.RenewerConfig{TPM: tp, Dir: r.dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.renewer.Close() })
+	if opts.maxBytes == 0 {
+		opts.maxBytes = 64 << 20
+	}
+	r.q, err = store.Open(store.Options{Path: filepath.Join(r.dir, "queue.db"), MaxBytes: opts.maxBytes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, _ := os.MkdirTemp("", "ing")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	r.ing, err = telemetry.NewIngest(telemetry.IngestConfig{Socket: filepath.Join(sockDir, "s"), Store: r.q})
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := r.br.URL
+	if opts.url != nil {
+		url = opts.url(r.br)
+	}
+	roots := x509.NewCertPool()
+	for _, c := range res.State.Trust {
+		roots.AddCert(c)
+	}
+	r.up, err = telemetry.NewMQTT(telemetry.MQTTConfig{URL: url, RootCAs: roots, Identity: r.renewer.Identity(),
+		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.pipe, err = telemetry.NewPipeline(telemetry.PipelineConfig{Store: r.q, Uplink: r.up})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	r.run(ctx, r.ing.Run)
+	if !opts.noUplink {
+		r.startUplink(ctx)
+	}
+	<-r.ing.Ready()
+	t.Cleanup(r.stop)
+	return r
+}
+
+func (r *rig) run(ctx context.Context, f func(context.Context) error) {
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		if err := f(ctx); err != nil {
+			r.t.Errorf("component: %v", err)
+		}
+	}()
+}
+
+func (r *rig) startUplink(ctx context.Context) {
+	r.run(ctx, r.up.Run)
+	r.run(ctx, r.pipe.Run)
+}
+
+func (r *rig) stop() {
+	r.cancel()
+	done := make(chan struct{})
+	go func() { r.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		r.t.Error("agent components did not stop within 10 s")
+	}
+	r.q.Close()
+}
+
+// ingest sends n single-record lines through the ingest socket and returns
+// the sequence numbers it was told.
+func (r *rig) ingest(n int, name string) []uint64 {
+	r.t.Helper()
+	c, err := net.Dial("unix", r.ing.Socket())
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	w := bufio.NewWriter(c)
+	seqs := make([]uint64, 0, n)
+	// Pipelined: write in batches of 100 lines, then read the answers.
+	for i := 0; i < n; i += 100 {
+		k := min(100, n-i)
+		for j := 0; j < k; j++ {
+			fmt.Fprintf(w, `[{"n":%q,"v":%d}]`+"\n", name, i+j)
+		}
+		w.Flush()
+		for j := 0; j < k; j++ {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				r.t.Fatal(err)
+			}
+			var seq uint64
+			if _, err := fmt.Sscanf(line, "ok %d", &seq); err != nil {
+				r.t.Fatalf("ingest answered %q", line)
+			}
+			seqs = append(seqs, seq)
+		}
+	}
+	return seqs
+}
+
+// collect reads telemetry messages until every seq in want was seen or
+// the deadline passes; it returns how often each seq arrived.
+func collect(t *testing.T, sub *mqtttest.Subscriber, want []uint64, d time.Duration) map[uint64]int {
+	t.Helper()
+	got := map[uint64]int{}
+	missing := map[uint64]bool{}
+	for _, s := range want {
+		missing[s] = true
+	}
+	deadline := time.After(d)
+	for len(missing) > 0 {
+		select {
+		case m := <-sub.Messages():
+			if !strings.HasSuffix(m.Topic, "/telemetry") {
+				continue
+			}
+			p, err := senml.ParseJSON(m.Payload)
+			if err != nil {
+				t.Fatalf("telemetry payload is not SenML: %v", err)
+			}
+			for _, rec := range p {
+				got[rec.Seq]++
+				delete(missing, rec.Seq)
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d records not received after %v", len(missing), len(want), d)
+		}
+	}
+	return got
+}
+
+func TestTenThousandRecordsArrive(t *testing.T) {
+	r := newRig(t, rigOptions{})
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	seqs := r.ingest(10000, "load")
+	got := collect(t, sub, seqs, 60*time.Second)
+	dups := 0
+	for _, s := range seqs {
+		dups += got[s] - 1
+	}
+	if r.q.Stats().Depth != 0 {
+		waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+	}
+	t.Logf("10000 records, %d duplicates", dups)
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The broker restarts (SIGTERM, then SIGKILL) while the agent streams:
+// nothing is lost. The agent reaches the broker through a proxy that
+// refuses it until the test's subscriber has re-subscribed, so that what
+// the subscriber misses is what the agent lost, not what a restarted broker
+// had no subscription for.
+func TestBrokerRestartMidStream(t *testing.T) {
+	var proxy *mqtttest.Proxy
+	r := newRig(t, rigOptions{url: func(b *mqtttest.Broker) string {
+		proxy = mqtttest.NewProxy(t, b.Addr)
+		return proxy.URL
+	}})
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	var seqs []uint64
+	for i, restart := range []func(){r.br.Restart, func() { r.br.Kill(); r.br.Restart() }} {
+		streamed := make(chan []uint64)
+		go func() { streamed <- r.ingest(1500, fmt.Sprintf("stream%d", i)) }()
+		time.Sleep(100 * time.Millisecond) // mid-stream
+		proxy.Refuse(true)
+		restart()
+		sub.WaitSubscribed(t, i+2)
+		proxy.Refuse(false)
+		seqs = append(seqs, <-streamed...)
+	}
+	got := collect(t, sub, seqs, 60*time.Second)
+	waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+	dups := 0
+	for _, s := range seqs {
+		dups += got[s] - 1
+	}
+	t.Logf("%d records across a broker restart and a broker crash, %d received twice", len(seqs), dups)
+}
+
+// PUBACKs vanish (the proxy drops everything from the broker while
+// publishes still get through), then the link drops: the unacknowledged
+// records stay queued and are sent again.
+func TestLostPubacksThenLinkDrop(t *testing.T) {
+	var proxy *mqtttest.Proxy
+	r := newRig(t, rigOptions{url: func(b *mqtttest.Broker) string {
+		proxy = mqtttest.NewProxy(t, b.Addr)
+		return proxy.URL
+	}})
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	proxy.BlackholeDownstream()
+	seqs := r.ingest(500, "x")
+	// The broker got (some of) them, the agent no PUBACK: all still queued.
+	time.Sleep(500 * time.Millisecond)
+	if d := r.q.Stats().Depth; d != 500 {
+		t.Errorf("queue depth with PUBACKs lost = %d, want 500 (nothing acknowledged)", d)
+	}
+	proxy.Cut()
+	proxy.Heal()
+	got := collect(t, sub, seqs, 30*time.Second)
+	waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+	dups := 0
+	for _, s := range seqs {
+		dups += got[s] - 1
+	}
+	t.Logf("500 records, %d received twice", dups)
+}
+
+// With the uplink down, the queue overflows its bound: the dropped counter
+// equals exactly the number of records that never arrive.
+func TestFullQueueDropCountIsExact(t *testing.T) {
+	r := newRig(t, rigOptions{maxBytes: 20000, noUplink: true})
+	seqs := r.ingest(2000, "overflow")
+	st := r.q.Stats()
+	if st.Dropped == 0 {
+		t.Fatalf("nothing dropped: the queue bound is not reached (depth %d)", st.Depth)
+	}
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r.startUplink(ctx)
+	// The survivors are the newest records: the last Depth of them.
+	survivors := seqs[len(seqs)-int(st.Depth):]
+	got := collect(t, sub, survivors, 30*time.Second)
+	// Nothing older arrives: give stragglers a moment.
+	time.Sleep(300 * time.Millisecond)
+	for len(sub.Messages()) > 0 {
+		m := <-sub.Messages()
+		p, _ := senml.ParseJSON(m.Payload)
+		for _, rec := range p {
+			got[rec.Seq]++
+		}
+	}
+	arrived := 0
+	for _, s := range seqs {
+		if got[s] > 0 {
+			arrived++
+		}
+	}
+	if lost := uint64(len(seqs) - arrived); lost != st.Dropped {
+		t.Errorf("records that never arrived = %d, dropped counter = %d; want equal", lost, st.Dropped)
+	}
+	cancel()
+}
+
+func TestRevokedDeviceRefusedByBroker(t *testing.T) {
+	r := newRig(t, rigOptions{})
+	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	if err := r.st.Revoke(r.id); err != nil {
+		t.Fatal(err)
+	}
+	r.br.Restart() // mosquitto reads its crlfile at start
+	waitFor(t, 20*time.Second, "the broker refusing the revoked certificate", func() bool {
+		s := r.up.State()
+		return s.State == "backoff" && strings.Contains(s.LastError, "revoked")
+	})
+}
+
+// A renewed certificate (new key) is presented at the next connection,
+// with no restart, and the old session is not resumed.
+func TestRotatedCertificateUsedAtNextConnection(t *testing.T) {
+	var proxy *mqtttest.Proxy
+	r := newRig(t, rigOptions{url: func(b *mqtttest.Broker) string {
+		proxy = mqtttest.NewProxy(t, b.Addr)
+		return proxy.URL
+	}})
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	old := r.renewer.Identity().Leaf().SerialNumber.Text(16)
+	if got := r.up.State().CertSerial; got != old {
+		t.Fatalf("first connection presented %s, want %s", got, old)
+	}
+	if err := r.renewer.RenewNow(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	renewed := r.renewer.Identity().Leaf().SerialNumber.Text(16)
+	proxy.Cut()
+	waitFor(t, 10*time.Second, "reconnection with the new certificate", func() bool {
+		s := r.up.State()
+		return s.State == "connected" && s.CertSerial == renewed
+	})
+	collect(t, sub, r.ingest(10, "after-rotation"), 10*time.Second)
+}
+
+// A device cannot publish into another device's topic (the broker ACL):
+// checked by what a subscriber receives, since MQTT 3.1.1 acks a refused
+// publish.
+func TestDeviceCannotPublishForAnother(t *testing.T) {
+	r := newRig(t, rigOptions{})
+	sub := r.br.Subscribe(t, "devices/#")
+	// Another enrolled-looking device (a certificate from the same CA, CN
+	// dev-rogue) publishes into this device's topic; mosquitto acks it.
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + r.br.Addr).SetClientID("dev-rogue").
+		SetTLSConfig(r.br.ClientTLS(t, "dev-rogue")).SetAutoReconnect(false))
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("rogue connect: %v", tok.Error())
+	}
+	tok := c.Publish("devices/"+r.id+"/telemetry", 1, false, []byte(`[{"n":"forged","v":1,"seq":1}]`))
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("rogue publish: %v", tok.Error())
+	}
+	c.Disconnect(100)
+	collect(t, sub, r.ingest(1, "genuine"), 10*time.Second)
+	deadline := time.After(time.Second)
+	for {
+		select {
+		case m := <-sub.Messages():
+			if strings.Contains(string(m.Payload), "forged") {
+				t.Fatalf("a message published by another device arrived on %s", m.Topic)
+			}
+		case <-deadline:
+			return
+		}
+	}
+}
+
+// A reconnect after the link drops resumes the TLS session: no TPM
+// signature. (After a broker restart mosquitto has forgotten its session
+// tickets, so that reconnect signs once: see the closing note.)
+func TestReconnectSpendsNoTPMSignature(t *testing.T) {
+	var proxy *mqtttest.Proxy
+	r := newRig(t, rigOptions{url: func(b *mqtttest.Broker) string {
+		proxy = mqtttest.NewProxy(t, b.Addr)
+		return proxy.URL
+	}})
+	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
+	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	// Deliver something so the session ticket (sent after the handshake)
+	// has been read.
+	collect(t, sub, r.ingest(10, "warmup"), 10*time.Second)
+	for i := range 3 {
+		before := r.tpm.Signatures()
+		proxy.Cut()
+		waitFor(t, 10*time.Second, "reconnection", func() bool { return r.up.State().State == "connected" && r.up.State().Since.After(time.Now().Add(-5*time.Second)) })
+		collect(t, sub, r.ingest(10, fmt.Sprintf("after-cut-%d", i)), 10*time.Second)
+		if spent := r.tpm.Signatures() - before; spent != 0 {
+			t.Errorf("reconnect %d spent %d TPM signatures, want 0 (session resumed)", i+1, spent)
+		}
+	}
+}
