@@ -422,7 +422,9 @@ func TestReconnectSpendsNoTPMSignature(t *testing.T) {
 	for i := range 3 {
 		before := r.tpm.Signatures()
 		proxy.Cut()
-		waitFor(t, 10*time.Second, "reconnection", func() bool { return r.up.State().State == "connected" && r.up.State().Since.After(time.Now().Add(-5*time.Second)) })
+		waitFor(t, 10*time.Second, "reconnection", func() bool {
+			return r.up.State().State == "connected" && r.up.State().Since.After(time.Now().Add(-5*time.Second))
+		})
 		collect(t, sub, r.ingest(10, fmt.Sprintf("after-cut-%d", i)), 10*time.Second)
 		if spent := r.tpm.Signatures() - before; spent != 0 {
 			t.Errorf("reconnect %d spent %d TPM signatures, want 0 (session resumed)", i+1, spent)
