@@ -68,17 +68,25 @@ func (t *TPM) createSRK() (tpm2.NamedHandle, error) {
 func (t *TPM) CreateKey() (*KeyFile, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	srk, err := t.createSRK()
+	var srk tpm2.NamedHandle
+	var rsp *tpm2.CreateResponse
+	err := t.roomForObjects(func() error {
+		var err error
+		if srk, err = t.createSRK(); err != nil {
+			return err
+		}
+		rsp, err = tpm2.Create{
+			ParentHandle: srk,
+			InPublic:     tpm2.New2B(deviceKeyTemplate()),
+		}.Execute(t.tr)
+		t.flush(srk.Handle)
+		if err != nil {
+			return fmt.Errorf("creating device key: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	defer t.flush(srk.Handle)
-	rsp, err := tpm2.Create{
-		ParentHandle: srk,
-		InPublic:     tpm2.New2B(deviceKeyTemplate()),
-	}.Execute(t.tr)
-	if err != nil {
-		return nil, fmt.Errorf("creating device key: %w", err)
 	}
 	return &KeyFile{
 		Format:     keyFileFormat,
@@ -140,7 +148,7 @@ func (t *TPM) LoadKey(kf *KeyFile) (*Key, error) {
 		// The persistent copy is gone (evicted, TPM cleared): the blobs
 		// decide whether this TPM can still use the key.
 	}
-	if err := k.loadBlobs(); err != nil {
+	if err := t.roomForObjects(k.loadBlobs); err != nil {
 		return nil, err
 	}
 	return k, nil

@@ -415,3 +415,39 @@ func TestInfo(t *testing.T) {
 		t.Errorf("Info.Spec = %q, want 2.0 …", info.Spec)
 	}
 }
+
+// Objects left loaded by killed processes (swtpm and /dev/tpm0 have no
+// resource manager) leave too few of the TPM's three transient slots to
+// load a key (it needs the SRK too); loading the device key recovers by
+// flushing them instead of failing.
+func TestLoadKeyRecoversFromLeakedObjects(t *testing.T) {
+	sim := tpmtest.New(t)
+	kf, err := sim.Open(t).CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		// A separate connection per "process"; the keys are never closed.
+		tp, err := tpm.Open(sim.Spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tp.LoadKey(kf); err != nil {
+			t.Fatalf("load %d: %v", i, err)
+		}
+		tp.Close()
+	}
+	tp := sim.Open(t)
+	if hs, _ := tp.TransientHandles(); len(hs) != 2 {
+		t.Fatalf("%d transient objects after two killed loaders, want 2", len(hs))
+	}
+	k, err := tp.LoadKey(kf)
+	if err != nil {
+		t.Fatalf("LoadKey with the TPM's object slots full: %v", err)
+	}
+	defer k.Close()
+	d := sha256.Sum256([]byte("after recovery"))
+	if _, err := k.Sign(rand.Reader, d[:], crypto.SHA256); err != nil {
+		t.Errorf("Sign: %v", err)
+	}
+}

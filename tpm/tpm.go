@@ -249,6 +249,27 @@ func (t *TPM) handles(first uint32) ([]tpm2.TPMHandle, error) {
 	}
 }
 
+// roomForObjects runs op; if the TPM is out of transient object slots
+// (TPM_RC_OBJECT_MEMORY) it flushes every transient object and runs op
+// again. Without a resource manager (swtpm, /dev/tpm0) objects loaded by a
+// process that was killed stay loaded, and three of them exhaust swtpm.
+// The agent owns its TPM; on /dev/tpmrm0 the kernel flushes for us and
+// this never triggers. t.mu held.
+func (t *TPM) roomForObjects(op func() error) error {
+	err := op()
+	if !errors.Is(err, tpm2.TPMRCObjectMemory) {
+		return err
+	}
+	hs, herr := t.handles(transientFirst)
+	if herr != nil || len(hs) == 0 {
+		return err
+	}
+	for _, h := range hs {
+		t.flush(h)
+	}
+	return op()
+}
+
 // flush releases a transient handle, ignoring errors: it runs on cleanup
 // paths where the original error matters more. t.mu held.
 func (t *TPM) flush(h tpm2.TPMHandle) {

@@ -206,6 +206,7 @@ func TestAgentDependencies(t *testing.T) {
 		"testing",
 		"iotagent.dev/iotagent/tpm/tpmtest",
 		"iotagent.dev/iotagent/internal/testdirs",
+		"iotagent.dev/iotagent/telemetry/mqtttest",
 		"iotagent.dev/iotagent/station",
 		"github.com/mochi-mqtt/server/v2",
 		"github.com/google/go-tpm-tools/simulator",
