@@ -155,6 +155,10 @@ func (i *Ingest) Run(ctx context.Context) error {
 	}
 }
 
+// maxGroup bounds how many pipelined lines one connection commits in one
+// transaction.
+const maxGroup = 256
+
 func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
@@ -163,29 +167,46 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 	w := bufio.NewWriter(c)
 	for {
 		c.SetReadDeadline(time.Now().Add(i.cfg.IdleTimeout))
-		line, err := readLine(r, MaxLine)
-		if errors.Is(err, errLineTooLong) {
-			fmt.Fprintf(w, "error line over %d bytes\n", MaxLine)
-			if w.Flush() != nil {
+		// A producer that pipelines lines gets them committed together:
+		// one fsync for the group, each line still answered only once its
+		// records are on disk.
+		var group [][]byte
+		for len(group) < maxGroup {
+			if len(group) > 0 && !lineBuffered(r) {
+				break
+			}
+			line, err := readLine(r, MaxLine)
+			if errors.Is(err, errLineTooLong) {
+				group = append(group, nil) // answered as oversize
+				continue
+			}
+			if err != nil {
+				if len(group) > 0 {
+					break
+				}
+				if !errors.Is(err, io.EOF) && ctx.Err() == nil && !isTimeout(err) {
+					i.log.Debug("ingest connection", "err", err)
+				}
 				return
 			}
-			continue
-		}
-		if err != nil {
-			if !errors.Is(err, io.EOF) && ctx.Err() == nil && !isTimeout(err) {
-				i.log.Debug("ingest connection", "err", err)
+			if line = bytes.TrimSpace(line); len(line) > 0 {
+				group = append(group, line)
 			}
-			return
 		}
-		line = bytes.TrimSpace(line)
-		if len(line) == 0 {
-			continue
+		for _, ans := range i.handle(ctx, group) {
+			fmt.Fprintln(w, ans)
 		}
-		fmt.Fprintln(w, i.handle(ctx, line))
 		if w.Flush() != nil {
 			return
 		}
 	}
+}
+
+// lineBuffered reports whether a whole line is already buffered, so that
+// reading it will not block.
+func lineBuffered(r *bufio.Reader) bool {
+	b, _ := r.Peek(r.Buffered())
+	return bytes.IndexByte(b, '\n') >= 0
 }
 
 func isTimeout(err error) bool {
@@ -226,28 +247,59 @@ func readLine(r *bufio.Reader, max int) ([]byte, error) {
 	}
 }
 
-// handle stores one line and returns the answer.
-func (i *Ingest) handle(ctx context.Context, line []byte) string {
-	payloads, err := EncodeForQueue(line, i.cfg.Now())
-	if err != nil {
-		return "error " + err.Error()
+// handle stores the records of lines (nil: a line over MaxLine) in one
+// append and returns one answer per line, in order.
+func (i *Ingest) handle(ctx context.Context, lines [][]byte) []string {
+	answers := make([]string, len(lines))
+	counts := make([]int, len(lines))
+	var payloads [][]byte
+	now := i.cfg.Now()
+	for k, line := range lines {
+		if line == nil {
+			answers[k] = fmt.Sprintf("error line over %d bytes", MaxLine)
+			continue
+		}
+		p, err := EncodeForQueue(line, now)
+		if err != nil {
+			answers[k] = "error " + err.Error()
+			continue
+		}
+		counts[k] = len(p)
+		payloads = append(payloads, p...)
 	}
-	_, last, err := i.cfg.Store.Append(ctx, payloads...)
+	if len(payloads) == 0 {
+		return answers
+	}
+	first, _, err := i.cfg.Store.Append(ctx, payloads...)
+	var fail string
 	switch {
+	case err == nil:
 	case errors.Is(err, store.ErrFull):
-		return "error queue full"
+		fail = "error queue full"
 	case errors.Is(err, syscall.ENOSPC):
-		return "error disk full: nothing stored"
+		fail = "error disk full: nothing stored"
 	case errors.Is(err, store.ErrTooLarge):
-		return "error record larger than the queue"
-	case err != nil:
+		fail = "error record larger than the queue"
+	default:
 		i.log.Error("ingest: storing records", "err", err)
-		return "error storing records: " + err.Error()
+		fail = "error storing records: " + err.Error()
 	}
-	if i.cfg.OnIngest != nil {
+	next := first
+	for k := range lines {
+		if counts[k] == 0 {
+			continue
+		}
+		if fail != "" {
+			answers[k] = fail
+			continue
+		}
+		next += uint64(counts[k])
+		answers[k] = fmt.Sprintf("ok %d", next-1)
+	}
+	if fail == "" && i.cfg.OnIngest != nil {
 		i.cfg.OnIngest(len(payloads))
 	}
-	return fmt.Sprintf("ok %d", last)
+	return answers
 }
 
 // EncodeForQueue validates a SenML JSON pack, resolves it (absolute times,

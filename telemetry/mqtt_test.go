@@ -30,7 +30,7 @@ func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 // rig is one enrolled agent with its queue, ingest socket, MQTT uplink and
 // pipeline, against a real station and mosquitto.
 type rig struct {
-	t       *testing.T
+	t       testing.TB
 	st      *stationtest.Station
 	br      *mqtttest.Broker
 	sim     *tpmtest.Simulator
@@ -54,7 +54,7 @@ type rigOptions struct {
 	noUplink bool
 }
 
-func newRig(t *testing.T, opts rigOptions) *rig {
+func newRig(t testing.TB, opts rigOptions) *rig {
 	t.Helper()
 	if opts.lifetime == 0 {
 		opts.lifetime = time.Hour
@@ -181,7 +181,7 @@ func (r *rig) ingest(n int, name string) []uint64 {
 
 // collect reads telemetry messages until every seq in want was seen or
 // the deadline passes; it returns how often each seq arrived.
-func collect(t *testing.T, sub *mqtttest.Subscriber, want []uint64, d time.Duration) map[uint64]int {
+func collect(t testing.TB, sub *mqtttest.Subscriber, want []uint64, d time.Duration) map[uint64]int {
 	t.Helper()
 	got := map[uint64]int{}
 	missing := map[uint64]bool{}
@@ -225,7 +225,7 @@ func TestTenThousandRecordsArrive(t *testing.T) {
 	t.Logf("10000 records, %d duplicates", dups)
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -63,8 +63,11 @@ func TestEnrollStatusRenewCLI(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var rout, rerr bytes.Buffer
 	done := make(chan int)
+	sockDir, _ := os.MkdirTemp("", "sock")
+	defer os.RemoveAll(sockDir)
 	go func() {
-		done <- runWith(ctx, &env{stdin: strings.NewReader(""), stdout: &rout, stderr: &rerr, now: time.Now}, append(g, "run"))
+		done <- runWith(ctx, &env{stdin: strings.NewReader(""), stdout: &rout, stderr: &rerr, now: time.Now},
+			append(g, "run", "--config", "/dev/null", "--ingest-socket", filepath.Join(sockDir, "ingest.sock")))
 	}()
 	waitForFile(t, filepath.Join(state, "renewal.json"))
 	code, out, errs = agent(t, append(g, "renew")...)

@@ -239,7 +239,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		return usageError{err}
 	}
 	parts = append(parts, part{"collectors", col.Run})
-	status := &statusWriter{path: filepath.Join(filepath.Dir(s.socket), "status.json"), q: q, up: up, pipe: pipe}
+	status := &statusWriter{path: filepath.Join(filepath.Dir(s.socket), "status.json"), q: q, up: up, pipe: pipe, log: log}
 	parts = append(parts, part{"status", status.Run})
 
 	usr1 := make(chan os.Signal, 1)
@@ -371,13 +371,16 @@ type statusWriter struct {
 	q    *store.Store
 	up   *telemetry.MQTT
 	pipe *telemetry.Pipeline
+	log  *slog.Logger
 }
 
-// Run writes the status every 2 seconds and removes it at exit.
+// Run writes the status every 2 seconds and removes it at exit. A status
+// file that cannot be written is logged, not fatal: telemetry matters more.
 func (w *statusWriter) Run(ctx context.Context) error {
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	defer os.Remove(w.path)
+	var failing bool
 	for {
 		st := w.q.Stats()
 		rs := runtimeStatus{PID: os.Getpid(), Updated: time.Now().UTC(), QueueDepth: st.Depth, QueueBytes: st.Bytes, RecordsDropped: st.Dropped}
@@ -387,9 +390,11 @@ func (w *statusWriter) Run(ctx context.Context) error {
 			rs.Delivered = w.pipe.Delivered()
 		}
 		b, _ := json.Marshal(rs)
-		if err := atomicfile.Write(w.path, b, 0o640); err != nil && ctx.Err() == nil {
-			return fmt.Errorf("writing %s: %w", w.path, err)
+		err := atomicfile.Write(w.path, b, 0o640)
+		if err != nil && !failing && ctx.Err() == nil {
+			w.log.Warn("writing the status file (iotagent status cannot see this agent)", "err", err)
 		}
+		failing = err != nil
 		select {
 		case <-ctx.Done():
 			return nil
