@@ -359,6 +359,7 @@ func (e *env) mqttUplink(s *runSettings, r *enroll.Renewer, q *store.Store, stat
 type runtimeStatus struct {
 	PID            int                    `json:"pid"`
 	Updated        time.Time              `json:"updated"`
+	RecordsQueued  uint64                 `json:"records_ingested"` // sequence numbers handed out
 	QueueDepth     int64                  `json:"queue_depth"`
 	QueueBytes     int64                  `json:"queue_bytes"`
 	RecordsDropped uint64                 `json:"records_dropped"`
@@ -383,7 +384,7 @@ func (w *statusWriter) Run(ctx context.Context) error {
 	var failing bool
 	for {
 		st := w.q.Stats()
-		rs := runtimeStatus{PID: os.Getpid(), Updated: time.Now().UTC(), QueueDepth: st.Depth, QueueBytes: st.Bytes, RecordsDropped: st.Dropped}
+		rs := runtimeStatus{PID: os.Getpid(), Updated: time.Now().UTC(), RecordsQueued: st.NextSeq - 1, QueueDepth: st.Depth, QueueBytes: st.Bytes, RecordsDropped: st.Dropped}
 		if w.up != nil {
 			u := w.up.State()
 			rs.Uplink = &u

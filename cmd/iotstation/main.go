@@ -60,6 +60,8 @@ func commands() []command {
 		{"revoke", "revoke a device", cmdRevoke},
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
+		{"watch", "subscribe to every device's telemetry and report delivery per device", cmdWatch},
+		{"demo-broker", "an embedded MQTT broker, for the demo only", cmdDemoBroker},
 	}
 }
 
@@ -118,9 +120,16 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
-func newFlags(e *env, name string) (*flag.FlagSet, *string) {
+func newFlagSet(e *env, name string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
+	return fs
+}
+
+func splitHost(addr string) (string, string, error) { return net.SplitHostPort(addr) }
+
+func newFlags(e *env, name string) (*flag.FlagSet, *string) {
+	fs := newFlagSet(e, name)
 	dir := fs.String("dir", "", "station `DIR`ectory (required)")
 	return fs, dir
 }

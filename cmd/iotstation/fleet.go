@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"iotagent.dev/iotagent/station"
+	"iotagent.dev/iotagent/station/demobroker"
+	"iotagent.dev/iotagent/station/watch"
+)
+
+// cmdDemoBroker runs the embedded MQTT broker (demo only).
+func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags(e, "demo-broker")
+	listen := fs.String("listen", "127.0.0.1:8883", "MQTT over TLS `ADDR`ess")
+	if _, err := parse(fs, dir, args, 0); err != nil {
+		return err
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	host := *listen
+	if h, _, err := splitHost(*listen); err == nil {
+		host = h
+	}
+	sc, err := a.IssueService(ctx, station.ServiceRequest{Name: "demo-broker", SANs: []string{host, "localhost", "127.0.0.1"}, Server: true, Lifetime: 24 * time.Hour})
+	if err != nil {
+		return err
+	}
+	trust, err := a.TrustPEM(ctx)
+	if err != nil {
+		return err
+	}
+	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(trust)
+	log := slog.New(slog.NewTextHandler(e.stderr, nil))
+	b, err := demobroker.New(demobroker.Config{Addr: *listen, Certificate: cert, ClientCAs: pool,
+		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), Logger: log})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "demo broker (for the demo only) on mqtts://%s\n", *listen)
+	if e.ready != nil {
+		e.ready(*listen)
+	}
+	return b.Run(ctx)
+}
+
+// cmdWatch subscribes to every device's telemetry and reports delivery per
+// device.
+func cmdWatch(ctx context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "watch")
+	broker := fs.String("broker", "", "broker `URL`, mqtts://HOST:PORT")
+	certFile := fs.String("cert", "", "client certificate `FILE` (iotstation issue --name fleet-reader)")
+	keyFile := fs.String("key", "", "its key `FILE`")
+	caFile := fs.String("ca", "", "CA `FILE` that verifies the broker")
+	dur := fs.Duration("for", 0, "stop after this long (default: until interrupted)")
+	out := fs.String("json", "", "also write the per-device report to this `FILE` as JSON")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if *broker == "" || *certFile == "" || *keyFile == "" || *caFile == "" {
+		return usagef("watch: --broker, --cert, --key and --ca are required")
+	}
+	cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+	if err != nil {
+		return usageError{fmt.Errorf("watch: %w", err)}
+	}
+	roots, err := station.ReadCertificates(*caFile)
+	if err != nil {
+		return usageError{fmt.Errorf("watch: --ca: %w", err)}
+	}
+	pool := x509.NewCertPool()
+	for _, c := range roots {
+		pool.AddCert(c)
+	}
+	w, err := watch.New(watch.Config{Broker: *broker, TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12},
+		Logger: slog.New(slog.NewTextHandler(e.stderr, nil))})
+	if err != nil {
+		return usageError{err}
+	}
+	if *dur > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *dur)
+		defer cancel()
+	}
+	w.Run(ctx)
+	devs := w.Devices()
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tMESSAGES\tRECORDS\tUNIQUE\tDUPLICATES\tMISSING\tSEQ RANGE")
+	for _, d := range devs {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d-%d\n", d.ID, d.Messages, d.Records, d.Unique, d.Duplicates, d.Missing, d.MinSeq, d.MaxSeq)
+	}
+	tw.Flush()
+	if *out != "" {
+		b, _ := json.MarshalIndent(devs, "", "  ")
+		return os.WriteFile(*out, append(b, '\n'), 0o644)
+	}
+	return nil
+}

@@ -1,0 +1,173 @@
+// Package demobroker is an MQTT broker embedded in iotstation for the demo
+// on machines without mosquitto. It is for the demo only: production fleets
+// run a real broker (mosquitto, EMQX, …) configured as the README shows.
+//
+// It applies the same policy as that mosquitto configuration: mutual TLS
+// with certificates from the station's CA, the identity (user name and
+// client ID) taken from the certificate's CN, the station's CRL at
+// handshake, and the per-device ACL: a device writes devices/ID/telemetry,
+// reads and writes devices/ID/status, reads devices/ID/cmd; the backend
+// client fleet-reader reads devices/#.
+package demobroker
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// ReaderName is the backend client allowed to read every device's topics.
+const ReaderName = "fleet-reader"
+
+// Config configures the broker.
+type Config struct {
+	// Addr to listen on (HOST:PORT).
+	Addr string
+	// Certificate is the broker's server certificate (iotstation issue
+	// --server); ClientCAs verifies devices.
+	Certificate tls.Certificate
+	ClientCAs   *x509.CertPool
+	// Revoked reports whether a certificate is revoked (the station's
+	// CRL); nil accepts all.
+	Revoked func(*x509.Certificate) bool
+	Logger  *slog.Logger
+}
+
+// Broker is the embedded broker.
+type Broker struct {
+	cfg Config
+	srv *mqtt.Server
+}
+
+// New builds the broker.
+func New(cfg Config) (*Broker, error) {
+	if cfg.Addr == "" || cfg.ClientCAs == nil {
+		return nil, errors.New("demobroker: address and client CAs are required")
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	srv := mqtt.New(&mqtt.Options{InlineClient: false, Logger: log})
+	if err := srv.AddHook(&policy{}, nil); err != nil {
+		return nil, err
+	}
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{cfg.Certificate},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    cfg.ClientCAs,
+		VerifyPeerCertificate: func(_ [][]byte, chains [][]*x509.Certificate) error {
+			if cfg.Revoked != nil && len(chains) > 0 && cfg.Revoked(chains[0][0]) {
+				return fmt.Errorf("certificate %x is revoked", chains[0][0].SerialNumber)
+			}
+			return nil
+		},
+	}
+	if err := srv.AddListener(listeners.NewTCP(listeners.Config{Type: "tcp", ID: "mtls", Address: cfg.Addr, TLSConfig: tc})); err != nil {
+		return nil, err
+	}
+	return &Broker{cfg: cfg, srv: srv}, nil
+}
+
+// Run serves until ctx ends.
+func (b *Broker) Run(ctx context.Context) error {
+	if err := b.srv.Serve(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return b.srv.Close()
+}
+
+// policy authenticates by certificate and enforces the per-device ACL.
+type policy struct {
+	mqtt.HookBase
+}
+
+func (p *policy) ID() string { return "iotagent-policy" }
+
+func (p *policy) Provides(b byte) bool {
+	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck}, []byte{b})
+}
+
+// certName returns the CN of the client's certificate.
+func certName(cl *mqtt.Client) string {
+	tc, ok := cl.Net.Conn.(*tls.Conn)
+	if !ok {
+		return ""
+	}
+	st := tc.ConnectionState()
+	if len(st.PeerCertificates) == 0 {
+		return ""
+	}
+	return st.PeerCertificates[0].Subject.CommonName
+}
+
+// OnConnectAuthenticate admits a client whose certificate names it and
+// whose client ID is that name (a gateway cannot take over another's
+// session).
+func (p *policy) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+	name := certName(cl)
+	if name == "" || cl.ID != name {
+		return false
+	}
+	cl.Properties.Username = []byte(name)
+	return true
+}
+
+// OnACLCheck applies the per-device topics.
+func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	name := string(cl.Properties.Username)
+	if name == ReaderName {
+		return !write && (topic == "devices/#" || strings.HasPrefix(topic, "devices/"))
+	}
+	switch topic {
+	case "devices/" + name + "/telemetry":
+		return write
+	case "devices/" + name + "/status":
+		return true
+	case "devices/" + name + "/cmd":
+		return !write
+	}
+	return false
+}
+
+// CRLFile returns a revocation check against a PEM CRL file (the station's
+// crl.pem), re-read whenever it changes. A missing or unreadable file
+// leaves the last good list in force.
+func CRLFile(path string) func(*x509.Certificate) bool {
+	var mu sync.Mutex
+	var mod time.Time
+	revoked := map[string]bool{}
+	return func(c *x509.Certificate) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if fi, err := os.Stat(path); err == nil && !fi.ModTime().Equal(mod) {
+			if b, err := os.ReadFile(path); err == nil {
+				if blk, _ := pem.Decode(b); blk != nil {
+					if l, err := x509.ParseRevocationList(blk.Bytes); err == nil {
+						m := map[string]bool{}
+						for _, e := range l.RevokedCertificateEntries {
+							m[e.SerialNumber.String()] = true
+						}
+						revoked, mod = m, fi.ModTime()
+					}
+				}
+			}
+		}
+		return revoked[c.SerialNumber.String()]
+	}
+}
