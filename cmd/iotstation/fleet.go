@@ -21,6 +21,7 @@ import (
 func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags(e, "demo-broker")
 	listen := fs.String("listen", "127.0.0.1:8883", "MQTT over TLS `ADDR`ess")
+	state := fs.String("state", "", "keep sessions and queued messages in this bbolt `FILE` across restarts")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
@@ -49,7 +50,7 @@ func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	pool.AppendCertsFromPEM(trust)
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
 	b, err := demobroker.New(demobroker.Config{Addr: *listen, Certificate: cert, ClientCAs: pool,
-		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), Logger: log})
+		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), StateFile: *state, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -70,6 +71,7 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 	caFile := fs.String("ca", "", "CA `FILE` that verifies the broker")
 	dur := fs.Duration("for", 0, "stop after this long (default: until interrupted)")
 	out := fs.String("json", "", "also write the per-device report to this `FILE` as JSON")
+	persistent := fs.Bool("persistent", false, "keep a persistent session, so the broker queues what arrives while the watcher is away")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
@@ -88,7 +90,7 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 	for _, c := range roots {
 		pool.AddCert(c)
 	}
-	w, err := watch.New(watch.Config{Broker: *broker, TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12},
+	w, err := watch.New(watch.Config{Broker: *broker, Persistent: *persistent, TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12},
 		Logger: slog.New(slog.NewTextHandler(e.stderr, nil))})
 	if err != nil {
 		return usageError{err}

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	boltstore "github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -43,7 +44,11 @@ type Config struct {
 	// Revoked reports whether a certificate is revoked (the station's
 	// CRL); nil accepts all.
 	Revoked func(*x509.Certificate) bool
-	Logger  *slog.Logger
+	// StateFile, when set, keeps sessions, subscriptions and queued
+	// messages in a bbolt file across restarts (as mosquitto's
+	// persistence does).
+	StateFile string
+	Logger    *slog.Logger
 }
 
 // Broker is the embedded broker.
@@ -64,6 +69,11 @@ func New(cfg Config) (*Broker, error) {
 	srv := mqtt.New(&mqtt.Options{InlineClient: false, Logger: log})
 	if err := srv.AddHook(&policy{}, nil); err != nil {
 		return nil, err
+	}
+	if cfg.StateFile != "" {
+		if err := srv.AddHook(new(boltstore.Hook), &boltstore.Options{Path: cfg.StateFile}); err != nil {
+			return nil, fmt.Errorf("demobroker state: %w", err)
+		}
 	}
 	tc := &tls.Config{
 		MinVersion:   tls.VersionTLS12,

@@ -32,7 +32,10 @@ type Config struct {
 	// ClientID defaults to the certificate's CN as brokers that take the
 	// identity from the certificate require.
 	ClientID string
-	Logger   *slog.Logger
+	// Persistent keeps the session (clean session off): a broker that
+	// persists sessions queues what arrives while the watcher reconnects.
+	Persistent bool
+	Logger     *slog.Logger
 }
 
 // Device is what was seen of one device.
@@ -97,7 +100,7 @@ func New(cfg Config) (*Watcher, error) {
 func (w *Watcher) Run(ctx context.Context) error {
 	u, _ := url.Parse(w.cfg.Broker)
 	opts := paho.NewClientOptions().AddBroker("tls://" + u.Host).SetClientID(w.cfg.ClientID).
-		SetTLSConfig(w.cfg.TLS).SetCleanSession(true).SetAutoReconnect(true).
+		SetTLSConfig(w.cfg.TLS).SetCleanSession(!w.cfg.Persistent).SetAutoReconnect(true).
 		SetMaxReconnectInterval(2 * time.Second).SetConnectRetry(true).SetConnectRetryInterval(time.Second).
 		SetOrderMatters(false).
 		SetOnConnectHandler(func(c paho.Client) {
