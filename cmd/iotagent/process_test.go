@@ -28,7 +28,7 @@ var buildOnce struct {
 }
 
 // agentBinary builds iotagent once per test binary.
-func agentBinary(t *testing.T) string {
+func agentBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "iotagent-bin")
@@ -50,7 +50,7 @@ func agentBinary(t *testing.T) string {
 
 // agentProcess is iotagent run in its own process.
 type agentProcess struct {
-	t      *testing.T
+	t      testing.TB
 	cmd    *exec.Cmd
 	out    *bytes.Buffer
 	socket string
@@ -58,7 +58,7 @@ type agentProcess struct {
 	err    error         // its exit status, once exited is closed
 }
 
-func startAgent(t *testing.T, bin string, args ...string) *agentProcess {
+func startAgent(t testing.TB, bin string, args ...string) *agentProcess {
 	t.Helper()
 	p := &agentProcess{t: t, out: &bytes.Buffer{}, exited: make(chan struct{})}
 	for i, a := range args {

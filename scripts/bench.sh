@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Benchmarks, reported and never asserted: this machine is shared and noisy,
+# so every figure is a median of several runs, and comparisons are made
+# side by side in one run.
+#
+# usage: scripts/bench.sh [COUNT]     (default 5 runs of each benchmark)
+# Output: a benchstat summary (medians with their spread) in bench.out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+COUNT=${1:-5}
+BENCHSTAT="golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da"
+out=bench.out
+raw=$(mktemp)
+trap 'rm -f "$raw"' EXIT
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m), $(go version | cut -d' ' -f3)" | tee "$out"
+
+run() { # run PACKAGE REGEXP BENCHTIME
+	echo "--- go test -bench '$2' $1" >&2
+	go test -run - -bench "$2" -benchtime "$3" -count "$COUNT" "$1" | tee -a "$raw" | grep -E '^Benchmark' >&2 || true
+}
+# TPM: signature; TLS 1.3 mutual handshake, TPM key vs software key.
+run ./tpm . 2s
+# Station: /tpmenroll and /simplereenroll throughput; enrollment wall time.
+run ./station . 2s
+run ./enroll . 20x
+# Queue: appends and drains.
+run ./store . 1s
+# Telemetry: ingest→queue→MQTT→subscriber vs raw paho QoS 1 (same broker,
+# same run); TPM signatures per reconnect.
+run ./telemetry 'IngestToSubscriber|RawPahoQoS1' 10x
+run ./telemetry 'ReconnectTPMSignatures' 5x
+# Agent process at 1000 records/s: disk bytes per record, RSS.
+COUNT=3 run ./cmd/iotagent 'AgentSteady1000' 1x
+
+go run "$BENCHSTAT" "$raw" | tee -a "$out"
+
+# Binary sizes.
+scripts/crossbuild.sh armv7 arm64 | tee -a "$out"
+echo "wrote $out"
