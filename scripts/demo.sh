@@ -6,6 +6,8 @@
 # through a broker restart. At the end: a table per device.
 #
 # usage: scripts/demo.sh [--duration 2m] [--keep]
+#        DEMO_BROKER=embedded scripts/demo.sh   (the embedded broker even
+#        where mosquitto is installed)
 #   --duration  how long the gateways stream (default 2m; the demo ends
 #               within about a minute more)
 #   --keep      keep the working directory (printed) for inspection
@@ -77,7 +79,7 @@ for i in $(seq 1 $DEVICES); do
 		--create-ek-cert --create-platform-cert --lock-nvram --overwrite >"$W/gw$i/swtpm_setup.log" 2>&1 ||
 		die "swtpm_setup failed: $(tail -3 "$W/gw$i/swtpm_setup.log")"
 	bg swtpm socket --tpm2 --tpmstate dir="$W/gw$i/tpm" --flags not-need-init,startup-clear \
-		--server type=unixio,path="$W/gw$i/tpm.sock" --ctrl type=unixio,path="$W/gw$i/tpm.sock.ctrl" --log level=0
+		--server type=unixio,path="$W/gw$i/tpm.sock" --ctrl type=unixio,path="$W/gw$i/tpm.sock.ctrl" >"$W/gw$i/swtpm.log" 2>&1
 done
 
 say "station: CA, EST enrollment with TPM attestation (certificates live 60 s, to watch rotation)"
@@ -91,7 +93,8 @@ FP=$(iotstation fingerprint --dir "$W/station")
 say "broker"
 BP=$(port)
 iotstation issue --dir "$W/station" --name fleet-reader --out "$W/reader" >/dev/null
-if command -v mosquitto >/dev/null; then
+# DEMO_BROKER=embedded uses the embedded broker even where mosquitto exists.
+if command -v mosquitto >/dev/null && [ "${DEMO_BROKER:-}" != embedded ]; then
 	BROKER=mosquitto
 	iotstation issue --dir "$W/station" --name broker --server --san 127.0.0.1 --out "$W/broker" >/dev/null
 	cat >"$W/acl" <<'EOF'
@@ -119,10 +122,10 @@ max_queued_messages 100000
 log_dest file $W/mosquitto.log
 EOF
 	[ "$(id -u)" -ne 0 ] || echo "user root" >>"$W/mosquitto.conf"
-	start_broker() { mosquitto -c "$W/mosquitto.conf" & BROKER_PID=$!; PIDS+=($BROKER_PID); }
+	start_broker() { mosquitto -c "$W/mosquitto.conf" 2>>"$W/mosquitto.err" & BROKER_PID=$!; PIDS+=($BROKER_PID); }
 else
 	BROKER="iotstation demo-broker (mosquitto is not installed; the embedded broker is for the demo only)"
-	start_broker() { iotstation demo-broker --dir "$W/station" --listen "127.0.0.1:$BP" --state "$W/broker.db" >>"$W/broker.log" 2>&1 & BROKER_PID=$!; PIDS+=($BROKER_PID); }
+	start_broker() { iotstation demo-broker --dir "$W/station" --listen "127.0.0.1:$BP" --reader-first >>"$W/broker.log" 2>&1 & BROKER_PID=$!; PIDS+=($BROKER_PID); }
 fi
 echo "using $BROKER on 127.0.0.1:$BP"
 start_broker

@@ -21,7 +21,7 @@ import (
 func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags(e, "demo-broker")
 	listen := fs.String("listen", "127.0.0.1:8883", "MQTT over TLS `ADDR`ess")
-	state := fs.String("state", "", "keep sessions and queued messages in this bbolt `FILE` across restarts")
+	readerFirst := fs.Bool("reader-first", false, "admit devices only once the fleet-reader has subscribed (the embedded broker keeps no sessions across restarts)")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
@@ -50,7 +50,7 @@ func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	pool.AppendCertsFromPEM(trust)
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
 	b, err := demobroker.New(demobroker.Config{Addr: *listen, Certificate: cert, ClientCAs: pool,
-		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), StateFile: *state, Logger: log})
+		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), ReaderFirst: *readerFirst, Logger: log})
 	if err != nil {
 		return err
 	}

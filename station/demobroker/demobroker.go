@@ -22,10 +22,10 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	boltstore "github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -44,11 +44,13 @@ type Config struct {
 	// Revoked reports whether a certificate is revoked (the station's
 	// CRL); nil accepts all.
 	Revoked func(*x509.Certificate) bool
-	// StateFile, when set, keeps sessions, subscriptions and queued
-	// messages in a bbolt file across restarts (as mosquitto's
-	// persistence does).
-	StateFile string
-	Logger    *slog.Logger
+	// ReaderFirst admits devices only once the fleet reader has
+	// subscribed. The embedded broker keeps no sessions across a restart,
+	// so without this a device reconnecting faster than the reader would
+	// publish into no subscription; mosquitto with persistence needs no such
+	// help.
+	ReaderFirst bool
+	Logger      *slog.Logger
 }
 
 // Broker is the embedded broker.
@@ -67,13 +69,8 @@ func New(cfg Config) (*Broker, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	srv := mqtt.New(&mqtt.Options{InlineClient: false, Logger: log})
-	if err := srv.AddHook(&policy{}, nil); err != nil {
+	if err := srv.AddHook(&policy{readerFirst: cfg.ReaderFirst}, nil); err != nil {
 		return nil, err
-	}
-	if cfg.StateFile != "" {
-		if err := srv.AddHook(new(boltstore.Hook), &boltstore.Options{Path: cfg.StateFile}); err != nil {
-			return nil, fmt.Errorf("demobroker state: %w", err)
-		}
 	}
 	tc := &tls.Config{
 		MinVersion:   tls.VersionTLS12,
@@ -105,12 +102,14 @@ func (b *Broker) Run(ctx context.Context) error {
 // policy authenticates by certificate and enforces the per-device ACL.
 type policy struct {
 	mqtt.HookBase
+	readerFirst bool
+	readerIn    atomic.Bool
 }
 
 func (p *policy) ID() string { return "iotagent-policy" }
 
 func (p *policy) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSubscribed}, []byte{b})
 }
 
 // certName returns the CN of the client's certificate.
@@ -134,8 +133,18 @@ func (p *policy) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
 	if name == "" || cl.ID != name {
 		return false
 	}
+	if p.readerFirst && name != ReaderName && !p.readerIn.Load() {
+		return false
+	}
 	cl.Properties.Username = []byte(name)
 	return true
+}
+
+// OnSubscribed notes the fleet reader's subscription (see ReaderFirst).
+func (p *policy) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
+	if string(cl.Properties.Username) == ReaderName {
+		p.readerIn.Store(true)
+	}
 }
 
 // OnACLCheck applies the per-device topics.

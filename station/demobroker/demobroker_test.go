@@ -1,0 +1,105 @@
+package demobroker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+func TestPolicy(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	srv, err := st.IssueService("demo-broker", []string{"127.0.0.1"}, true, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := tls.X509KeyPair(srv.Chain, srv.Key)
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(st.TrustPEM())
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := l.Addr().String()
+	l.Close()
+	b, err := New(Config{Addr: addr, Certificate: cert, ClientCAs: pool, ReaderFirst: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+
+	client := func(cn string) paho.Client {
+		sc, err := st.IssueService(cn, nil, false, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
+		return paho.NewClient(paho.NewClientOptions().AddBroker("tls://"+addr).SetClientID(cn).SetAutoReconnect(false).
+			SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}))
+	}
+	connect := func(c paho.Client) error {
+		tok := c.Connect()
+		if !tok.WaitTimeout(10 * time.Second) {
+			t.Fatal("connect timed out")
+		}
+		return tok.Error()
+	}
+	dev := client("gw-1")
+	if err := connect(dev); err == nil {
+		t.Fatal("a device was admitted before the fleet reader subscribed (ReaderFirst)")
+	}
+	reader := client(ReaderName)
+	if err := connect(reader); err != nil {
+		t.Fatalf("reader: %v", err)
+	}
+	defer reader.Disconnect(100)
+	got := make(chan string, 10)
+	if tok := reader.Subscribe("devices/+/telemetry", 1, func(_ paho.Client, m paho.Message) { got <- m.Topic() + " " + string(m.Payload()) }); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	dev = client("gw-1")
+	if err := connect(dev); err != nil {
+		t.Fatalf("device after the reader subscribed: %v", err)
+	}
+	defer dev.Disconnect(100)
+	dev.Publish("devices/gw-1/telemetry", 1, false, "genuine").WaitTimeout(5 * time.Second)
+	dev.Publish("devices/gw-2/telemetry", 1, false, "forged").WaitTimeout(5 * time.Second)
+	select {
+	case m := <-got:
+		if m != "devices/gw-1/telemetry genuine" {
+			t.Fatalf("reader got %q, want the device's own topic", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("reader got nothing")
+	}
+	select {
+	case m := <-got:
+		t.Fatalf("reader got %q: a device published into another's topic", m)
+	case <-time.After(500 * time.Millisecond):
+	}
+	// A client ID other than the certificate's name is refused.
+	imp := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID("gw-1").SetAutoReconnect(false).
+		SetTLSConfig(func() *tls.Config {
+			sc, _ := st.IssueService("gw-3", nil, false, time.Hour)
+			kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
+			return &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}
+		}()))
+	if err := connect(imp); err == nil {
+		t.Error("gw-3's certificate connected as client gw-1")
+	}
+}
