@@ -49,7 +49,7 @@ func TestPolicy(t *testing.T) {
 			t.Fatal(err)
 		}
 		kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
-		return paho.NewClient(paho.NewClientOptions().AddBroker("tls://"+addr).SetClientID(cn).SetAutoReconnect(false).
+		return paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID(cn).SetAutoReconnect(false).
 			SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}))
 	}
 	connect := func(c paho.Client) error {
