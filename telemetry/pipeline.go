@@ -53,7 +53,13 @@ type Pipeline struct {
 
 	delivered atomic.Uint64
 	corrupt   atomic.Uint64
+	rejected  atomic.Uint64
 }
+
+// ErrRejected marks a delivery the peer refused for good (a CoAP 4.xx: the
+// payload itself is wrong). Resending would loop forever: the pipeline
+// drops those records, counts them and logs the peer's reason.
+var ErrRejected = errors.New("rejected by the peer")
 
 // NewPipeline checks cfg.
 func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
@@ -76,6 +82,9 @@ func (p *Pipeline) Delivered() uint64 { return p.delivered.Load() }
 // Corrupt returns how many queued records could not be decoded and were
 // dropped.
 func (p *Pipeline) Corrupt() uint64 { return p.corrupt.Load() }
+
+// Rejected returns how many records the peer refused for good.
+func (p *Pipeline) Rejected() uint64 { return p.rejected.Load() }
 
 // Run delivers until ctx ends; it returns nil then.
 func (p *Pipeline) Run(ctx context.Context) error {
@@ -157,7 +166,16 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			go func() {
 				defer wg.Done()
 				defer func() { <-slots }()
-				if err := up.Deliver(ctx, ch.Data); err != nil {
+				err := up.Deliver(ctx, ch.Data)
+				if errors.Is(err, ErrRejected) {
+					p.rejected.Add(uint64(len(ch.Records)))
+					p.log.Error("the peer refused records for good; dropping them", "records", len(ch.Records), "err", err)
+					if aerr := p.cfg.Store.Ack(ch.Seqs()...); aerr != nil {
+						p.log.Error("dropping refused records", "err", aerr)
+					}
+					return
+				}
+				if err != nil {
 					if ctx.Err() == nil {
 						p.log.Debug("delivery failed; will resend", "err", err, "records", len(ch.Records))
 					}

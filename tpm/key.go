@@ -119,6 +119,9 @@ type Key struct {
 // has one and the object there is this key, otherwise from its blobs.
 // A key made by another TPM fails with ErrWrongTPM.
 func (t *TPM) LoadKey(kf *KeyFile) (*Key, error) {
+	if kf.Format != keyFileFormat {
+		return nil, fmt.Errorf("%w: a sealed-data file, not a key", ErrCorruptKey)
+	}
 	pubArea, err := kf.PublicArea()
 	if err != nil {
 		return nil, err

@@ -451,3 +451,29 @@ func TestLoadKeyRecoversFromLeakedObjects(t *testing.T) {
 		t.Errorf("Sign: %v", err)
 	}
 }
+
+func TestSealUnseal(t *testing.T) {
+	tp := tpmtest.New(t).Open(t)
+	other := tpmtest.Start(t, tpmtest.Options{Identity: 1}).Open(t)
+	path := filepath.Join(t.TempDir(), "session-key.json")
+	random := func(b []byte) error { _, err := rand.Read(b); return err }
+	first, err := tp.SealedSecret(path, 32, random)
+	if err != nil || len(first) != 32 {
+		t.Fatalf("SealedSecret = %x, %v", first, err)
+	}
+	again, err := tp.SealedSecret(path, 32, random)
+	if err != nil || !bytes.Equal(first, again) {
+		t.Fatalf("second SealedSecret = %x, %v; want the same secret", again, err)
+	}
+	raw, _ := os.ReadFile(path)
+	if bytes.Contains(raw, first) {
+		t.Error("the secret appears in clear in the sealed file")
+	}
+	if _, err := other.SealedSecret(path, 32, random); !errors.Is(err, tpm.ErrWrongTPM) {
+		t.Errorf("unsealing on another TPM = %v, want ErrWrongTPM", err)
+	}
+	kf, _ := tpm.ReadKeyFile(path)
+	if _, err := tp.LoadKey(kf); err == nil {
+		t.Error("LoadKey accepted a sealed-data file")
+	}
+}

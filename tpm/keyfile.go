@@ -124,7 +124,7 @@ func ParseKeyFile(b []byte) (*KeyFile, error) {
 	if err := dec.Decode(&kf); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorruptKey, err)
 	}
-	if kf.Format != keyFileFormat {
+	if kf.Format != keyFileFormat && kf.Format != sealedFileFormat {
 		return nil, fmt.Errorf("%w: format %q, want %q", ErrCorruptKey, kf.Format, keyFileFormat)
 	}
 	if kf.Checksum != kf.sum() {

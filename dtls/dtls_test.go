@@ -1,0 +1,234 @@
+package dtls_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	piondtls "github.com/pion/dtls/v3"
+
+	"iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+// device is an enrolled agent: its TPM and live identity.
+type device struct {
+	tpm     *tpm.TPM
+	renewer *enroll.Renewer
+	roots   *x509.CertPool
+}
+
+func enrolled(t testing.TB, st *stationtest.Station) *device {
+	t.Helper()
+	tp := tpmtest.New(t).Open(t)
+	dir := t.TempDir()
+	pin, _ := enroll.ParsePin(st.Fingerprint)
+	res, err := enroll.Enroll(context.Background(), enroll.EnrollConfig{TPM: tp, Dir: dir, Station: st.URL, Pin: pin})
+	if err != nil {
+		t.Fatalf("Enroll: %v", err)
+	}
+	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: tp, Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return &device{tpm: tp, renewer: r, roots: res.State.TrustPool()}
+}
+
+// echoServer is a pion DTLS server with the collector's settings that
+// echoes what it reads, counting handshakes.
+type echoServer struct {
+	addr       *net.UDPAddr
+	handshakes atomic.Int64
+	l          net.Listener
+	wg         sync.WaitGroup
+}
+
+func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
+	t.Helper()
+	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := tls.X509KeyPair(sc.Chain, sc.Key)
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(st.TrustPEM())
+	l, err := piondtls.ListenWithOptions("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)},
+		piondtls.WithCertificates(cert),
+		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
+		piondtls.WithClientCAs(pool),
+		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
+		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(8)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &echoServer{addr: l.Addr().(*net.UDPAddr), l: l}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				dc := c.(*piondtls.Conn)
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				err := dc.HandshakeContext(ctx)
+				cancel()
+				if err != nil {
+					return
+				}
+				s.handshakes.Add(1)
+				buf := make([]byte, 2048)
+				for {
+					n, err := dc.Read(buf)
+					if err != nil {
+						return
+					}
+					dc.Write(buf[:n])
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() { l.Close(); s.wg.Wait() })
+	return s
+}
+
+func echo(t testing.TB, c net.Conn, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, 2048)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != msg {
+		t.Fatalf("echo = %q, %v; want %q", buf[:n], err, msg)
+	}
+}
+
+// The TPM key signs the DTLS handshake (one signature); then the
+// connection survives a new local port (Connection ID); then its state,
+// exported and sealed, resumes on a new socket with no handshake and no
+// signature.
+func TestTPMHandshakeRebindAndResume(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := enrolled(t, st)
+	srv := startEcho(t, st)
+	opts := dtls.ClientOptions(dtls.ClientCertificate(d.renewer.Identity().GetClientCertificate), d.roots, "127.0.0.1")
+
+	pc, err := dtls.ListenRebindable("udp4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sigs := d.tpm.Signatures()
+	conn, err := piondtls.ClientWithOptions(pc, srv.addr, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := conn.HandshakeContext(ctx); err != nil {
+		t.Fatalf("handshake with the TPM key: %v", err)
+	}
+	if got := d.tpm.Signatures() - sigs; got != 1 {
+		t.Errorf("handshake made %d TPM signatures, want 1", got)
+	}
+	echo(t, conn, "before rebinding")
+
+	before := pc.LocalAddr().String()
+	if err := pc.Rebind(); err != nil {
+		t.Fatal(err)
+	}
+	if pc.LocalAddr().String() == before {
+		t.Fatal("Rebind kept the same local port")
+	}
+	echo(t, conn, "after rebinding")
+	if n := srv.handshakes.Load(); n != 1 {
+		t.Errorf("%d handshakes after rebinding, want 1 (the session followed the CID)", n)
+	}
+
+	// Export: close the socket first so the old connection sends nothing
+	// more, then seal the state as the uplink stores it.
+	pc.Close()
+	state, err := dtls.ExportState(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	key := make([]byte, 32)
+	rand.Read(key)
+	sealer, _ := dtls.NewSealer(key, rand.Reader)
+	sealed, err := sealer.Seal(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(sealed, state[len(state)/2:len(state)/2+16]) {
+		t.Error("sealed state contains the plain state")
+	}
+	opened, err := sealer.Open(sealed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc2, _ := dtls.ListenRebindable("udp4")
+	defer pc2.Close()
+	sigs = d.tpm.Signatures()
+	resumed, err := dtls.ResumeState(opened, pc2, srv.addr, opts)
+	if err != nil {
+		t.Fatalf("ResumeState: %v", err)
+	}
+	defer resumed.Close()
+	echo(t, resumed, "after resuming")
+	if got := d.tpm.Signatures() - sigs; got != 0 {
+		t.Errorf("resuming made %d TPM signatures, want 0", got)
+	}
+	if n := srv.handshakes.Load(); n != 1 {
+		t.Errorf("%d handshakes after resuming, want still 1", n)
+	}
+}
+
+func TestSealer(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	s, err := dtls.NewSealer(key, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sealed, _ := s.Seal([]byte("session state"))
+	other := make([]byte, 32)
+	rand.Read(other)
+	s2, _ := dtls.NewSealer(other, rand.Reader)
+	for _, tc := range []struct {
+		name string
+		s    *dtls.Sealer
+		in   []byte
+	}{
+		{"another key", s2, sealed},
+		{"altered", s, append(append([]byte{}, sealed[:len(sealed)-1]...), sealed[len(sealed)-1]^1)},
+		{"truncated", s, sealed[:10]},
+	} {
+		if _, err := tc.s.Open(tc.in); err == nil {
+			t.Errorf("Open(%s) succeeded", tc.name)
+		}
+	}
+	if _, err := dtls.NewSealer(key[:16], rand.Reader); err == nil {
+		t.Error("NewSealer accepted a 16-byte key")
+	}
+}

@@ -1,0 +1,408 @@
+package dtls
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	mrand "math/rand/v2"
+	"net"
+	"net/url"
+	"sync"
+	"time"
+
+	piondtls "github.com/pion/dtls/v3"
+	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/options"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/telemetry/senml"
+)
+
+// SessionStore keeps the sealed session state between runs: the agent's
+// bbolt store (store.Store's Get and Put).
+type SessionStore interface {
+	Get(key string) ([]byte, error)
+	Put(key string, value []byte) error
+}
+
+// sessionKey is the store key of the sealed DTLS session.
+const sessionKey = "dtls.session"
+
+// UplinkConfig configures the CoAP-over-DTLS uplink. Zero values mean the
+// defaults.
+type UplinkConfig struct {
+	// URL is coaps://HOST[:PORT] (default port 5684).
+	URL      string
+	RootCAs  *x509.CertPool
+	Identity telemetry.Identity
+	// Sessions and Sealer persist the session across restarts; both nil
+	// disables resumption.
+	Sessions SessionStore
+	Sealer   *Sealer
+	// MaxPayload bounds a request body so one request fits one datagram
+	// (default 1152: a 1280-byte IPv6 minimum MTU minus DTLS, CID and CoAP
+	// headers).
+	MaxPayload int
+	// Window is how many confirmable requests may be in flight (CoAP
+	// NSTART, default 4; RFC 7252's default of 1 would leave a lossy link
+	// idle while a retransmission waits).
+	Window int
+	// AckTimeout and MaxRetransmit are RFC 7252's ACK_TIMEOUT (default 2 s)
+	// and MAX_RETRANSMIT (default 4).
+	AckTimeout    time.Duration
+	MaxRetransmit uint32
+	// BackoffBase and BackoffCap bound the wait before reconnecting, with
+	// full jitter (defaults 1 s, 5 min).
+	BackoffBase time.Duration
+	BackoffCap  time.Duration
+	Stats       *telemetry.TLSStats
+	Logger      *slog.Logger
+}
+
+// Uplink delivers telemetry in confirmable CoAP POSTs to /telemetry,
+// SenML CBOR (content-format 112), over DTLS with the TPM key. It
+// implements telemetry.Uplink.
+type Uplink struct {
+	cfg   UplinkConfig
+	log   *slog.Logger
+	raddr *net.UDPAddr
+	host  string
+	rng   *mrand.Rand
+
+	mu        sync.Mutex
+	client    *udpclient.Conn
+	pc        *RebindableConn
+	ready     chan struct{}
+	state     telemetry.UplinkState
+	handshake int // full handshakes made
+	resumed   int // sessions resumed from the store
+	fails     int // consecutive failed deliveries on this session
+	broken    chan struct{}
+}
+
+// NewUplink checks cfg and resolves the collector's address.
+func NewUplink(cfg UplinkConfig) (*Uplink, error) {
+	u, err := url.Parse(cfg.URL)
+	if err != nil || u.Scheme != "coaps" || u.Host == "" {
+		return nil, fmt.Errorf("uplink URL %q: want coaps://HOST[:PORT]", cfg.URL)
+	}
+	if cfg.Identity == nil {
+		return nil, errors.New("CoAP uplink: no device identity")
+	}
+	port := u.Port()
+	if port == "" {
+		port = "5684"
+	}
+	raddr, err := net.ResolveUDPAddr("udp", net.JoinHostPort(u.Hostname(), port))
+	if err != nil {
+		return nil, fmt.Errorf("uplink URL %q: %w", cfg.URL, err)
+	}
+	if (cfg.Sessions == nil) != (cfg.Sealer == nil) {
+		return nil, errors.New("CoAP uplink: session store and sealer go together")
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&cfg.AckTimeout, 2*time.Second)
+	def(&cfg.BackoffBase, time.Second)
+	def(&cfg.BackoffCap, 5*time.Minute)
+	if cfg.MaxPayload == 0 {
+		cfg.MaxPayload = 1152
+	}
+	if cfg.Window == 0 {
+		cfg.Window = 4
+	}
+	if cfg.MaxRetransmit == 0 {
+		cfg.MaxRetransmit = 4
+	}
+	if cfg.Stats == nil {
+		cfg.Stats = &telemetry.TLSStats{}
+	}
+	up := &Uplink{cfg: cfg, log: cfg.Logger, raddr: raddr, host: u.Hostname(), ready: make(chan struct{}),
+		rng: mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))}
+	if up.log == nil {
+		up.log = slog.New(slog.DiscardHandler)
+	}
+	up.state = telemetry.UplinkState{State: "connecting", Since: time.Now()}
+	return up, nil
+}
+
+// Encode renders records as a SenML CBOR pack.
+func (u *Uplink) Encode(p senml.Pack) ([]byte, error) { return p.EncodeCBOR() }
+
+// MaxPayload bounds a request body.
+func (u *Uplink) MaxPayload() int { return u.cfg.MaxPayload }
+
+// Window is the number of requests in flight.
+func (u *Uplink) Window() int { return u.cfg.Window }
+
+// State reports the connection.
+func (u *Uplink) State() telemetry.UplinkState {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.state
+}
+
+// Handshakes returns how many full handshakes and resumptions the uplink
+// made.
+func (u *Uplink) Handshakes() (full, resumed int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.handshake, u.resumed
+}
+
+// Rebind moves the live session to a new local UDP port, as a NAT
+// rebinding does. The collector follows through the Connection ID.
+func (u *Uplink) Rebind() error {
+	u.mu.Lock()
+	pc := u.pc
+	u.mu.Unlock()
+	if pc == nil {
+		return telemetry.ErrNotConnected
+	}
+	return pc.Rebind()
+}
+
+// Ready blocks until a session is up.
+func (u *Uplink) Ready(ctx context.Context) error {
+	u.mu.Lock()
+	ch := u.ready
+	u.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Deliver posts payload and waits for 2.04 Changed (or 2.01 Created). A
+// 4.xx answer is a permanent refusal of this payload (telemetry.ErrRejected);
+// a timeout or 5.xx is worth resending.
+func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
+	u.mu.Lock()
+	cc, broken := u.client, u.broken
+	u.mu.Unlock()
+	if cc == nil {
+		return telemetry.ErrNotConnected
+	}
+	resp, err := cc.Post(ctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
+	if err != nil {
+		if ctx.Err() == nil {
+			u.noteFailure(broken)
+		}
+		return fmt.Errorf("CoAP POST /telemetry: %w", err)
+	}
+	code := resp.Code()
+	switch {
+	case code == codes.Changed || code == codes.Created:
+		u.mu.Lock()
+		u.fails = 0
+		u.state.LastAck = time.Now()
+		u.mu.Unlock()
+		return nil
+	case code >= codes.BadRequest && code < codes.InternalServerError:
+		body, _ := resp.ReadBody()
+		return fmt.Errorf("%w: collector answered %v: %s", telemetry.ErrRejected, code, body)
+	default:
+		return fmt.Errorf("collector answered %v", code)
+	}
+}
+
+// noteFailure counts a failed exchange; two in a row mean the session is
+// dead (collector restarted and forgot it, a long outage): reconnect.
+func (u *Uplink) noteFailure(broken chan struct{}) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.fails++
+	if u.fails >= 2 && u.broken == broken {
+		select {
+		case <-broken:
+		default:
+			close(broken)
+		}
+	}
+}
+
+// connect resumes the stored session if there is one that still works,
+// or makes a full handshake.
+func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, bool, error) {
+	opts := ClientOptions(ClientCertificate(u.cfg.Identity.GetClientCertificate), u.cfg.RootCAs, u.host)
+	if u.cfg.Sessions != nil {
+		if sealed, err := u.cfg.Sessions.Get(sessionKey); err == nil && len(sealed) > 0 {
+			// Never resume the same state twice: it is gone from the store
+			// before it is used.
+			if err := u.cfg.Sessions.Put(sessionKey, nil); err != nil {
+				return nil, nil, false, err
+			}
+			if conn, pc, err := u.resume(ctx, sealed, opts); err == nil {
+				return conn, pc, true, nil
+			} else {
+				u.log.Info("stored DTLS session not resumed; handshaking", "reason", err)
+			}
+		}
+	}
+	pc, err := ListenRebindable(udpNetwork(u.raddr))
+	if err != nil {
+		return nil, nil, false, err
+	}
+	start := time.Now()
+	conn, err := piondtls.ClientWithOptions(pc, u.raddr, opts...)
+	if err == nil {
+		hctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = conn.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			conn.Close()
+		}
+	}
+	if err != nil {
+		pc.Close()
+		u.cfg.Stats.Record(false, false, time.Since(start))
+		return nil, nil, false, fmt.Errorf("DTLS handshake with %s: %w", u.raddr, err)
+	}
+	u.cfg.Stats.Record(true, false, time.Since(start))
+	return conn, pc, false, nil
+}
+
+func udpNetwork(a *net.UDPAddr) string {
+	if a.IP.To4() != nil {
+		return "udp4"
+	}
+	return "udp6"
+}
+
+// resume revives a sealed session and checks with a CoAP ping that the
+// collector still knows it.
+func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.ClientOption) (*piondtls.Conn, *RebindableConn, error) {
+	state, err := u.cfg.Sealer.Open(sealed)
+	if err != nil {
+		return nil, nil, err
+	}
+	pc, err := ListenRebindable(udpNetwork(u.raddr))
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := ResumeState(state, pc, u.raddr, opts)
+	if err != nil {
+		pc.Close()
+		return nil, nil, err
+	}
+	cc := u.coapClient(conn)
+	pctx, cancel := context.WithTimeout(ctx, 3*u.cfg.AckTimeout)
+	defer cancel()
+	if err := cc.Ping(pctx); err != nil {
+		pc.Close()
+		cc.Close()
+		return nil, nil, fmt.Errorf("the collector does not answer on the stored session: %w", err)
+	}
+	cc.Close()
+	return conn, pc, nil
+}
+
+func (u *Uplink) coapClient(conn *piondtls.Conn) *udpclient.Conn {
+	return coapdtls.Client(conn,
+		options.WithTransmission(uint32(u.cfg.Window), u.cfg.AckTimeout, u.cfg.MaxRetransmit),
+		options.WithMTU(uint16(min(u.cfg.MaxPayload+128, 65000))),
+	)
+}
+
+// Run keeps a session up until ctx ends. At a clean stop it seals the
+// session state into the store so the next start resumes it.
+func (u *Uplink) Run(ctx context.Context) error {
+	attempts := 0
+	for {
+		u.setState("connecting", nil)
+		conn, pc, resumed, err := u.connect(ctx)
+		if ctx.Err() != nil {
+			u.setState("stopped", nil)
+			return nil
+		}
+		if err != nil {
+			attempts++
+			ceiling := min(u.cfg.BackoffBase<<min(attempts-1, 30), u.cfg.BackoffCap)
+			wait := time.Duration(u.rng.Int64N(int64(ceiling)) + 1)
+			u.setState("backoff", err)
+			u.log.Warn("DTLS connection failed", "collector", u.raddr, "err", err, "retry_in", wait.Round(time.Millisecond))
+			select {
+			case <-ctx.Done():
+				u.setState("stopped", nil)
+				return nil
+			case <-time.After(wait):
+			}
+			continue
+		}
+		attempts = 0
+		cc := u.coapClient(conn)
+		broken := make(chan struct{})
+		u.mu.Lock()
+		u.client, u.pc, u.broken, u.fails = cc, pc, broken, 0
+		if resumed {
+			u.resumed++
+		} else {
+			u.handshake++
+		}
+		close(u.ready)
+		u.state = telemetry.UplinkState{State: "connected", Since: time.Now()}
+		u.mu.Unlock()
+		u.log.Info("DTLS session up", "collector", u.raddr, "resumed", resumed)
+
+		select {
+		case <-ctx.Done():
+		case <-broken:
+		case <-cc.Done():
+		}
+		u.mu.Lock()
+		u.client, u.pc = nil, nil
+		u.ready = make(chan struct{})
+		u.mu.Unlock()
+		// Nothing may be sent after the state is exported: close the
+		// socket first, then export, then let go-coap and pion close
+		// (their close_notify cannot leave the closed socket).
+		pc.Close()
+		if ctx.Err() != nil && u.cfg.Sessions != nil {
+			if err := u.saveSession(conn); err != nil {
+				u.log.Warn("saving the DTLS session", "err", err)
+			}
+		}
+		cc.Close()
+		conn.Close()
+		if ctx.Err() != nil {
+			u.setState("stopped", nil)
+			return nil
+		}
+		u.setState("connecting", errors.New("session lost"))
+		u.log.Warn("DTLS session lost; reconnecting")
+	}
+}
+
+func (u *Uplink) saveSession(conn *piondtls.Conn) error {
+	state, err := ExportState(conn)
+	if err != nil {
+		return err
+	}
+	sealed, err := u.cfg.Sealer.Seal(state)
+	if err != nil {
+		return err
+	}
+	return u.cfg.Sessions.Put(sessionKey, sealed)
+}
+
+func (u *Uplink) setState(s string, err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	last := u.state.LastAck
+	u.state = telemetry.UplinkState{State: s, Since: time.Now(), LastAck: last}
+	if err != nil {
+		u.state.LastError = err.Error()
+	}
+}
+
