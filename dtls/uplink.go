@@ -405,4 +405,3 @@ func (u *Uplink) setState(s string, err error) {
 		u.state.LastError = err.Error()
 	}
 }
-
