@@ -3,12 +3,12 @@
 # so every figure is a median of several runs, and comparisons are made
 # side by side in one run.
 #
-# usage: scripts/bench.sh [COUNT]     (default 5 runs of each benchmark)
+# usage: scripts/bench.sh [COUNT]     (default 6 runs of each benchmark: benchstat needs 6 for a confidence interval)
 # Output: a benchstat summary (medians with their spread) in bench.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
-COUNT=${1:-5}
+COUNT=${1:-6}
 BENCHSTAT="golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da"
 out=bench.out
 raw=$(mktemp)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/buildinfo"
@@ -162,7 +164,7 @@ func runGroup(ctx context.Context, parts []part) error {
 func cmdRun(ctx context.Context, e *env, args []string) error {
 	fs := e.flagSet("run")
 	configPath := fs.String("config", defaultConfigFile, "configuration `FILE` (TOML)")
-	uplink := fs.String("uplink", "", "uplink `URL` (mqtts://HOST:PORT), overrides the config")
+	uplinkURL := fs.String("uplink", "", "uplink `URL`: mqtts://HOST:PORT (MQTT over TLS) or coaps://HOST:PORT (CoAP over DTLS); overrides the config")
 	uplinkCA := fs.String("uplink-ca", "", "PEM `FILE` to verify the uplink's server (default: the station's trust bundle)")
 	socket := fs.String("ingest-socket", "", "ingest socket `PATH` (default "+telemetry.DefaultSocket+")")
 	keepKey := fs.Bool("keep-key", false, "renew without rotating the TPM key (rotate_key = false)")
@@ -171,7 +173,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	}
 	explicit := false
 	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
-	s, err := e.settings(*configPath, explicit, *uplink, *uplinkCA, *socket, *keepKey)
+	s, err := e.settings(*configPath, explicit, *uplinkURL, *uplinkCA, *socket, *keepKey)
 	if err != nil {
 		return err
 	}
@@ -210,10 +212,13 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	}
 	tlsStats := &telemetry.TLSStats{}
 	parts := []part{{"renewal", r.Run}, {"ingest", ing.Run}}
-	var up *telemetry.MQTT
+	var up uplink
 	var pipe *telemetry.Pipeline
 	if s.uplinkURL != "" {
-		if up, pipe, err = e.mqttUplink(s, r, q, tlsStats, log); err != nil {
+		if up, err = e.newUplink(s, t, r, q, tlsStats, log); err != nil {
+			return err
+		}
+		if pipe, err = telemetry.NewPipeline(telemetry.PipelineConfig{Store: q, Uplink: up, Logger: log}); err != nil {
 			return err
 		}
 		parts = append(parts, part{"uplink", up.Run}, part{"pipeline", pipe.Run})
@@ -322,12 +327,22 @@ func (e *env) ensureEnrolled(ctx context.Context, t *tpm.TPM, s *runSettings, cl
 	}
 }
 
-func (e *env) mqttUplink(s *runSettings, r *enroll.Renewer, q *store.Store, stats *telemetry.TLSStats, log *slog.Logger) (*telemetry.MQTT, *telemetry.Pipeline, error) {
+// uplink is what run needs of an uplink: the pipeline's interface, its
+// connection loop and its state.
+type uplink interface {
+	telemetry.Uplink
+	Run(context.Context) error
+	State() telemetry.UplinkState
+}
+
+// newUplink builds the uplink the URL's scheme selects: mqtts:// (MQTT
+// over TLS) or coaps:// (CoAP over DTLS).
+func (e *env) newUplink(s *runSettings, t *tpm.TPM, r *enroll.Renewer, q *store.Store, stats *telemetry.TLSStats, log *slog.Logger) (uplink, error) {
 	var roots *x509.CertPool
 	if s.uplinkCA != "" {
 		certs, err := readCertFile(s.uplinkCA)
 		if err != nil {
-			return nil, nil, usageError{fmt.Errorf("uplink CA: %w", err)}
+			return nil, usageError{fmt.Errorf("uplink CA: %w", err)}
 		}
 		roots = x509.NewCertPool()
 		for _, c := range certs {
@@ -336,22 +351,40 @@ func (e *env) mqttUplink(s *runSettings, r *enroll.Renewer, q *store.Store, stat
 	} else {
 		st, err := enroll.LoadState(e.stateDir)
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		roots = st.TrustPool()
+	}
+	if strings.HasPrefix(s.uplinkURL, "coaps://") {
+		// The DTLS session is sealed under a key only this TPM unseals.
+		key, err := t.SealedSecret(filepath.Join(e.stateDir, "session-key.json"), 32, func(b []byte) error {
+			_, err := rand.Read(b)
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("DTLS session key: %w", err)
+		}
+		sealer, err := dtls.NewSealer(key, rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		up, err := dtls.NewUplink(dtls.UplinkConfig{
+			URL: s.uplinkURL, RootCAs: roots, Identity: r.Identity(), Sessions: q, Sealer: sealer,
+			MaxPayload: s.maxPayload, Window: s.cfg.Uplink.Window, Stats: stats, Logger: log,
+		})
+		if err != nil {
+			return nil, usageError{err}
+		}
+		return up, nil
 	}
 	up, err := telemetry.NewMQTT(telemetry.MQTTConfig{
 		URL: s.uplinkURL, RootCAs: roots, Identity: r.Identity(), MaxPayload: s.maxPayload,
 		Window: s.cfg.Uplink.Window, KeepAlive: s.keepAlive, Stats: stats, Logger: log, Version: buildinfo.Get().Version,
 	})
 	if err != nil {
-		return nil, nil, usageError{err}
+		return nil, usageError{err}
 	}
-	pipe, err := telemetry.NewPipeline(telemetry.PipelineConfig{Store: q, Uplink: up, Logger: log})
-	if err != nil {
-		return nil, nil, err
-	}
-	return up, pipe, nil
+	return up, nil
 }
 
 // runtimeStatus is what the running agent publishes for iotagent status,
@@ -370,7 +403,7 @@ type runtimeStatus struct {
 type statusWriter struct {
 	path string
 	q    *store.Store
-	up   *telemetry.MQTT
+	up   uplink
 	pipe *telemetry.Pipeline
 	log  *slog.Logger
 }
