@@ -232,3 +232,7 @@ func TestSealer(t *testing.T) {
 		t.Error("NewSealer accepted a 16-byte key")
 	}
 }
+
+func stationtestStart(t testing.TB) *stationtest.Station {
+	return stationtest.Start(t, stationtest.Options{AutoApprove: true})
+}
