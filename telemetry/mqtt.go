@@ -76,6 +76,14 @@ type MQTT struct {
 	cacheFor  <-chan struct{} // identity generation the cache belongs to
 	lastAck   time.Time
 	lastCert  string
+	attempts  int
+}
+
+// Attempts returns how many connections the uplink has tried.
+func (m *MQTT) Attempts() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.attempts
 }
 
 // UplinkState reports an uplink's connection.
@@ -277,6 +285,9 @@ func (m *MQTT) status(state string) []byte {
 // connect makes one connection attempt; it returns the client and a
 // channel closed when the connection is lost.
 func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
+	m.mu.Lock()
+	m.attempts++
+	m.mu.Unlock()
 	lost := make(chan error, 1)
 	opts := paho.NewClientOptions().
 		AddBroker("tcp://"+m.addr). // the scheme is unused: connections come from dial

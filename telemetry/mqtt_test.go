@@ -345,6 +345,13 @@ func TestRevokedDeviceRefusedByBroker(t *testing.T) {
 		s := r.up.State()
 		return s.State == "backoff" && strings.Contains(s.LastError, "revoked")
 	})
+	// Refused, it backs off (50 ms doubling to 500 ms, full jitter here)
+	// rather than hammering the broker.
+	before := r.up.Attempts()
+	time.Sleep(3 * time.Second)
+	if n := r.up.Attempts() - before; n < 2 || n > 40 {
+		t.Errorf("%d connection attempts in 3 s against a refusing broker; want retries with backoff (2..40)", n)
+	}
 }
 
 // A renewed certificate (new key) is presented at the next connection,

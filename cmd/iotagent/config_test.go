@@ -8,7 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/testdirs"
 	"iotagent.dev/iotagent/store"
+	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
 // The example file documents every key; it must load, and flags must win
@@ -81,3 +83,23 @@ func TestParseSize(t *testing.T) {
 }
 
 func asUsage(err error, target *usageError) bool { return errors.As(err, target) }
+
+func TestRunBadStateDir(t *testing.T) {
+	sim := tpmtest.New(t)
+	sock := filepath.Join(t.TempDir(), "s", "ingest.sock")
+	missing := filepath.Join(t.TempDir(), "fresh")
+	ro := testdirs.ReadOnly(t)
+	for _, tc := range []struct {
+		name, dir, want string
+	}{
+		{"missing state dir, nothing to enroll with", missing, "not enrolled: run iotagent enroll, or set [station] url"},
+		{"read-only state dir", ro, "read-only file system"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", tc.dir, "run", "--config", "/dev/null", "--ingest-socket", sock)
+			if code != 1 || !strings.Contains(errs, tc.want) {
+				t.Errorf("run = %d, %q; want 1 and %q", code, errs, tc.want)
+			}
+		})
+	}
+}
