@@ -86,3 +86,20 @@ func (s *Station) Revoke(id string) error {
 	}
 	return s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "accepted", Device: id})
 }
+
+// CertificateRevoked reports whether the registry knows c as revoked, or
+// as issued to a revoked device: the check for the station's own
+// services (the CoAP collector), fresher than any CRL file.
+func (s *Station) CertificateRevoked(c *x509.Certificate) bool {
+	ic, err := s.reg.certificate(c.SerialNumber)
+	if err != nil || ic == nil {
+		// Not issued to a device (a service certificate) or unknown: the
+		// chain check decides.
+		return false
+	}
+	if !ic.RevokedAt.IsZero() {
+		return true
+	}
+	d, err := s.reg.device(ic.Device)
+	return err == nil && d != nil && d.Status == StatusRevoked
+}

@@ -15,6 +15,15 @@ type metrics struct {
 	mu          sync.Mutex
 	enrollments map[[3]string]uint64 // endpoint, result, reason
 	crlIssuedAt time.Time
+	extra       []func() string
+}
+
+// AddMetrics adds a provider of Prometheus text to /metrics (the CoAP
+// collector's counters).
+func (s *Station) AddMetrics(f func() string) {
+	s.metrics.mu.Lock()
+	defer s.metrics.mu.Unlock()
+	s.metrics.extra = append(s.metrics.extra, f)
 }
 
 func (m *metrics) enrollment(endpoint, result, reason string) {
@@ -48,7 +57,13 @@ func (s *Station) handleMetrics(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(&b, "iotstation_enrollments_total{endpoint=%q,result=%q,reason=%q} %d\n", k[0], k[1], k[2], s.metrics.enrollments[k])
 	}
 	crlAt := s.metrics.crlIssuedAt
+	extra := append([]func() string(nil), s.metrics.extra...)
 	s.metrics.mu.Unlock()
+	defer func() {
+		for _, f := range extra {
+			w.Write([]byte(f()))
+		}
+	}()
 
 	now := s.now()
 	if !crlAt.IsZero() {

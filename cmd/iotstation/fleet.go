@@ -7,14 +7,18 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"text/tabwriter"
 	"time"
 
+	"iotagent.dev/iotagent/dtls/collector"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/demobroker"
+	"iotagent.dev/iotagent/station/republish"
 	"iotagent.dev/iotagent/station/watch"
+	"iotagent.dev/iotagent/telemetry/senml"
 )
 
 // cmdDemoBroker runs the embedded MQTT broker (demo only).
@@ -113,4 +117,86 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 		return os.WriteFile(*out, append(b, '\n'), 0o644)
 	}
 	return nil
+}
+
+// newCollector builds the CoAP/DTLS collector of iotstation serve: a
+// server certificate from the station's CA, device certificates checked
+// against the registry (revocation is immediate), records to a JSON-lines
+// file and, optionally, republished to MQTT.
+func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, san string, log *slog.Logger) (*collector.Collector, func(), error) {
+	sans := []string{"localhost", "127.0.0.1", "::1"}
+	if san != "" {
+		sans = append([]string{san}, sans...)
+	} else if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
+		sans = append([]string{host}, sans...)
+	}
+	sc, err := s.IssueService("coap-collector", sans, true, 365*24*time.Hour)
+	if err != nil {
+		return nil, nil, err
+	}
+	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	if err != nil {
+		return nil, nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(s.TrustPEM())
+	if sinkPath == "" {
+		sinkPath = filepath.Join(dir, "telemetry.jsonl")
+	}
+	file, err := collector.NewJSONLinesSink(sinkPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	sinks := []collector.Sink{file}
+	closers := []func() error{file.Close}
+	if mqttURL != "" {
+		client, err := s.IssueService("coap-collector", nil, false, 365*24*time.Hour)
+		if err != nil {
+			return nil, nil, err
+		}
+		kp, err := tls.X509KeyPair(client.Chain, client.Key)
+		if err != nil {
+			return nil, nil, err
+		}
+		roots := pool
+		if mqttCA != "" {
+			certs, err := station.ReadCertificates(mqttCA)
+			if err != nil {
+				return nil, nil, usageError{fmt.Errorf("--coap-mqtt-ca: %w", err)}
+			}
+			roots = x509.NewCertPool()
+			for _, c := range certs {
+				roots.AddCert(c)
+			}
+		}
+		rp, err := republish.New(republish.Config{Broker: mqttURL, TLS: &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: roots, MinVersion: tls.VersionTLS12}})
+		if err != nil {
+			return nil, nil, usageError{err}
+		}
+		sinks = append(sinks, rp)
+		closers = append(closers, rp.Close)
+	}
+	c, err := collector.New(collector.Config{
+		Addr: listen, Certificate: cert, ClientCAs: pool, Revoked: s.CertificateRevoked,
+		Sink: collector.SinkFunc(func(ctx context.Context, id string, p senml.Pack) error {
+			// Every sink must take the records before the device hears
+			// 2.04; a failure makes it resend (duplicates are dropped by
+			// sequence number downstream).
+			for _, sk := range sinks {
+				if err := sk.Write(ctx, id, p); err != nil {
+					return err
+				}
+			}
+			return nil
+		}),
+		Logger: log,
+	})
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	return c, func() {
+		for _, f := range closers {
+			f()
+		}
+	}, nil
 }

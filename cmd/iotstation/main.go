@@ -201,6 +201,11 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	listen := fs.String("listen", ":8443", "HTTPS `ADDR`ess")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval")
+	coapListen := fs.String("coap-listen", "", "also collect telemetry over CoAP/DTLS on this UDP `ADDR`ess (e.g. :5684)")
+	coapSink := fs.String("coap-sink", "", "JSON-lines `FILE` for collected records (default DIR/telemetry.jsonl)")
+	coapMQTT := fs.String("coap-mqtt", "", "also republish collected records to this broker `URL` (mqtts://HOST:PORT) as client coap-collector")
+	coapMQTTCA := fs.String("coap-mqtt-ca", "", "CA `FILE` that verifies that broker (default: the station's CA certificates)")
+	coapSAN := fs.String("coap-san", "", "name or IP devices reach the collector at, for its certificate (default: the station's names)")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
@@ -214,11 +219,46 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()))
+	parts := []func(context.Context) error{func(ctx context.Context) error { return s.Serve(ctx, l) }}
+	var coapAddr string
+	if *coapListen != "" {
+		c, closeSinks, err := newCollector(s, *dir, *coapListen, *coapSink, *coapMQTT, *coapMQTTCA, *coapSAN, log)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		defer closeSinks()
+		s.AddMetrics(c.Metrics)
+		parts = append(parts, c.Run)
+		go func() {
+			<-c.Ready()
+			log.Info("CoAP/DTLS collector serving", "addr", c.Addr().String())
+		}()
+		coapAddr = *coapListen
+	}
+	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()), "coap", coapAddr)
 	if e.ready != nil {
 		e.ready(l.Addr().String())
 	}
-	return s.Serve(ctx, l)
+	return runAll(ctx, parts)
+}
+
+// runAll runs parts until ctx ends or one fails; the first failure stops
+// the others.
+func runAll(ctx context.Context, parts []func(context.Context) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, len(parts))
+	for _, p := range parts {
+		go func() { errs <- p(ctx); cancel() }()
+	}
+	var first error
+	for range parts {
+		if err := <-errs; err != nil && first == nil && !errors.Is(err, context.Canceled) {
+			first = err
+		}
+	}
+	return first
 }
 
 func cmdDevices(ctx context.Context, e *env, args []string) error {
