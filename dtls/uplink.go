@@ -17,7 +17,9 @@ import (
 	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 	"github.com/plgd-dev/go-coap/v3/options"
+	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"iotagent.dev/iotagent/telemetry"
@@ -194,7 +196,10 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	if cc == nil {
 		return telemetry.ErrNotConnected
 	}
-	resp, err := cc.Post(ctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
+	// A request never waits longer than CoAP's own retransmission gives it.
+	rctx, cancel := context.WithTimeout(ctx, u.exchangeTimeout())
+	defer cancel()
+	resp, err := cc.Post(rctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
 	if err != nil {
 		if ctx.Err() == nil {
 			u.noteFailure(broken)
@@ -296,7 +301,9 @@ func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.Clie
 		pc.Close()
 		return nil, nil, err
 	}
-	cc := u.coapClient(conn)
+	stop := make(chan struct{})
+	defer close(stop)
+	cc := u.coapClient(conn, stop)
 	pctx, cancel := context.WithTimeout(ctx, 3*u.cfg.AckTimeout)
 	defer cancel()
 	if err := cc.Ping(pctx); err != nil {
@@ -308,11 +315,29 @@ func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.Clie
 	return conn, pc, nil
 }
 
-func (u *Uplink) coapClient(conn *piondtls.Conn) *udpclient.Conn {
+// coapClient runs go-coap over conn; stop ends its retransmission timer.
+func (u *Uplink) coapClient(conn *piondtls.Conn, stop <-chan struct{}) *udpclient.Conn {
 	return coapdtls.Client(conn,
 		options.WithTransmission(uint32(u.cfg.Window), u.cfg.AckTimeout, u.cfg.MaxRetransmit),
+		// go-coap allows one request in flight per peer unless told.
+		options.WithLimitClientParallelRequest(int64(u.cfg.Window)),
+		options.WithLimitClientEndpointParallelRequest(int64(u.cfg.Window)),
+		// Retransmissions are checked on this timer (go-coap's default is
+		// every 4 s, which would hold a lost request well past its
+		// ACK_TIMEOUT).
+		options.WithPeriodicRunner(periodic.New(stop, max(u.cfg.AckTimeout/8, 10*time.Millisecond))),
 		options.WithMTU(uint16(min(u.cfg.MaxPayload+128, 65000))),
+		// Payloads are sized to one datagram: block-wise transfer would only
+		// add round trips, and its state machine stalls on a lossy link.
+		options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
 	)
+}
+
+// exchangeTimeout bounds one confirmable exchange: RFC 7252's
+// MAX_TRANSMIT_WAIT, ACK_TIMEOUT × (2^(MAX_RETRANSMIT+1) − 1) × 1.5, plus
+// a little for the response.
+func (u *Uplink) exchangeTimeout() time.Duration {
+	return time.Duration(float64(u.cfg.AckTimeout)*float64(int64(1)<<(min(u.cfg.MaxRetransmit, 20)+1)-1)*1.5) + u.cfg.AckTimeout
 }
 
 // Run keeps a session up until ctx ends. At a clean stop it seals the
@@ -341,7 +366,8 @@ func (u *Uplink) Run(ctx context.Context) error {
 			continue
 		}
 		attempts = 0
-		cc := u.coapClient(conn)
+		stop := make(chan struct{})
+		cc := u.coapClient(conn, stop)
 		broken := make(chan struct{})
 		u.mu.Lock()
 		u.client, u.pc, u.broken, u.fails = cc, pc, broken, 0
@@ -375,6 +401,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 		}
 		cc.Close()
 		conn.Close()
+		close(stop)
 		if ctx.Err() != nil {
 			u.setState("stopped", nil)
 			return nil

@@ -1,0 +1,340 @@
+package collector
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	piondtls "github.com/pion/dtls/v3"
+	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
+	coapnet "github.com/plgd-dev/go-coap/v3/net"
+	"github.com/plgd-dev/go-coap/v3/options"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+)
+
+// Defaults of Config.
+const (
+	DefaultAddr             = ":5684" // coaps (RFC 7252 §12.7)
+	DefaultMaxPayload       = 64 << 10
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultIdleTimeout      = 10 * time.Minute
+	DefaultSinkTimeout      = 10 * time.Second
+	DefaultMaxHandshakes    = 256
+	DefaultDedupeWindow     = 4096
+	DefaultDedupeDevices    = 100_000
+)
+
+// Config configures a Collector. The zero value of a field means its
+// default; New copies the Config, which must not be changed afterwards.
+type Config struct {
+	// Addr is the UDP address to listen on, e.g. "127.0.0.1:0"
+	// (default DefaultAddr, every interface).
+	Addr string
+
+	// Certificate is the collector's server certificate (issued by the
+	// station, with the names devices reach the collector at) and its
+	// ECDSA key. Required.
+	Certificate tls.Certificate
+
+	// ClientCAs verify device certificates: the station's CA certificates
+	// (station.TrustPEM). Required.
+	ClientCAs *x509.CertPool
+
+	// Revoked reports whether a device certificate is revoked (the
+	// station's CRL). It is called at every handshake and every request,
+	// from many goroutines at once, and must be fast. Nil means none is.
+	Revoked func(*x509.Certificate) bool
+
+	// Sink receives the records. Required.
+	Sink Sink
+
+	// MaxPayload is the largest request body accepted, in bytes, whether
+	// it comes in one datagram or in blocks (RFC 7959); larger bodies are
+	// answered 4.13 (default DefaultMaxPayload).
+	MaxPayload int
+
+	// HandshakeTimeout bounds a DTLS handshake (default
+	// DefaultHandshakeTimeout).
+	HandshakeTimeout time.Duration
+
+	// MaxHandshakes is how many handshakes may be in progress at once;
+	// more are refused at once (counted as "busy"). It bounds what a flood
+	// of ClientHellos can make the collector hold (default
+	// DefaultMaxHandshakes).
+	MaxHandshakes int
+
+	// IdleTimeout closes a session that received nothing for this long
+	// (default DefaultIdleTimeout). An agent resuming a session after a
+	// longer pause needs a new handshake.
+	IdleTimeout time.Duration
+
+	// SinkTimeout bounds one Sink.Write (default DefaultSinkTimeout); a
+	// write that takes longer is answered 5.03.
+	SinkTimeout time.Duration
+
+	// DedupeWindow is how many sequence numbers above a device's
+	// watermark are remembered individually, rounded up to a multiple of
+	// 64 (default DefaultDedupeWindow). See the package doc.
+	DedupeWindow int
+
+	// DedupeDevices is how many devices' windows are remembered (default
+	// DefaultDedupeDevices). See the package doc.
+	DedupeDevices int
+
+	// Logger receives the collector's log; nil discards it.
+	Logger *slog.Logger
+
+	// Now is the clock records are resolved and certificates checked
+	// against during a session (default time.Now). pion checks
+	// certificates at the handshake against time.Now.
+	Now func() time.Time
+}
+
+// Collector serves CoAP telemetry over DTLS. Create it with New and start
+// it with Run; Addr, Ready, Stats and Metrics are safe for concurrent use.
+type Collector struct {
+	cfg    Config
+	log    *slog.Logger
+	dedupe *dedupe
+	m      metrics
+
+	handshakes chan struct{} // a token per handshake in progress
+	started    atomic.Bool
+	ready      chan struct{}
+	addr       atomic.Pointer[net.Addr]
+	handlers   gate
+}
+
+// New checks cfg and returns a Collector that is not serving yet.
+func New(cfg Config) (*Collector, error) {
+	if len(cfg.Certificate.Certificate) == 0 {
+		return nil, errors.New("collector: no server certificate")
+	}
+	if err := checkKey(cfg.Certificate); err != nil {
+		return nil, fmt.Errorf("collector: server certificate: %w", err)
+	}
+	if cfg.ClientCAs == nil {
+		return nil, errors.New("collector: no client CAs")
+	}
+	if cfg.Sink == nil {
+		return nil, errors.New("collector: no sink")
+	}
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{
+		{"MaxPayload", int64(cfg.MaxPayload)},
+		{"HandshakeTimeout", int64(cfg.HandshakeTimeout)},
+		{"MaxHandshakes", int64(cfg.MaxHandshakes)},
+		{"IdleTimeout", int64(cfg.IdleTimeout)},
+		{"SinkTimeout", int64(cfg.SinkTimeout)},
+		{"DedupeWindow", int64(cfg.DedupeWindow)},
+		{"DedupeDevices", int64(cfg.DedupeDevices)},
+	} {
+		if f.v < 0 {
+			return nil, fmt.Errorf("collector: %s is negative", f.name)
+		}
+	}
+	if cfg.MaxPayload > maxPayloadLimit {
+		return nil, fmt.Errorf("collector: MaxPayload %d is more than %d", cfg.MaxPayload, maxPayloadLimit)
+	}
+	setDefault(&cfg.Addr, DefaultAddr)
+	setDefault(&cfg.MaxPayload, DefaultMaxPayload)
+	setDefault(&cfg.HandshakeTimeout, DefaultHandshakeTimeout)
+	setDefault(&cfg.MaxHandshakes, DefaultMaxHandshakes)
+	setDefault(&cfg.IdleTimeout, DefaultIdleTimeout)
+	setDefault(&cfg.SinkTimeout, DefaultSinkTimeout)
+	setDefault(&cfg.DedupeWindow, DefaultDedupeWindow)
+	setDefault(&cfg.DedupeDevices, DefaultDedupeDevices)
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Collector{
+		cfg:        cfg,
+		log:        log,
+		dedupe:     newDedupe(cfg.DedupeWindow, cfg.DedupeDevices),
+		handshakes: make(chan struct{}, cfg.MaxHandshakes),
+		ready:      make(chan struct{}),
+	}, nil
+}
+
+// maxPayloadLimit keeps MaxPayload within what go-coap's uint32 sizes and
+// a sane station accept.
+const maxPayloadLimit = 16 << 20
+
+func setDefault[T comparable](p *T, def T) {
+	var zero T
+	if *p == zero {
+		*p = def
+	}
+}
+
+// checkKey makes sure the server key can serve the ECDHE_ECDSA suites, the
+// only ones offered: otherwise every handshake would fail, later and less
+// clearly.
+func checkKey(c tls.Certificate) error {
+	s, ok := c.PrivateKey.(crypto.Signer)
+	if !ok {
+		return fmt.Errorf("private key %T is not a crypto.Signer", c.PrivateKey)
+	}
+	if _, ok := s.Public().(*ecdsa.PublicKey); !ok {
+		return fmt.Errorf("key is %T, want ECDSA", s.Public())
+	}
+	return nil
+}
+
+// Addr returns the address the collector listens on, or nil before it
+// listens.
+func (c *Collector) Addr() net.Addr {
+	if a := c.addr.Load(); a != nil {
+		return *a
+	}
+	return nil
+}
+
+// Ready is closed once the collector listens (Addr is then set), or once
+// Run failed to listen.
+func (c *Collector) Ready() <-chan struct{} { return c.ready }
+
+// Run serves until ctx ends, then closes the listener and every session,
+// waits for every goroutine it started and returns nil. It returns an
+// error if it cannot listen or serving fails. A Collector runs once.
+func (c *Collector) Run(ctx context.Context) error {
+	if !c.started.CompareAndSwap(false, true) {
+		return errors.New("collector: Run called twice")
+	}
+	readyOnce := sync.OnceFunc(func() { close(c.ready) })
+	defer readyOnce()
+
+	l, err := coapnet.NewDTLSListener("udp", c.cfg.Addr, coapnet.NewDTLSServerOptions(c.dtlsOptions()...))
+	if err != nil {
+		return fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
+	}
+	addr := l.Addr()
+	c.addr.Store(&addr)
+	c.log.Info("collector listening", "addr", addr.String())
+	readyOnce()
+
+	// runCtx scopes handlers and sink writes: it ends with ctx, or when
+	// serving fails.
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	srv := coapdtls.NewServer(
+		options.WithContext(runCtx),
+		options.WithHandlerFunc(func(w *responseWriter, r *request) { c.serveCoAP(runCtx, w, r) }),
+		options.WithRequestMonitor(c.monitorRequest),
+		options.WithErrors(func(err error) { c.log.Debug("coap", "err", err) }),
+		options.WithInactivityMonitor(c.cfg.IdleTimeout, func(cc *udpclient.Conn) {
+			c.log.Debug("closing idle session", "remote", cc.RemoteAddr().String())
+			cc.Close()
+		}),
+		options.WithDTLSHandshakeTimeout(c.cfg.HandshakeTimeout),
+		// Decrypted datagrams are at most what pion reads (8 KiB); blocks
+		// assemble up to MaxPayload, which monitorRequest enforces.
+		options.WithMaxMessageSize(uint32(max(c.cfg.MaxPayload, maxDatagram)+1024)),
+		options.WithMTU(maxDatagram),
+		// go-coap's default runner sleeps in a goroutine nobody waits for.
+		options.WithPeriodicRunner(func(f func(time.Time) bool) {
+			wg.Go(func() { runPeriodically(runCtx, time.Second, f) })
+		}),
+	)
+	served := make(chan error, 1)
+	wg.Go(func() { served <- srv.Serve(&listener{DTLSListener: l, c: c}) })
+	select {
+	case <-ctx.Done():
+		srv.Stop()
+		err = <-served
+	case err = <-served:
+	}
+	cancel()
+	c.handlers.closeAndWait()
+	wg.Wait()
+	c.log.Info("collector stopped", "addr", addr.String())
+	if err != nil {
+		return fmt.Errorf("collector: serving: %w", err)
+	}
+	return nil
+}
+
+// maxDatagram is the largest datagram pion's listener reads (its receive
+// buffer): no decrypted CoAP message is larger.
+const maxDatagram = 8192
+
+// runPeriodically calls f every period until ctx ends or f returns false.
+func runPeriodically(ctx context.Context, period time.Duration, f func(time.Time) bool) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if !f(now) {
+				return
+			}
+		}
+	}
+}
+
+// dtlsOptions are the pion server options.
+func (c *Collector) dtlsOptions() []piondtls.ServerOption {
+	return []piondtls.ServerOption{
+		piondtls.WithCertificates(c.cfg.Certificate),
+		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
+		piondtls.WithClientCAs(c.cfg.ClientCAs),
+		piondtls.WithCipherSuites(
+			piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
+		),
+		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
+		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(cidLen)),
+		piondtls.WithVerifyPeerCertificate(c.verifyPeer),
+		piondtls.WithLoggerFactory(pionLoggerFactory{c.log}),
+	}
+}
+
+// cidLen is the length of the Connection IDs the collector asks clients to
+// send: 8 random bytes, enough that guessing one is hopeless.
+const cidLen = 8
+
+// gate lets handlers in until it is closed, then waits for those inside.
+// (A bare WaitGroup would race: go-coap may start a handler while Run
+// waits.)
+type gate struct {
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (g *gate) enter() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	g.wg.Add(1)
+	return true
+}
+
+func (g *gate) leave() { g.wg.Done() }
+
+func (g *gate) closeAndWait() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.wg.Wait()
+}

@@ -1,0 +1,101 @@
+// Package collector is the station's CoAP-over-DTLS telemetry collector:
+// the fleet-side end of the agents' CoAP uplink. It is server code and
+// belongs to iotstation only; the agent binary must never link it.
+//
+// A Collector listens on UDP for DTLS 1.2 (pion/dtls v3) with mutual
+// certificate authentication: a client must present a certificate that
+// chains to Config.ClientCAs, whose CN is a valid device ID (the device
+// ID of the session) and that Config.Revoked does not report. The
+// handshake requires the extended master secret, offers only
+// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 and
+// TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8, and negotiates a Connection ID (RFC
+// 9146) with clients that ask for one, so that a gateway whose NAT
+// rebinds keeps its session without a new handshake.
+//
+// Over each session it serves CoAP (go-coap v3) with one resource:
+//
+//	POST /telemetry                  the session's device
+//	POST /devices/{id}/telemetry     the same; 4.03 if {id} is another device
+//
+// The body is a SenML pack (RFC 8428), Content-Format 112
+// (application/senml+cbor) or 110 (application/senml+json). The answers:
+//
+//	2.04 Changed                 the new records are in the sink
+//	4.00 Bad Request             undecodable or invalid SenML (the error is the diagnostic payload)
+//	4.01 Unauthorized            the certificate was revoked or expired during the session (the session is closed)
+//	4.03 Forbidden               the path names another device
+//	4.04 Not Found, 4.05         another resource or method
+//	4.13 Request Entity Too Large  body over Config.MaxPayload (with Size1 = the limit)
+//	4.15 Unsupported Content-Format
+//	5.03 Service Unavailable     the sink failed: the device must send the records again
+//
+// Records are resolved (senml.Pack.Resolve at the time of receipt), keeping
+// their sequence numbers, de-duplicated, and written to the Sink; only then
+// is the request answered 2.04, so delivery is at-least-once from the
+// agent's queue to the sink.
+//
+// # Joining pion/dtls v3 and go-coap v3
+//
+// go-coap v3.8.1 takes pion's options API through
+// coapnet.NewDTLSServerOptions, so the listener is go-coap's own
+// coapnet.NewDTLSListener over piondtls.ListenWithOptions. The collector
+// wraps that listener: each accepted *piondtls.Conn is handed to go-coap's
+// DTLS server inside a small net.Conn wrapper whose HandshakeContext (which
+// go-coap calls before serving a connection) times and classifies the
+// handshake, enforces Config.MaxHandshakes, and learns the device ID from
+// the verified certificate. Handlers find the device through the
+// connection go-coap gives them. Nothing of go-coap or pion is forked.
+//
+// # De-duplication
+//
+// Agents deliver at least once, so the same record can arrive twice: after
+// a lost acknowledgement, a 5.03, or a restart of the agent. Each record
+// carries the device's sequence number (Record.Seq), and the collector
+// keeps, per device, a watermark below which every sequence number was
+// written, plus a bitmap of the numbers written in the Config.DedupeWindow
+// numbers above it: records of one device can arrive out of order when
+// several requests are in flight. A record whose number is at or below the
+// watermark, or set in the bitmap, is a duplicate: it is counted and not
+// written. Records without a sequence number are written and counted as
+// unsequenced; they cannot be de-duplicated.
+//
+// The bounds, and what happens past them:
+//
+//   - Per device, at most DedupeWindow/8 bytes of bitmap (512 B by
+//     default), allocated only while numbers arrive out of order, plus about
+//     150 bytes of bookkeeping.
+//   - A number more than DedupeWindow above the watermark moves the window
+//     up: the numbers it skips over are taken as written. A skipped number
+//     that was never written (the agent's queue dropped it when full) is
+//     unaffected; one that arrives later anyway is dropped as a duplicate.
+//     With an agent that has fewer than DedupeWindow records in flight this
+//     cannot happen to a record that is still being retried.
+//   - A number more than DedupeWindow below the watermark cannot be a
+//     retry, for the same reason: the device has restarted its numbering
+//     (its queue file was replaced), and its window starts afresh (counted
+//     as a reset). Records of a restarted device that fall within
+//     DedupeWindow below the old watermark are dropped as duplicates.
+//   - At most Config.DedupeDevices devices are remembered (100 000 by
+//     default: about 15 MB in the common case, about 65 MB if every window
+//     holds a bitmap). Past that, the least recently active device's window
+//     is forgotten (counted as an eviction): a duplicate of that device that
+//     arrives very late may then be written once more.
+//
+// Requests of one device are processed one at a time from de-duplication
+// to acknowledgement, so that two copies of a batch in flight at once
+// cannot both pass.
+//
+// # Caveats
+//
+// The device ID is the certificate's CN. A station-issued service
+// certificate whose name happens to be a valid device ID would be accepted
+// as that device: issue service certificates with names that no device
+// uses (the station refuses the name of a registered device).
+//
+// Datagrams that are not DTLS are dropped by pion before the collector
+// sees them; they are not counted.
+//
+// Established sessions outlive the handshake checks: Revoked and the
+// certificate's expiry are checked again at every request, and a session
+// whose certificate fails them is answered 4.01 and closed.
+package collector

@@ -1,0 +1,243 @@
+package collector
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+
+	piondtls "github.com/pion/dtls/v3"
+	"github.com/pion/dtls/v3/pkg/protocol"
+	"github.com/pion/dtls/v3/pkg/protocol/alert"
+	"github.com/pion/logging"
+	coapnet "github.com/plgd-dev/go-coap/v3/net"
+
+	"iotagent.dev/iotagent/station"
+)
+
+// Handshake refusals of the collector's own checks (VerifyPeerCertificate).
+var (
+	errRevoked   = errors.New("certificate revoked")
+	errNotDevice = errors.New("certificate does not name a device")
+	errBusy      = errors.New("too many handshakes in progress")
+)
+
+// verifyPeer runs after pion verified the client's chain against
+// ClientCAs: the certificate must name a device and not be revoked.
+func (c *Collector) verifyPeer(_ [][]byte, chains [][]*x509.Certificate) error {
+	if len(chains) == 0 || len(chains[0]) == 0 {
+		return errors.New("no verified chain") // RequireAndVerifyClientCert makes one
+	}
+	leaf := chains[0][0]
+	if err := station.ValidDeviceID(leaf.Subject.CommonName); err != nil {
+		return fmt.Errorf("%w: %w", errNotDevice, err)
+	}
+	if c.cfg.Revoked != nil && c.cfg.Revoked(leaf) {
+		return fmt.Errorf("%w: %s serial %x", errRevoked, leaf.Subject.CommonName, leaf.SerialNumber)
+	}
+	return nil
+}
+
+// listener hands go-coap's DTLS server pion's connections wrapped as
+// sessions.
+type listener struct {
+	*coapnet.DTLSListener
+	c *Collector
+}
+
+func (l *listener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
+	conn, err := l.DTLSListener.AcceptWithContext(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dc, ok := conn.(*piondtls.Conn)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("listener returned a %T, want *dtls.Conn", conn)
+	}
+	return &session{Conn: dc, c: l.c}, nil
+}
+
+// session is one DTLS connection as go-coap serves it. go-coap calls
+// HandshakeContext before serving the connection (and again, cheaply,
+// before each write); the first call runs and accounts for the handshake.
+type session struct {
+	*piondtls.Conn
+	c *Collector
+
+	once sync.Once
+	err  error
+	// Set by the first HandshakeContext, read-only afterwards.
+	device string
+	leaf   *x509.Certificate
+	cipher string
+
+	closeOnce sync.Once
+}
+
+func (s *session) HandshakeContext(ctx context.Context) error {
+	s.once.Do(func() { s.err = s.handshake(ctx) })
+	return s.err
+}
+
+func (s *session) handshake(ctx context.Context) error {
+	c := s.c
+	select {
+	case c.handshakes <- struct{}{}:
+		defer func() { <-c.handshakes }()
+	default:
+		c.m.handshakeFailed(reasonBusy)
+		c.log.Debug("handshake refused", "remote", s.RemoteAddr().String(), "reason", reasonBusy)
+		return errBusy
+	}
+	start := time.Now()
+	if err := s.Conn.HandshakeContext(ctx); err != nil {
+		if ctx.Err() != nil && !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return err // shutting down: not a handshake result
+		}
+		reason := failureReason(err)
+		c.m.handshakeFailed(reason)
+		level := slog.LevelInfo
+		if reason == reasonTimeout || reason == reasonOther {
+			level = slog.LevelDebug
+		}
+		c.log.Log(ctx, level, "handshake failed", "remote", s.RemoteAddr().String(), "reason", reason, "err", err)
+		return err
+	}
+	elapsed := time.Since(start)
+	st, ok := s.Conn.ConnectionState()
+	if !ok || len(st.PeerCertificates) == 0 {
+		c.m.handshakeFailed(reasonOther)
+		return errors.New("handshake completed without a client certificate")
+	}
+	leaf, err := x509.ParseCertificate(st.PeerCertificates[0])
+	if err != nil {
+		c.m.handshakeFailed(reasonOther)
+		return fmt.Errorf("parsing the verified client certificate: %w", err)
+	}
+	s.leaf, s.device, s.cipher = leaf, leaf.Subject.CommonName, piondtls.CipherSuiteName(st.CipherSuiteID)
+	c.m.established(elapsed, s.cipher)
+	c.log.Debug("session established", "device", s.device, "remote", s.RemoteAddr().String(), "cipher", s.cipher, "took", elapsed)
+	return nil
+}
+
+func (s *session) Close() error {
+	s.closeOnce.Do(func() {
+		if s.leaf != nil {
+			s.c.m.closed(s.cipher)
+		}
+	})
+	return s.Conn.Close()
+}
+
+// Handshake failure reasons, the values of the result label of
+// iotstation_coap_handshakes_total besides "ok". A fatal alert received
+// from the client is "peer_" and the alert's name, e.g.
+// "peer_bad_certificate" when the device does not trust the collector.
+const (
+	reasonUnknownCA      = "unknown_ca"      // the chain does not lead to ClientCAs
+	reasonExpired        = "expired"         // the certificate is expired or not yet valid
+	reasonBadCertificate = "bad_certificate" // another verification failure
+	reasonRevoked        = "revoked"         // Revoked reported it
+	reasonNotDevice      = "not_device"      // its CN is not a valid device ID
+	reasonTimeout        = "timeout"         // HandshakeTimeout passed (lost or spoofed peer)
+	reasonBusy           = "busy"            // MaxHandshakes were in progress
+	reasonOther          = "other"           // anything else: see the log at debug level
+)
+
+// failureReason classifies a failed handshake.
+func failureReason(err error) string {
+	var unknownCA x509.UnknownAuthorityError
+	var invalid x509.CertificateInvalidError
+	switch {
+	case errors.Is(err, errRevoked):
+		return reasonRevoked
+	case errors.Is(err, errNotDevice):
+		return reasonNotDevice
+	case errors.Is(err, errBusy):
+		return reasonBusy
+	case errors.As(err, &unknownCA):
+		return reasonUnknownCA
+	case errors.As(err, &invalid):
+		if invalid.Reason == x509.Expired {
+			return reasonExpired
+		}
+		return reasonBadCertificate
+	case errors.Is(err, context.DeadlineExceeded):
+		return reasonTimeout
+	}
+	if d, ok := peerAlert(err); ok {
+		return "peer_" + snakeCase(d.String())
+	}
+	return reasonOther
+}
+
+// peerAlert returns the fatal alert the peer sent, if err is one. pion's
+// alert error type is unexported; it embeds *alert.Alert, whose methods it
+// promotes.
+func peerAlert(err error) (alert.Description, bool) {
+	var a interface {
+		error
+		ContentType() protocol.ContentType
+		Marshal() ([]byte, error)
+	}
+	if !errors.As(err, &a) || a.ContentType() != protocol.ContentTypeAlert {
+		return 0, false
+	}
+	b, merr := a.Marshal()
+	if merr != nil || len(b) != 2 {
+		return 0, false
+	}
+	return alert.Description(b[1]), true
+}
+
+// snakeCase turns pion's "BadCertificate" into "bad_certificate".
+func snakeCase(s string) string {
+	var b strings.Builder
+	for i, r := range s {
+		if unicode.IsUpper(r) {
+			if i > 0 {
+				b.WriteByte('_')
+			}
+			r = unicode.ToLower(r)
+		}
+		if unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_' {
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
+}
+
+// pionLoggerFactory sends pion's log to the collector's logger at debug
+// level: what matters to an operator (handshake results) the collector
+// logs itself.
+type pionLoggerFactory struct{ log *slog.Logger }
+
+func (f pionLoggerFactory) NewLogger(scope string) logging.LeveledLogger {
+	return pionLogger{f.log.With("pion", scope)}
+}
+
+type pionLogger struct{ log *slog.Logger }
+
+func (l pionLogger) logf(format string, args ...any) {
+	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+		l.log.Debug(fmt.Sprintf(format, args...))
+	}
+}
+
+func (l pionLogger) Trace(string)                   {}
+func (l pionLogger) Tracef(string, ...any)          {}
+func (l pionLogger) Debug(string)                   {}
+func (l pionLogger) Debugf(string, ...any)          {}
+func (l pionLogger) Info(msg string)                { l.logf("%s", msg) }
+func (l pionLogger) Infof(format string, a ...any)  { l.logf(format, a...) }
+func (l pionLogger) Warn(msg string)                { l.logf("%s", msg) }
+func (l pionLogger) Warnf(format string, a ...any)  { l.logf(format, a...) }
+func (l pionLogger) Error(msg string)               { l.logf("%s", msg) }
+func (l pionLogger) Errorf(format string, a ...any) { l.logf(format, a...) }
