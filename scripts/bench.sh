@@ -31,6 +31,9 @@ run ./store . 1s
 # same run); TPM signatures per reconnect.
 run ./telemetry 'IngestToSubscriber|RawPahoQoS1' 10x
 run ./telemetry 'ReconnectTPMSignatures' 5x
+# CoAP/DTLS: records/s at 0% and 10% loss, datagrams per 1000 records,
+# wire bytes per record vs MQTT/JSON, DTLS handshake TPM vs software key.
+run ./dtls . 10x
 # Agent process at 1000 records/s: disk bytes per record, RSS.
 COUNT=3 run ./cmd/iotagent 'AgentSteady1000' 1x
 

@@ -25,7 +25,10 @@ type Proxy struct {
 	loss  float64
 	peers map[string]*net.UDPConn
 
+	// Forwarded and Dropped count datagrams; BytesUp and BytesDown count
+	// the UDP payload bytes forwarded to and from the target.
 	Forwarded, Dropped atomic.Int64
+	BytesUp, BytesDown atomic.Int64
 	wg                 sync.WaitGroup
 }
 
@@ -75,6 +78,7 @@ func (p *Proxy) fromClients() {
 		if up == nil || p.drop() {
 			continue
 		}
+		p.BytesUp.Add(int64(n))
 		up.Write(buf[:n])
 	}
 }
@@ -104,6 +108,7 @@ func (p *Proxy) upstream(from *net.UDPAddr) *net.UDPConn {
 			if p.drop() {
 				continue
 			}
+			p.BytesDown.Add(int64(n))
 			p.ln.WriteToUDP(buf[:n], from)
 		}
 	}()
