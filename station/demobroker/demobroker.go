@@ -7,7 +7,8 @@
 // client ID) taken from the certificate's CN, the station's CRL at
 // handshake, and the per-device ACL: a device writes devices/ID/telemetry,
 // reads and writes devices/ID/status, reads devices/ID/cmd; the backend
-// client fleet-reader reads devices/#.
+// client fleet-reader reads devices/#; coap-collector writes
+// devices/+/telemetry.
 package demobroker
 
 import (
@@ -30,8 +31,13 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
-// ReaderName is the backend client allowed to read every device's topics.
-const ReaderName = "fleet-reader"
+// ReaderName is the backend client allowed to read every device's topics;
+// RepublisherName the station's CoAP collector, which writes what devices
+// sent over CoAP into their telemetry topics.
+const (
+	ReaderName      = "fleet-reader"
+	RepublisherName = "coap-collector"
+)
 
 // Config configures the broker.
 type Config struct {
@@ -152,6 +158,10 @@ func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	name := string(cl.Properties.Username)
 	if name == ReaderName {
 		return !write && (topic == "devices/#" || strings.HasPrefix(topic, "devices/"))
+	}
+	if name == RepublisherName {
+		parts := strings.Split(topic, "/")
+		return write && len(parts) == 3 && parts[0] == "devices" && parts[2] == "telemetry" && parts[1] != "+" && parts[1] != "#"
 	}
 	switch topic {
 	case "devices/" + name + "/telemetry":
