@@ -207,6 +207,8 @@ func TestAgentDependencies(t *testing.T) {
 		"iotagent.dev/iotagent/tpm/tpmtest",
 		"iotagent.dev/iotagent/internal/testdirs",
 		"iotagent.dev/iotagent/telemetry/mqtttest",
+		"iotagent.dev/iotagent/dtls/collector",
+		"iotagent.dev/iotagent/internal/udpproxy",
 		"iotagent.dev/iotagent/station",
 		"github.com/mochi-mqtt/server/v2",
 		"github.com/google/go-tpm-tools/simulator",
