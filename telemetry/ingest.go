@@ -40,6 +40,13 @@ type IngestConfig struct {
 	MaxConns int
 	// IdleTimeout closes a connection with nothing to say (default 5 min).
 	IdleTimeout time.Duration
+	// GroupDelay, when positive, holds each line up to this long for more
+	// lines from the same producer before committing them together. Every
+	// commit fsyncs and rewrites B+tree pages (measured ~34 KB of writes on
+	// ext4): a producer streaming single-record lines at 1000/s would write
+	// ~34 MB/s to flash without it. The cost is up to GroupDelay of latency
+	// per line. Zero (the default) commits at once.
+	GroupDelay time.Duration
 	Logger      *slog.Logger
 	// OnIngest, when set, is told how many records each accepted line
 	// stored.
@@ -171,9 +178,12 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 		// one fsync for the group, each line still answered only once its
 		// records are on disk.
 		var group [][]byte
+		var until time.Time
 		for len(group) < maxGroup {
 			if len(group) > 0 && !lineBuffered(r) {
-				break
+				if i.cfg.GroupDelay <= 0 || !i.moreBy(c, r, until) {
+					break
+				}
 			}
 			line, err := readLine(r, MaxLine)
 			if errors.Is(err, errLineTooLong) {
@@ -190,9 +200,13 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 				return
 			}
 			if line = bytes.TrimSpace(line); len(line) > 0 {
+				if len(group) == 0 {
+					until = time.Now().Add(i.cfg.GroupDelay)
+				}
 				group = append(group, line)
 			}
 		}
+		c.SetReadDeadline(time.Now().Add(i.cfg.IdleTimeout))
 		for _, ans := range i.handle(ctx, group) {
 			fmt.Fprintln(w, ans)
 		}
@@ -200,6 +214,21 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 			return
 		}
 	}
+}
+
+// moreBy waits until a whole line is buffered or the time until passes,
+// without consuming anything: a line half arrived stays in the buffer.
+func (i *Ingest) moreBy(c *net.UnixConn, r *bufio.Reader, until time.Time) bool {
+	c.SetReadDeadline(until)
+	for !lineBuffered(r) {
+		if r.Buffered() == r.Size() {
+			return false // a line longer than the buffer: read it normally
+		}
+		if _, err := r.Peek(r.Buffered() + 1); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // lineBuffered reports whether a whole line is already buffered, so that

@@ -234,3 +234,49 @@ func TestHostSource(t *testing.T) {
 		t.Errorf("host records are not valid SenML: %v", err)
 	}
 }
+
+// With GroupDelay, lines a producer streams a millisecond apart are
+// committed together, each still answered in order; a line split across
+// the wait is kept whole.
+func TestIngestGroupDelay(t *testing.T) {
+	q, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "q.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	sockDir, _ := os.MkdirTemp("", "ing")
+	defer os.RemoveAll(sockDir)
+	ing, _ := NewIngest(IngestConfig{Socket: filepath.Join(sockDir, "s"), Store: q, GroupDelay: 20 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ing.Run(ctx) }()
+	<-ing.Ready()
+	defer func() { cancel(); <-done }()
+
+	c := dial(t, ing)
+	commits := q.Stats().Commits
+	const n = 100
+	go func() {
+		for i := 0; i < n; i++ {
+			line := fmt.Sprintf(`[{"n":"g","v":%d}]`+"\n", i)
+			if i%10 == 0 {
+				// Half a line, a pause longer than the group delay, the rest.
+				c.c.Write([]byte(line[:5]))
+				time.Sleep(30 * time.Millisecond)
+				c.c.Write([]byte(line[5:]))
+				continue
+			}
+			c.c.Write([]byte(line))
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	for i := 1; i <= n; i++ {
+		ans, err := c.r.ReadString('\n')
+		if err != nil || strings.TrimSpace(ans) != fmt.Sprintf("ok %d", i) {
+			t.Fatalf("answer %d = %q, %v", i, ans, err)
+		}
+	}
+	if got := q.Stats().Commits - commits; got >= n/2 {
+		t.Errorf("%d commits for %d streamed lines, want far fewer with a group delay", got, n)
+	}
+}

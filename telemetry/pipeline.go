@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry/senml"
@@ -36,6 +37,12 @@ type PipelineConfig struct {
 	// PeekRecords bounds how many records are read from the queue at once
 	// (default 1000).
 	PeekRecords int
+	// AckDelay groups acknowledgements: delivered records are deleted from
+	// the queue in one transaction at most this long after delivery
+	// (default 100 ms). Flash is written once per group, not once per
+	// message; a crash inside the window sends those records again
+	// (duplicates, never a loss). Negative: delete at once.
+	AckDelay time.Duration
 	Logger      *slog.Logger
 	// OnDelivered is told about each acknowledged payload.
 	OnDelivered func(records int, lastSeq uint64)
@@ -69,6 +76,9 @@ func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
 	if cfg.PeekRecords == 0 {
 		cfg.PeekRecords = 1000
 	}
+	if cfg.AckDelay == 0 {
+		cfg.AckDelay = 100 * time.Millisecond
+	}
 	p := &Pipeline{cfg: cfg, log: cfg.Logger}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
@@ -86,6 +96,39 @@ func (p *Pipeline) Corrupt() uint64 { return p.corrupt.Load() }
 // Rejected returns how many records the peer refused for good.
 func (p *Pipeline) Rejected() uint64 { return p.rejected.Load() }
 
+// acks collects sequence numbers to delete from the queue in groups.
+type acks struct {
+	flushing sync.Mutex // held through a whole flush
+	mu       sync.Mutex
+	pending  []uint64
+}
+
+func (a *acks) add(seqs []uint64) {
+	a.mu.Lock()
+	a.pending = append(a.pending, seqs...)
+	a.mu.Unlock()
+}
+
+// flush deletes the pending records from the queue. On failure they stay
+// queued and are sent again: a duplicate, never a loss.
+func (p *Pipeline) flush(a *acks) {
+	// A flush returns only when every ack handed over before it is
+	// committed, whoever started that commit: the rewind after a failure
+	// must not see records still being deleted.
+	a.flushing.Lock()
+	defer a.flushing.Unlock()
+	a.mu.Lock()
+	seqs := a.pending
+	a.pending = nil
+	a.mu.Unlock()
+	if len(seqs) == 0 {
+		return
+	}
+	if err := p.cfg.Store.Ack(seqs...); err != nil {
+		p.log.Error("acknowledging delivered records", "err", err)
+	}
+}
+
 // Run delivers until ctx ends; it returns nil then.
 func (p *Pipeline) Run(ctx context.Context) error {
 	up := p.cfg.Uplink
@@ -93,7 +136,32 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	slots := make(chan struct{}, window)
 	var wg sync.WaitGroup
 	var failed atomic.Bool
-	defer wg.Wait()
+	pending := &acks{}
+	ackCtx, stopAcks := context.WithCancel(context.Background())
+	acksDone := make(chan struct{})
+	go func() {
+		defer close(acksDone)
+		if p.cfg.AckDelay < 0 {
+			<-ackCtx.Done()
+			return
+		}
+		t := time.NewTicker(p.cfg.AckDelay)
+		defer t.Stop()
+		for {
+			select {
+			case <-ackCtx.Done():
+				return
+			case <-t.C:
+				p.flush(pending)
+			}
+		}
+	}()
+	defer func() {
+		wg.Wait()
+		stopAcks()
+		<-acksDone
+		p.flush(pending)
+	}()
 
 	// A failed delivery wakes the loop even while it waits for new
 	// records, so the failed ones are sent again without waiting for more.
@@ -109,6 +177,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	for {
 		if failed.Load() {
 			wg.Wait() // let the deliveries in flight finish
+			p.flush(pending)
 			failed.Store(false)
 			cursor = 0 // acknowledged records are gone; resend the rest
 		}
@@ -183,11 +252,9 @@ func (p *Pipeline) Run(ctx context.Context) error {
 					return
 				}
 				seqs := ch.Seqs()
-				if err := p.cfg.Store.Ack(seqs...); err != nil {
-					// The records stay queued and are sent again: a
-					// duplicate, never a loss.
-					p.log.Error("acknowledging delivered records", "err", err)
-					return
+				pending.add(seqs)
+				if p.cfg.AckDelay < 0 {
+					p.flush(pending)
 				}
 				p.delivered.Add(uint64(len(seqs)))
 				if p.cfg.OnDelivered != nil {

@@ -39,7 +39,8 @@ type config struct {
 		OnFull   string `toml:"on_full"`
 	} `toml:"queue"`
 	Ingest struct {
-		Socket string `toml:"socket"`
+		Socket     string `toml:"socket"`
+		GroupDelay string `toml:"group_delay"`
 	} `toml:"ingest"`
 	Collectors struct {
 		Interval string `toml:"interval"`

@@ -231,3 +231,48 @@ func receiveSeqs(t *testing.T, sub *mqtttest.Subscriber, want []uint64, d time.D
 	}
 	return got
 }
+
+// iotagent send - pipelines stdin; answers stay in order and a bad line
+// is reported with its number.
+func TestSendStdin(t *testing.T) {
+	sockDir, _ := os.MkdirTemp("", "send")
+	defer os.RemoveAll(sockDir)
+	sock := filepath.Join(sockDir, "ingest.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for i := 1; ; i++ {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if strings.Contains(line, "bad") {
+				fmt.Fprintf(c, "error senml: not good\n")
+				continue
+			}
+			fmt.Fprintf(c, "ok %d\n", i)
+		}
+	}()
+	var in strings.Builder
+	for i := 0; i < 500; i++ {
+		fmt.Fprintf(&in, "[{\"n\":\"x\",\"v\":%d}]\n", i)
+	}
+	in.WriteString("bad\n")
+	var out, errb bytes.Buffer
+	code := runWith(t.Context(), &env{stdin: strings.NewReader(in.String()), stdout: &out, stderr: &errb, now: time.Now}, []string{"send", "--socket", sock, "-"})
+	if code != 1 || !strings.Contains(errb.String(), "line 501: senml: not good") {
+		t.Errorf("send = %d, %q; want 1 and the bad line's number", code, errb.String())
+	}
+	if lines := strings.Split(strings.TrimSpace(out.String()), "\n"); len(lines) != 500 || lines[499] != "ok 500" {
+		t.Errorf("answers = %d, last %q; want 500 in order", len(lines), lines[len(lines)-1])
+	}
+}

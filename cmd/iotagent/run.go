@@ -42,6 +42,7 @@ type runSettings struct {
 	keepKey    bool
 	maxPayload int
 	keepAlive  time.Duration
+	groupDelay time.Duration
 	level      slog.Level
 }
 
@@ -106,6 +107,14 @@ func (e *env) settings(configPath string, explicit bool, uplink, uplinkCA, socke
 			return nil, usageError{fmt.Errorf("config [uplink] max_payload: %w", err)}
 		}
 		s.maxPayload = int(n)
+	}
+	if c.Ingest.GroupDelay != "" {
+		if s.groupDelay, err = parseDuration("config [ingest] group_delay", c.Ingest.GroupDelay, 0); err != nil {
+			return nil, usageError{err}
+		}
+		if s.groupDelay > time.Second {
+			return nil, usageError{fmt.Errorf("config [ingest] group_delay %v is over 1s", s.groupDelay)}
+		}
 	}
 	if c.Uplink.KeepAlive != "" {
 		if s.keepAlive, err = parseDuration("config [uplink] keepalive", c.Uplink.KeepAlive, time.Second); err != nil {
@@ -206,7 +215,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer q.Close()
-	ing, err := telemetry.NewIngest(telemetry.IngestConfig{Socket: s.socket, Store: q, Now: clock.Now, Logger: log})
+	ing, err := telemetry.NewIngest(telemetry.IngestConfig{Socket: s.socket, Store: q, Now: clock.Now, GroupDelay: s.groupDelay, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -82,23 +82,58 @@ func cmdSend(ctx context.Context, e *env, args []string) error {
 	if !stdin {
 		return send(lines[0])
 	}
-	sc := bufio.NewScanner(e.stdin)
-	sc.Buffer(make([]byte, 0, 64<<10), telemetry.MaxLine+1)
-	n := 0
-	for sc.Scan() {
-		n++
-		line := strings.TrimSpace(sc.Text())
-		if line == "" {
-			continue
+	// Lines from stdin are pipelined: written as they come while the
+	// answers are read, so the agent can commit many in one fsync. The
+	// answers come back in order.
+	type sent struct{ n int }
+	queued := make(chan sent, 4096)
+	writeErr := make(chan error, 1)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		defer close(queued)
+		sc := bufio.NewScanner(e.stdin)
+		sc.Buffer(make([]byte, 0, 64<<10), telemetry.MaxLine+1)
+		n := 0
+		for sc.Scan() {
+			n++
+			line := strings.TrimSpace(sc.Text())
+			if line == "" {
+				continue
+			}
+			c.SetWriteDeadline(time.Now().Add(time.Minute))
+			if _, err := io.WriteString(c, line+"\n"); err != nil {
+				writeErr <- fmt.Errorf("line %d: %w", n, err)
+				return
+			}
+			select {
+			case queued <- sent{n}:
+			case <-done:
+				return
+			}
 		}
-		if err := send(line); err != nil {
-			return fmt.Errorf("line %d: %w", n, err)
+		if err := sc.Err(); err != nil {
+			writeErr <- fmt.Errorf("line %d: %w", n+1, err)
 		}
+	}()
+	for q := range queued {
+		c.SetReadDeadline(time.Now().Add(time.Minute))
+		ans, err := resp.ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("line %d: reading the agent's answer: %w", q.n, err)
+		}
+		ans = strings.TrimSpace(ans)
+		if msg, ok := strings.CutPrefix(ans, "error "); ok {
+			return fmt.Errorf("line %d: %s", q.n, msg)
+		}
+		fmt.Fprintln(e.stdout, ans)
 	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("line %d: %w", n+1, err)
+	select {
+	case err := <-writeErr:
+		return err
+	default:
+		return nil
 	}
-	return nil
 }
 
 func unwrapOp(err error) error {
