@@ -47,7 +47,7 @@ type IngestConfig struct {
 	// ~34 MB/s to flash without it. The cost is up to GroupDelay of latency
 	// per line. Zero (the default) commits at once.
 	GroupDelay time.Duration
-	Logger      *slog.Logger
+	Logger     *slog.Logger
 	// OnIngest, when set, is told how many records each accepted line
 	// stored.
 	OnIngest func(records int)

@@ -43,7 +43,7 @@ type PipelineConfig struct {
 	// message; a crash inside the window sends those records again
 	// (duplicates, never a loss). Negative: delete at once.
 	AckDelay time.Duration
-	Logger      *slog.Logger
+	Logger   *slog.Logger
 	// OnDelivered is told about each acknowledged payload.
 	OnDelivered func(records int, lastSeq uint64)
 }

@@ -1,6 +1,7 @@
 package collector
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -237,7 +238,11 @@ func (c *Collector) Run(ctx context.Context) error {
 		options.WithContext(runCtx),
 		options.WithHandlerFunc(func(w *responseWriter, r *request) { c.serveCoAP(runCtx, w, r) }),
 		options.WithRequestMonitor(c.monitorRequest),
-		options.WithErrors(func(err error) { c.log.Debug("coap", "err", err) }),
+		options.WithErrors(func(err error) {
+			if !errors.As(err, new(*piondtls.HandshakeError)) && !errors.Is(err, errBusy) { // logged already
+				c.log.Debug("coap", "err", err)
+			}
+		}),
 		options.WithInactivityMonitor(c.cfg.IdleTimeout, func(cc *udpclient.Conn) {
 			c.log.Debug("closing idle session", "remote", cc.RemoteAddr().String())
 			cc.Close()
@@ -252,13 +257,17 @@ func (c *Collector) Run(ctx context.Context) error {
 			wg.Go(func() { runPeriodically(runCtx, time.Second, f) })
 		}),
 	)
+	sl := &listener{DTLSListener: l, c: c}
 	served := make(chan error, 1)
-	wg.Go(func() { served <- srv.Serve(&listener{DTLSListener: l, c: c}) })
+	wg.Go(func() { served <- srv.Serve(sl) })
 	select {
 	case <-ctx.Done():
 		srv.Stop()
 		err = <-served
 	case err = <-served:
+		if ctx.Err() == nil { // go-coap may notice ctx first
+			err = cmp.Or(err, sl.err, errors.New("stopped serving"))
+		}
 	}
 	cancel()
 	c.handlers.closeAndWait()
@@ -296,15 +305,19 @@ func (c *Collector) dtlsOptions() []piondtls.ServerOption {
 		piondtls.WithCertificates(c.cfg.Certificate),
 		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
 		piondtls.WithClientCAs(c.cfg.ClientCAs),
-		piondtls.WithCipherSuites(
-			piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-			piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
-		),
+		piondtls.WithCipherSuites(cipherSuites...),
 		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
 		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(cidLen)),
 		piondtls.WithVerifyPeerCertificate(c.verifyPeer),
 		piondtls.WithLoggerFactory(pionLoggerFactory{c.log}),
 	}
+}
+
+// cipherSuites are the suites offered: AEAD with ECDHE and the ECDSA keys
+// the station issues; CCM_8 for constrained devices that lack GCM.
+var cipherSuites = []piondtls.CipherSuiteID{
+	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
 }
 
 // cidLen is the length of the Connection IDs the collector asks clients to

@@ -71,6 +71,8 @@ func TestPostAndDeduplicate(t *testing.T) {
 		{"fill the gap", "/telemetry", message.AppSenmlCbor, mustCBOR(t, batch("gw-1", 116, 20)), codes.Changed, span(121, 130), 10},
 		// The same number twice in one pack is written once.
 		{"repeat within a pack", "/telemetry", message.AppSenmlCbor, mustCBOR(t, slices.Concat(batch("gw-1", 141, 2), batch("gw-1", 141, 2))), codes.Changed, span(141, 142), 2},
+		// About 8.5 kB: go-coap's client sends it in blocks (RFC 7959).
+		{"json in blocks", "/telemetry", message.AppSenmlJSON, mustJSON(t, batch("gw-1", 143, 200)), codes.Changed, span(143, 342), 0},
 	}
 	var want []uint64
 	var dups uint64
@@ -91,6 +93,13 @@ func TestPostAndDeduplicate(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("over the default MaxPayload", func(t *testing.T) {
+		body := make([]byte, collector.DefaultMaxPayload+1)
+		if code, diag := dev.post(t, "/telemetry", message.AppSenmlCbor, body); code != codes.RequestEntityTooLarge {
+			t.Errorf("POST of %d bytes = %v %q, want 4.13", len(body), code, diag)
+		}
+	})
 
 	t.Run("resolved records", func(t *testing.T) {
 		for _, l := range out.read(t) {
@@ -224,4 +233,47 @@ func TestSinkFailure(t *testing.T) {
 	if s := c.Stats(); s.Requests["5.03"] != 1 || s.Records.Accepted != 20 || s.Records.Duplicate != 20 {
 		t.Errorf("Stats() = requests %v, records %+v; want one 5.03, 20 accepted, 20 duplicates", s.Requests, s.Records)
 	}
+}
+
+// The de-duplication bounds, as the package doc describes them.
+func TestDedupeBounds(t *testing.T) {
+	checkGoroutines(t)
+	f := newFixture(t)
+	c, out := f.start(t, collector.Config{DedupeWindow: 64, DedupeDevices: 2})
+	a := dialT(t, f, c, "gw-a", dialOptions{})
+	post := func(t *testing.T, cl *client, device string, from uint64, n int, newRecs int) {
+		t.Helper()
+		before := len(out.read(t))
+		if code, diag := cl.post(t, "/telemetry", message.AppSenmlCbor, mustCBOR(t, batch(device, from, n))); code != codes.Changed {
+			t.Fatalf("POST %s %d… = %v %q, want 2.04", device, from, code, diag)
+		}
+		if got := len(out.read(t)) - before; got != newRecs {
+			t.Errorf("POST %s %d…%d: the sink gained %d records, want %d", device, from, from+uint64(n)-1, got, newRecs)
+		}
+	}
+	for s := uint64(1); s <= 200; s += 50 {
+		post(t, a, "gw-a", s, 50, 50)
+	}
+	t.Run("late retry within the window", func(t *testing.T) {
+		post(t, a, "gw-a", 150, 10, 0)
+	})
+	t.Run("numbering restarted", func(t *testing.T) {
+		post(t, a, "gw-a", 1, 10, 10)
+		if got := c.Stats().Dedupe.Resets; got != 1 {
+			t.Errorf("Stats().Dedupe.Resets = %d, want 1", got)
+		}
+		post(t, a, "gw-a", 1, 10, 0)
+	})
+	t.Run("evicted window", func(t *testing.T) {
+		for _, dev := range []string{"gw-b", "gw-c"} {
+			post(t, dialT(t, f, c, dev, dialOptions{}), dev, 1, 10, 10)
+		}
+		// gw-a's window was the least recently used: it is forgotten, and
+		// a duplicate passes once.
+		post(t, a, "gw-a", 1, 10, 10)
+		post(t, a, "gw-a", 1, 10, 0)
+		if s := c.Stats().Dedupe; s.Devices != 2 || s.Evictions != 2 {
+			t.Errorf("Stats().Dedupe = %+v, want 2 devices, 2 evictions", s)
+		}
+	})
 }

@@ -20,14 +20,17 @@
 // The body is a SenML pack (RFC 8428), Content-Format 112
 // (application/senml+cbor) or 110 (application/senml+json). The answers:
 //
-//	2.04 Changed                 the new records are in the sink
-//	4.00 Bad Request             undecodable or invalid SenML (the error is the diagnostic payload)
-//	4.01 Unauthorized            the certificate was revoked or expired during the session (the session is closed)
-//	4.03 Forbidden               the path names another device
-//	4.04 Not Found, 4.05         another resource or method
-//	4.13 Request Entity Too Large  body over Config.MaxPayload (with Size1 = the limit)
+//	2.04 Changed                   the new records are in the sink (duplicates dropped)
+//	4.00 Bad Request               undecodable or invalid SenML; the diagnostic payload says why
+//	4.01 Unauthorized              the certificate was revoked or has expired since the handshake;
+//	                               the session is closed
+//	4.03 Forbidden                 the path names another device
+//	4.04 Not Found                 another resource
+//	4.05 Method Not Allowed        another method
+//	4.13 Request Entity Too Large  the body, in one datagram or in blocks (RFC 7959), is over
+//	                               Config.MaxPayload; Size1 says the limit
 //	4.15 Unsupported Content-Format
-//	5.03 Service Unavailable     the sink failed: the device must send the records again
+//	5.03 Service Unavailable       the sink failed: the device sends the records again
 //
 // Records are resolved (senml.Pack.Resolve at the time of receipt), keeping
 // their sequence numbers, de-duplicated, and written to the Sink; only then
@@ -46,6 +49,14 @@
 // the verified certificate. Handlers find the device through the
 // connection go-coap gives them. Nothing of go-coap or pion is forked.
 //
+// Four go-coap defaults are replaced: its periodic runner (a goroutine
+// nobody waits for) by one Run stops; its 16-second inactivity timeout by
+// Config.IdleTimeout (a session that outlives a NAT binding is what the
+// Connection ID is for); its 1472-byte read buffer by pion's 8 KiB, so
+// that an oversized datagram is answered 4.13 rather than ending the
+// session; and its unbounded assembly of blocks by a request monitor that
+// answers 4.13 as soon as a transfer passes MaxPayload.
+//
 // # De-duplication
 //
 // Agents deliver at least once, so the same record can arrive twice: after
@@ -61,9 +72,9 @@
 //
 // The bounds, and what happens past them:
 //
-//   - Per device, at most DedupeWindow/8 bytes of bitmap (512 B by
-//     default), allocated only while numbers arrive out of order, plus about
-//     150 bytes of bookkeeping.
+//   - Per device, about 190 bytes (with a 20-byte device ID), plus
+//     DedupeWindow/8 bytes of bitmap (512 B by default) while numbers arrive
+//     out of order.
 //   - A number more than DedupeWindow above the watermark moves the window
 //     up: the numbers it skips over are taken as written. A skipped number
 //     that was never written (the agent's queue dropped it when full) is
@@ -76,10 +87,13 @@
 //     as a reset). Records of a restarted device that fall within
 //     DedupeWindow below the old watermark are dropped as duplicates.
 //   - At most Config.DedupeDevices devices are remembered (100 000 by
-//     default: about 15 MB in the common case, about 65 MB if every window
-//     holds a bitmap). Past that, the least recently active device's window
-//     is forgotten (counted as an eviction): a duplicate of that device that
-//     arrives very late may then be written once more.
+//     default: about 19 MB, about 70 MB if every window holds a bitmap).
+//     Past that, the least recently active device's window is forgotten
+//     (counted as an eviction): a duplicate of that device that arrives very
+//     late may then be written once more.
+//   - The windows live in memory: after the collector restarts, a
+//     duplicate of a record written before the restart may be written once
+//     more. A sink that must be exact can drop (device, seq) pairs it holds.
 //
 // Requests of one device are processed one at a time from de-duplication
 // to acknowledgement, so that two copies of a batch in flight at once
@@ -97,5 +111,13 @@
 //
 // Established sessions outlive the handshake checks: Revoked and the
 // certificate's expiry are checked again at every request, and a session
-// whose certificate fails them is answered 4.01 and closed.
+// whose certificate fails them is answered 4.01 and closed at once (the
+// device may see the close before the answer; either way its next
+// handshake decides).
+//
+// The handshake failure reasons of Stats come from pion's errors. pion
+// exports few of them, so some are recognized by their text; a pion upgrade
+// that changes one makes such failures count as "other". An alert from a
+// pion client that negotiated a Connection ID does not reach the server as
+// an alert (pion reports "invalid content type"): it counts as "other" too.
 package collector

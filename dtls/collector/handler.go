@@ -57,16 +57,25 @@ func (c *Collector) serveCoAP(ctx context.Context, w *responseWriter, r *request
 	}
 	if a.close {
 		cc := w.Conn()
-		responsewriter.AfterWrite(r.Context(), func() { cc.Close() })
+		if !responsewriter.AfterWrite(r.Context(), func() { cc.Close() }) {
+			cc.Close() // no hook (an assembled block-wise request): close without the answer
+		}
 	}
 }
 
 // handle decides the answer to r.
 func (c *Collector) handle(ctx context.Context, s *session, r *request) answer {
 	now := c.cfg.Now()
-	if now.After(s.leaf.NotAfter) || c.cfg.Revoked != nil && c.cfg.Revoked(s.leaf) {
-		c.log.Info("closing session: certificate revoked or expired", "device", s.device, "serial", fmt.Sprintf("%x", s.leaf.SerialNumber))
-		return answer{code: codes.Unauthorized, diag: "certificate revoked or expired", close: true}
+	var refusal string
+	switch {
+	case now.After(s.leaf.NotAfter):
+		refusal = "certificate expired"
+	case c.cfg.Revoked != nil && c.cfg.Revoked(s.leaf):
+		refusal = "certificate revoked"
+	}
+	if refusal != "" {
+		c.log.Info("closing session: "+refusal, "device", s.device, "serial", fmt.Sprintf("%x", s.leaf.SerialNumber))
+		return answer{code: codes.Unauthorized, diag: refusal, close: true}
 	}
 	id, ok := telemetryPath(r.Options())
 	switch {

@@ -108,7 +108,19 @@ func newFixture(t testing.TB) *fixture {
 // false) a client certificate with CN name, as a device's would be.
 func issue(t testing.TB, st *stationtest.Station, name string, sans []string, server bool) tls.Certificate {
 	t.Helper()
-	sc, err := st.IssueService(name, sans, server, time.Hour)
+	return issueCert(t, st, name, sans, server, time.Hour)
+}
+
+// issueFor issues a device-like client certificate valid for lifetime
+// from now (backdated by the station), which may be negative.
+func issueFor(t testing.TB, st *stationtest.Station, name string, lifetime time.Duration) tls.Certificate {
+	t.Helper()
+	return issueCert(t, st, name, nil, false, lifetime)
+}
+
+func issueCert(t testing.TB, st *stationtest.Station, name string, sans []string, server bool, lifetime time.Duration) tls.Certificate {
+	t.Helper()
+	sc, err := st.IssueService(name, sans, server, lifetime)
 	if err != nil {
 		t.Fatalf("IssueService(%s): %v", name, err)
 	}
@@ -180,6 +192,19 @@ func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collecto
 	return c, out
 }
 
+// waitFor waits until cond holds, failing t with the message format, args
+// ("what should hold") if it does not within wait.
+func waitFor(t testing.TB, cond func() bool, format string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v, still not "+format, append([]any{wait}, args...)...)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // lines reads what a JSON-lines sink wrote.
 type lines struct{ path string }
 
@@ -229,8 +254,9 @@ type client struct {
 
 // dialOptions add to dial's defaults.
 type dialOptions struct {
-	dtls []piondtls.ClientOption
-	coap []udp.Option
+	dtls  []piondtls.ClientOption
+	coap  []udp.Option
+	noCID bool // a client without Connection ID support
 }
 
 // dial connects to the collector at addr with cert, trusting roots, with a
@@ -241,13 +267,16 @@ func dial(t testing.TB, addr net.Addr, cert tls.Certificate, roots *x509.CertPoo
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := append([]piondtls.ClientOption{
+	opts := []piondtls.ClientOption{
 		piondtls.WithCertificates(cert),
 		piondtls.WithRootCAs(roots),
 		piondtls.WithServerName("127.0.0.1"),
 		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
-		piondtls.WithConnectionIDGenerator(piondtls.OnlySendCIDGenerator()),
-	}, o.dtls...)
+	}
+	if !o.noCID {
+		opts = append(opts, piondtls.WithConnectionIDGenerator(piondtls.OnlySendCIDGenerator()))
+	}
+	opts = append(opts, o.dtls...)
 	dc, err := piondtls.ClientWithOptions(pc, addr, opts...)
 	if err != nil {
 		pc.Close()
@@ -314,6 +343,26 @@ func (c *client) post(t testing.TB, path string, cf message.MediaType, body []by
 		}
 	}
 	return resp.Code(), string(payload)
+}
+
+// postToClosing posts to a session that the collector answers 4.01 and
+// closes at once: the client may see the close before the answer, and then
+// reports 0.
+func (c *client) postToClosing(t testing.TB, body []byte) codes.Code {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	resp, err := c.cc.Post(ctx, "/telemetry", message.AppSenmlCbor, strings.NewReader(string(body)))
+	if err != nil {
+		select {
+		case <-c.cc.Done():
+			return 0
+		default:
+			t.Fatalf("POST: %v, with the session open", err)
+		}
+	}
+	defer c.cc.ReleaseMessage(resp)
+	return resp.Code()
 }
 
 // swapConn is a UDP socket that rebind replaces under a live DTLS session,

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 )
 
@@ -17,10 +18,15 @@ import (
 type Stats struct {
 	// Handshakes counts finished DTLS handshakes by result: "ok", or the
 	// reason of the failure ("unknown_ca", "expired", "bad_certificate",
-	// "revoked", "not_device", "timeout", "busy", "peer_" and the alert the
-	// client sent, "other"). Handshakes cut short by shutdown are not
-	// counted.
+	// "revoked", "not_device", "no_certificate", "no_shared_cipher",
+	// "no_extended_master_secret", "timeout", "busy", "peer_" and the name
+	// of the alert the client sent, "other"). Handshakes cut short by
+	// shutdown are not counted.
 	Handshakes map[string]uint64
+
+	// HandshakesInProgress is the number of handshakes under way, at most
+	// Config.MaxHandshakes.
+	HandshakesInProgress int
 
 	// HandshakeTime is the distribution of the durations of successful
 	// handshakes, from the first ClientHello to the client's Finished: it
@@ -83,7 +89,7 @@ type metrics struct {
 	hsCount    uint64
 	hsSum      time.Duration
 	hsBuckets  [len(handshakeBounds)]uint64 // not cumulative
-	sessions   map[string]int64            // by cipher suite
+	sessions   map[string]int64             // by cipher suite
 
 	requests    [256]atomic.Uint64 // by codes.Code, which is below 256
 	accepted    atomic.Uint64
@@ -143,7 +149,8 @@ func codeString(c codes.Code) string {
 func (c *Collector) Stats() Stats {
 	m := &c.m
 	s := Stats{
-		Requests: map[string]uint64{},
+		HandshakesInProgress: len(c.handshakes),
+		Requests:             map[string]uint64{},
 		Records: RecordStats{
 			Accepted:    m.accepted.Load(),
 			Duplicate:   m.duplicate.Load(),
@@ -195,6 +202,9 @@ func (c *Collector) Metrics() string {
 		}
 	}
 
+	family("iotstation_coap_handshakes_in_progress", "gauge", "DTLS handshakes under way.")
+	fmt.Fprintf(&b, "iotstation_coap_handshakes_in_progress %d\n", s.HandshakesInProgress)
+
 	family("iotstation_coap_handshake_seconds", "histogram", "Duration of successful DTLS handshakes, first ClientHello to Finished.")
 	for _, bk := range s.HandshakeTime.Buckets {
 		fmt.Fprintf(&b, "iotstation_coap_handshake_seconds_bucket{le=%q} %d\n", strconv.FormatFloat(bk.UpperBound.Seconds(), 'g', -1, 64), bk.Count)
@@ -204,8 +214,12 @@ func (c *Collector) Metrics() string {
 	fmt.Fprintf(&b, "iotstation_coap_handshake_seconds_count %d\n", s.HandshakeTime.Count)
 
 	family("iotstation_coap_sessions", "gauge", "Established DTLS 1.2 sessions by cipher suite.")
-	for _, cs := range slices.Sorted(maps.Keys(s.SessionsByCipher)) {
-		fmt.Fprintf(&b, "iotstation_coap_sessions{cipher=%q} %d\n", cs, s.SessionsByCipher[cs])
+	ciphers := maps.Clone(s.SessionsByCipher)
+	for _, id := range cipherSuites {
+		ciphers[piondtls.CipherSuiteName(id)] += 0 // a series for each offered suite, even at 0
+	}
+	for _, cs := range slices.Sorted(maps.Keys(ciphers)) {
+		fmt.Fprintf(&b, "iotstation_coap_sessions{cipher=%q} %d\n", cs, ciphers[cs])
 	}
 
 	family("iotstation_coap_requests_total", "counter", "CoAP requests answered, by response code.")

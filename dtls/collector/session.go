@@ -49,12 +49,22 @@ func (c *Collector) verifyPeer(_ [][]byte, chains [][]*x509.Certificate) error {
 type listener struct {
 	*coapnet.DTLSListener
 	c *Collector
+	// err is why accepting failed for good, other than shutdown. Only
+	// Serve's goroutine sets it.
+	err error
 }
 
 func (l *listener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
 	conn, err := l.DTLSListener.AcceptWithContext(ctx)
 	if err != nil {
-		return nil, err
+		if ctx.Err() != nil || errors.Is(err, coapnet.ErrListenerIsClosed) {
+			return nil, err // shutting down
+		}
+		// pion's listener fails only when its socket does, and go-coap
+		// would retry at once, for ever: stop serving instead.
+		l.err = err
+		l.DTLSListener.Close()
+		return nil, coapnet.ErrListenerIsClosed
 	}
 	dc, ok := conn.(*piondtls.Conn)
 	if !ok {
@@ -146,10 +156,22 @@ const (
 	reasonBadCertificate = "bad_certificate" // another verification failure
 	reasonRevoked        = "revoked"         // Revoked reported it
 	reasonNotDevice      = "not_device"      // its CN is not a valid device ID
-	reasonTimeout        = "timeout"         // HandshakeTimeout passed (lost or spoofed peer)
-	reasonBusy           = "busy"            // MaxHandshakes were in progress
-	reasonOther          = "other"           // anything else: see the log at debug level
+	reasonNoCertificate  = "no_certificate"  // the client sent none (pion clients send none that ClientCAs did not issue)
+	reasonNoCipher       = "no_shared_cipher"
+	reasonNoEMS          = "no_extended_master_secret"
+	reasonTimeout        = "timeout" // HandshakeTimeout passed (lost or spoofed peer)
+	reasonBusy           = "busy"    // MaxHandshakes were in progress
+	reasonOther          = "other"   // anything else: see the log at debug level
 )
+
+// pionFailures classify pion's handshake errors, which it does not export,
+// by their text (pion/dtls v3.1). Should a new pion change a text, the
+// failure shows as "other", and TestBadInput fails.
+var pionFailures = []struct{ text, reason string }{
+	{"server required client verification, but got none", reasonNoCertificate},
+	{"client+server do not support any shared cipher suites", reasonNoCipher},
+	{"server requires the Extended Master Secret extension", reasonNoEMS},
+}
 
 // failureReason classifies a failed handshake.
 func failureReason(err error) string {
@@ -174,6 +196,11 @@ func failureReason(err error) string {
 	}
 	if d, ok := peerAlert(err); ok {
 		return "peer_" + snakeCase(d.String())
+	}
+	for _, f := range pionFailures {
+		if strings.Contains(err.Error(), f.text) {
+			return f.reason
+		}
 	}
 	return reasonOther
 }
