@@ -197,8 +197,8 @@ func checkKey(c tls.Certificate) error {
 	return nil
 }
 
-// Addr returns the address the collector listens on, or nil before it
-// listens.
+// Addr returns the address the collector listens on (or listened on, once
+// Run returned), or nil before it listens.
 func (c *Collector) Addr() net.Addr {
 	if a := c.addr.Load(); a != nil {
 		return *a

@@ -76,11 +76,11 @@
 //     DedupeWindow/8 bytes of bitmap (512 B by default) while numbers arrive
 //     out of order.
 //   - A number more than DedupeWindow above the watermark moves the window
-//     up: the numbers it skips over are taken as written. A skipped number
-//     that was never written (the agent's queue dropped it when full) is
-//     unaffected; one that arrives later anyway is dropped as a duplicate.
-//     With an agent that has fewer than DedupeWindow records in flight this
-//     cannot happen to a record that is still being retried.
+//     up: the numbers it skips over are taken as written. Usually they are
+//     gaps that will never be filled (the agent's queue dropped those
+//     records when it was full); one that does arrive later is dropped as a
+//     duplicate. With an agent that has fewer than DedupeWindow records in
+//     flight, that cannot happen to a record it is still retrying.
 //   - A number more than DedupeWindow below the watermark cannot be a
 //     retry, for the same reason: the device has restarted its numbering
 //     (its queue file was replaced), and its window starts afresh (counted
