@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -51,10 +52,10 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 	}
 	certFile, keyFile, caFile := write("server.crt", sc.Chain), write("server.key", sc.Key), write("ca.pem", st.TrustPEM())
 	port := freeUDPPort(t)
-	var out bytes.Buffer
+	out := &syncBuffer{}
 	// -d: resources are created on demand, so POST /telemetry has one.
 	srv := exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port-1), "-c", certFile, "-j", keyFile, "-C", caFile, "-d", "10", "-v", "6")
-	srv.Stdout, srv.Stderr = &out, &out
+	srv.Stdout, srv.Stderr = out, out
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -95,3 +96,21 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// syncBuffer is a buffer a child process writes while the test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

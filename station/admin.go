@@ -39,6 +39,9 @@ func (s *Station) CreateToken(id string, ttl time.Duration) (Token, error) {
 	if err := ValidDeviceID(id); err != nil {
 		return Token{}, err
 	}
+	if s.reg.isService(id) {
+		return Token{}, errServiceName(id)
+	}
 	if ttl <= 0 || ttl > MaxTokenTTL {
 		return Token{}, fmt.Errorf("token TTL %v: want more than 0 and at most %v", ttl, MaxTokenTTL)
 	}

@@ -303,16 +303,16 @@ type ServiceRequest struct {
 // IssueService issues a certificate for a service named cn: with server,
 // a TLS server certificate for sans (DNS names or IPs); otherwise a client
 // certificate (for example a backend subscriber reading every device's
-// telemetry). Services are not devices: they are not in the registry and
-// cannot enroll.
+// telemetry). Services are not devices: their names are reserved in the
+// registry, so no device can ever enroll under one.
 func (s *Station) IssueService(cn string, sans []string, server bool, lifetime time.Duration) (*ServiceCert, error) {
 	if cn == "" {
 		return nil, errors.New("service certificate needs a name")
 	}
-	if err := ValidDeviceID(cn); err == nil {
-		if d, _ := s.reg.device(cn); d != nil {
-			return nil, fmt.Errorf("%q is a device ID; a service must not share it", cn)
-		}
+	// Brokers and the collector take identity from the CN: a name is a
+	// device's or a service's, never both, now or later.
+	if err := s.reg.reserveService(cn); err != nil {
+		return nil, err
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

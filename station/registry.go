@@ -58,12 +58,13 @@ type token struct {
 }
 
 var (
-	bucketDevices = []byte("devices") // id -> Device
-	bucketEKs     = []byte("eks")     // ek sha256 -> id
-	bucketCerts   = []byte("certs")   // serial hex -> issued
-	bucketByDev   = []byte("bydev")   // id NUL serial hex -> nothing: a device's certificates
-	bucketTokens  = []byte("tokens")  // id -> token
-	bucketMeta    = []byte("meta")    // crl number
+	bucketDevices = []byte("devices")  // id -> Device
+	bucketEKs     = []byte("eks")      // ek sha256 -> id
+	bucketCerts   = []byte("certs")    // serial hex -> issued
+	bucketByDev   = []byte("bydev")    // id NUL serial hex -> nothing: a device's certificates
+	bucketTokens  = []byte("tokens")   // id -> token
+	bucketMeta    = []byte("meta")     // crl number
+	bucketSvc     = []byte("services") // service name -> nothing: names devices may not take
 	keyCRLNumber  = []byte("crl_number")
 )
 
@@ -89,7 +90,7 @@ func openRegistry(path string) (*registry, error) {
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta} {
+		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta, bucketSvc} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -177,6 +178,9 @@ func (r *registry) recordIssue(id, ek string, serial *big.Int, notAfter, now tim
 }
 
 func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now time.Time, check func(*Device) error) error {
+	if tx.Bucket(bucketSvc).Get([]byte(id)) != nil {
+		return errServiceName(id)
+	}
 	devs := tx.Bucket(bucketDevices)
 	d, err := getJSON[Device](devs, id)
 	if err != nil {
@@ -211,10 +215,40 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now ti
 	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: notAfter})
 }
 
+// errServiceName refuses a device ID that names a service: brokers and
+// the collector take identity from the certificate's CN, so one name must
+// never be both.
+func errServiceName(id string) error {
+	return refuse(403, "service_name", "device ID %q is the name of a station service", id)
+}
+
+// reserveService records name as a service's, refusing a device's name.
+func (r *registry) reserveService(name string) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketDevices).Get([]byte(name)) != nil {
+			return fmt.Errorf("%q is a device ID; a service must not share it", name)
+		}
+		return tx.Bucket(bucketSvc).Put([]byte(name), nil)
+	})
+}
+
+// isService reports whether name is reserved for a service.
+func (r *registry) isService(name string) bool {
+	found := false
+	r.db.View(func(tx *bolt.Tx) error {
+		found = tx.Bucket(bucketSvc).Get([]byte(name)) != nil
+		return nil
+	})
+	return found
+}
+
 // hold registers a device whose EK is unknown as pending approval, bound
 // to that EK. An existing entry is left alone.
 func (r *registry) hold(id, ek string, now time.Time) error {
 	return r.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketSvc).Get([]byte(id)) != nil {
+			return errServiceName(id)
+		}
 		devs := tx.Bucket(bucketDevices)
 		if devs.Get([]byte(id)) != nil {
 			return nil

@@ -510,3 +510,20 @@ func TestHoldForApproval(t *testing.T) {
 		t.Errorf("status after enrollment = %s", devs[0].Status)
 	}
 }
+
+// Brokers and the collector take a client's identity from its CN: a name
+// is a device's or a service's, never both.
+func TestServiceAndDeviceNamesNeverOverlap(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, Lenient: true})
+	if _, err := st.IssueService("gw-svc", nil, false, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.CreateToken("gw-svc", time.Hour); err == nil || !strings.Contains(err.Error(), "name of a station service") {
+		t.Errorf("token for a service's name = %v, want refused", err)
+	}
+	d := newTPMDevice(t, 0)
+	_, cert := enrolledClient(t, st, d)
+	if _, err := st.IssueService(cert.Subject.CommonName, nil, false, time.Hour); err == nil || !strings.Contains(err.Error(), "is a device ID") {
+		t.Errorf("service certificate under a device's ID = %v, want refused", err)
+	}
+}
