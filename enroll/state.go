@@ -61,6 +61,9 @@ func (s *State) TrustPool() *x509.CertPool {
 	return p
 }
 
+// ReadCertificates reads every certificate of a PEM file (at least one).
+func ReadCertificates(path string) ([]*x509.Certificate, error) { return readPEMCerts(path) }
+
 func readPEMCerts(path string) ([]*x509.Certificate, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {

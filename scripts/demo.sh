@@ -10,14 +10,14 @@
 #        where mosquitto is installed)
 #   --coap      the gateways use the CoAP-over-DTLS uplink; the station's
 #               collector republishes into MQTT for the watcher
-#   --duration  how long the gateways stream (default 2m; the demo ends
+#   --duration  how long the gateways stream (default 100s; the demo ends
 #               within about a minute more)
 #   --keep      keep the working directory (printed) for inspection
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 
-DURATION=120
+DURATION=100
 KEEP=0
 COAP=0
 while [ $# -gt 0 ]; do

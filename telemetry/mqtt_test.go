@@ -179,35 +179,10 @@ func (r *rig) ingest(n int, name string) []uint64 {
 	return seqs
 }
 
-// collect reads telemetry messages until every seq in want was seen or
-// the deadline passes; it returns how often each seq arrived.
+// collect waits until the subscriber has every seq in want.
 func collect(t testing.TB, sub *mqtttest.Subscriber, want []uint64, d time.Duration) map[uint64]int {
 	t.Helper()
-	got := map[uint64]int{}
-	missing := map[uint64]bool{}
-	for _, s := range want {
-		missing[s] = true
-	}
-	deadline := time.After(d)
-	for len(missing) > 0 {
-		select {
-		case m := <-sub.Messages():
-			if !strings.HasSuffix(m.Topic, "/telemetry") {
-				continue
-			}
-			p, err := senml.ParseJSON(m.Payload)
-			if err != nil {
-				t.Fatalf("telemetry payload is not SenML: %v", err)
-			}
-			for _, rec := range p {
-				got[rec.Seq]++
-				delete(missing, rec.Seq)
-			}
-		case <-deadline:
-			t.Fatalf("%d of %d records not received after %v", len(missing), len(want), d)
-		}
-	}
-	return got
+	return sub.WaitSeqs(t, want, d)
 }
 
 func TestTenThousandRecordsArrive(t *testing.T) {

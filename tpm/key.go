@@ -68,6 +68,12 @@ func (t *TPM) createSRK() (tpm2.NamedHandle, error) {
 func (t *TPM) CreateKey() (*KeyFile, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	return t.createUnderSRK(keyFileFormat, "creating device key", tpm2.Create{InPublic: tpm2.New2B(deviceKeyTemplate())})
+}
+
+// createUnderSRK runs create (its parent filled in) under a fresh SRK and
+// returns the new object's wrapped blobs as a file of format. t.mu held.
+func (t *TPM) createUnderSRK(format, what string, create tpm2.Create) (*KeyFile, error) {
 	var srk tpm2.NamedHandle
 	var rsp *tpm2.CreateResponse
 	err := t.roomForObjects(func() error {
@@ -75,13 +81,10 @@ func (t *TPM) CreateKey() (*KeyFile, error) {
 		if srk, err = t.createSRK(); err != nil {
 			return err
 		}
-		rsp, err = tpm2.Create{
-			ParentHandle: srk,
-			InPublic:     tpm2.New2B(deviceKeyTemplate()),
-		}.Execute(t.tr)
-		t.flush(srk.Handle)
-		if err != nil {
-			return fmt.Errorf("creating device key: %w", err)
+		defer t.flush(srk.Handle)
+		create.ParentHandle = srk
+		if rsp, err = create.Execute(t.tr); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
 		}
 		return nil
 	})
@@ -89,7 +92,7 @@ func (t *TPM) CreateKey() (*KeyFile, error) {
 		return nil, err
 	}
 	return &KeyFile{
-		Format:     keyFileFormat,
+		Format:     format,
 		Parent:     parentOwnerSRK,
 		ParentName: hex.EncodeToString(srk.Name.Buffer),
 		Public:     tpm2.Marshal(rsp.OutPublic),

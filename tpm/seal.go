@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"time"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -36,37 +35,12 @@ func (t *TPM) Seal(secret []byte) (*KeyFile, error) {
 			Scheme: tpm2.TPMTKeyedHashScheme{Scheme: tpm2.TPMAlgNull},
 		}),
 	}
-	var srk tpm2.NamedHandle
-	var rsp *tpm2.CreateResponse
-	err := t.roomForObjects(func() error {
-		var err error
-		if srk, err = t.createSRK(); err != nil {
-			return err
-		}
-		defer t.flush(srk.Handle)
-		rsp, err = tpm2.Create{
-			ParentHandle: srk,
-			InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
-				Data: tpm2.NewTPMUSensitiveCreate(&tpm2.TPM2BSensitiveData{Buffer: secret}),
-			}},
-			InPublic: tpm2.New2B(tmpl),
-		}.Execute(t.tr)
-		if err != nil {
-			return fmt.Errorf("sealing data: %w", err)
-		}
-		return nil
+	return t.createUnderSRK(sealedFileFormat, "sealing data", tpm2.Create{
+		InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
+			Data: tpm2.NewTPMUSensitiveCreate(&tpm2.TPM2BSensitiveData{Buffer: secret}),
+		}},
+		InPublic: tpm2.New2B(tmpl),
 	})
-	if err != nil {
-		return nil, err
-	}
-	return &KeyFile{
-		Format:     sealedFileFormat,
-		Parent:     parentOwnerSRK,
-		ParentName: hex.EncodeToString(srk.Name.Buffer),
-		Public:     tpm2.Marshal(rsp.OutPublic),
-		Private:    tpm2.Marshal(rsp.OutPrivate),
-		Created:    time.Now().UTC().Truncate(time.Second),
-	}, nil
 }
 
 // Unseal returns the data sealed in sf by this TPM. Another TPM's blobs

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -90,29 +89,7 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-func readCertFile(path string) ([]*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("%s: no PEM certificate", path)
-	}
-	return out, nil
-}
+func readCertFile(path string) ([]*x509.Certificate, error) { return enroll.ReadCertificates(path) }
 
 // lockFile is held (flock) by the process that owns the state dir's
 // identity: iotagent run, or a one-shot enroll/renew.

@@ -17,7 +17,6 @@ import (
 
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/mqtttest"
-	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
@@ -171,7 +170,7 @@ keepalive = "5s"
 		mu.Lock()
 		want := append([]uint64(nil), acked...)
 		mu.Unlock()
-		got := receiveSeqs(t, sub, want, 60*time.Second)
+		got := sub.WaitSeqs(t, want, 60*time.Second)
 		start := time.Now()
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -201,35 +200,6 @@ keepalive = "5s"
 	if s.Running || s.QueueDepth != 0 || s.Uplink != "not running" {
 		t.Errorf("status after stop = %+v, want not running with an empty queue", s)
 	}
-}
-
-func receiveSeqs(t *testing.T, sub *mqtttest.Subscriber, want []uint64, d time.Duration) map[uint64]int {
-	t.Helper()
-	got := map[uint64]int{}
-	missing := map[uint64]bool{}
-	for _, s := range want {
-		missing[s] = true
-	}
-	deadline := time.After(d)
-	for len(missing) > 0 {
-		select {
-		case m := <-sub.Messages():
-			if !strings.HasSuffix(m.Topic, "/telemetry") {
-				continue
-			}
-			p, err := senml.ParseJSON(m.Payload)
-			if err != nil {
-				t.Fatalf("payload: %v", err)
-			}
-			for _, r := range p {
-				got[r.Seq]++
-				delete(missing, r.Seq)
-			}
-		case <-deadline:
-			t.Fatalf("%d of %d acknowledged records never delivered", len(missing), len(want))
-		}
-	}
-	return got
 }
 
 // iotagent send - pipelines stdin; answers stay in order and a bad line

@@ -3,11 +3,14 @@ package mqtttest
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+
+	"iotagent.dev/iotagent/telemetry/senml"
 )
 
 // MessageBuffer is how many messages a Subscriber holds for the test to
@@ -220,4 +223,40 @@ func (s *Subscriber) Close() {
 	if dropped > 0 {
 		s.t.Errorf("mqtttest: the subscriber dropped %d messages: Messages() was full (%d); read it while publishing", dropped, cap(s.msgs))
 	}
+}
+
+// WaitSeqs reads telemetry messages (SenML JSON packs) until every
+// sequence number in want was seen or d passes, failing the test then. It
+// returns how many times each sequence number arrived (duplicates are
+// at-least-once delivery at work). Messages on other topics are skipped.
+func (s *Subscriber) WaitSeqs(t testing.TB, want []uint64, d time.Duration) map[uint64]int {
+	t.Helper()
+	got := map[uint64]int{}
+	missing := make(map[uint64]bool, len(want))
+	for _, q := range want {
+		missing[q] = true
+	}
+	deadline := time.After(d)
+	for len(missing) > 0 {
+		select {
+		case m, ok := <-s.Messages():
+			if !ok {
+				t.Fatalf("subscriber closed with %d of %d records missing", len(missing), len(want))
+			}
+			if !strings.HasSuffix(m.Topic, "/telemetry") {
+				continue
+			}
+			p, err := senml.ParseJSON(m.Payload)
+			if err != nil {
+				t.Fatalf("telemetry payload on %s is not SenML: %v", m.Topic, err)
+			}
+			for _, r := range p {
+				got[r.Seq]++
+				delete(missing, r.Seq)
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d records not received after %v", len(missing), len(want), d)
+		}
+	}
+	return got
 }
