@@ -38,6 +38,6 @@ printf '%-24s %12s %8s\n' binary bytes MiB
 for t in "${targets[@]}"; do
 	f="dist/iotagent-linux-$t"
 	s=$(stat -c %s "$f")
-	printf '%-24s %12d %8.2f\n' "$(basename "$f")" "$s" "$(echo "$s / 1048576" | bc -l)"
+	printf '%-24s %12d %8.2f\n' "$(basename "$f")" "$s" "$(awk -v s="$s" 'BEGIN { print s / 1048576 }')"
 done
 echo "version $version ($commit)"
