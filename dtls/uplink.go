@@ -186,9 +186,15 @@ func (u *Uplink) Ready(ctx context.Context) error {
 	}
 }
 
-// Deliver posts payload and waits for 2.04 Changed (or 2.01 Created). A
-// 4.xx answer is a permanent refusal of this payload (telemetry.ErrRejected);
-// a timeout or 5.xx is worth resending.
+// Deliver posts payload and waits for 2.04 Changed (or 2.01 Created).
+// Only an answer about the payload itself, 4.00 Bad Request (undecodable)
+// or 4.13 Request Entity Too Large, refuses it for good
+// (telemetry.ErrRejected): resending the same bytes cannot help. Every
+// other answer leaves the records queued: 4.01 and 4.03 refuse the
+// session's identity (a certificate that expired during the session, a
+// revoked one), so the session is dropped and the next one handshakes
+// with the current certificate; any other code (a collector that is
+// misconfigured, 5.xx) is resent with the uplink's backoff.
 func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	u.mu.Lock()
 	cc, broken := u.client, u.broken
@@ -202,33 +208,38 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	resp, err := cc.Post(rctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
 	if err != nil {
 		if ctx.Err() == nil {
-			u.noteFailure(broken)
+			u.noteFailure(broken, false)
 		}
 		return fmt.Errorf("CoAP POST /telemetry: %w", err)
 	}
 	code := resp.Code()
-	switch {
-	case code == codes.Changed || code == codes.Created:
+	body, _ := resp.ReadBody()
+	switch code {
+	case codes.Changed, codes.Created:
 		u.mu.Lock()
 		u.fails = 0
 		u.state.LastAck = time.Now()
 		u.mu.Unlock()
 		return nil
-	case code >= codes.BadRequest && code < codes.InternalServerError:
-		body, _ := resp.ReadBody()
+	case codes.BadRequest, codes.RequestEntityTooLarge:
 		return fmt.Errorf("%w: collector answered %v: %s", telemetry.ErrRejected, code, body)
+	case codes.Unauthorized, codes.Forbidden:
+		u.noteFailure(broken, true)
+		return fmt.Errorf("collector refused this session (%v: %s); reconnecting", code, body)
 	default:
-		return fmt.Errorf("collector answered %v", code)
+		u.noteFailure(broken, false)
+		return fmt.Errorf("collector answered %v: %s", code, body)
 	}
 }
 
 // noteFailure counts a failed exchange; two in a row mean the session is
-// dead (collector restarted and forgot it, a long outage): reconnect.
-func (u *Uplink) noteFailure(broken chan struct{}) {
+// dead (collector restarted and forgot it, a long outage), and a refused
+// identity ends it at once: reconnect.
+func (u *Uplink) noteFailure(broken chan struct{}, now bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.fails++
-	if u.fails >= 2 && u.broken == broken {
+	if (now || u.fails >= 2) && u.broken == broken {
 		select {
 		case <-broken:
 		default:
@@ -248,7 +259,9 @@ func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, 
 			if err := u.cfg.Sessions.Put(sessionKey, nil); err != nil {
 				return nil, nil, false, err
 			}
+			start := time.Now()
 			if conn, pc, err := u.resume(ctx, sealed, opts); err == nil {
+				u.cfg.Stats.Succeeded(true, time.Since(start))
 				return conn, pc, true, nil
 			} else {
 				u.log.Info("stored DTLS session not resumed; handshaking", "reason", err)
@@ -271,10 +284,12 @@ func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, 
 	}
 	if err != nil {
 		pc.Close()
-		u.cfg.Stats.Record(false, false, time.Since(start))
+		if ctx.Err() == nil {
+			u.cfg.Stats.Failed(HandshakeFailure(err))
+		}
 		return nil, nil, false, fmt.Errorf("DTLS handshake with %s: %w", u.raddr, err)
 	}
-	u.cfg.Stats.Record(true, false, time.Since(start))
+	u.cfg.Stats.Succeeded(false, time.Since(start))
 	return conn, pc, false, nil
 }
 
@@ -346,6 +361,9 @@ func (u *Uplink) Run(ctx context.Context) error {
 	attempts := 0
 	for {
 		u.setState("connecting", nil)
+		// A session keeps the certificate it was made with: a renewed one
+		// is presented in a new handshake.
+		renewed := u.cfg.Identity.Changed()
 		conn, pc, resumed, err := u.connect(ctx)
 		if ctx.Err() != nil {
 			u.setState("stopped", nil)
@@ -381,10 +399,13 @@ func (u *Uplink) Run(ctx context.Context) error {
 		u.mu.Unlock()
 		u.log.Info("DTLS session up", "collector", u.raddr, "resumed", resumed)
 
+		why := "session lost"
 		select {
 		case <-ctx.Done():
 		case <-broken:
 		case <-cc.Done():
+		case <-renewed:
+			why = "device certificate renewed"
 		}
 		u.mu.Lock()
 		u.client, u.pc = nil, nil
@@ -406,8 +427,8 @@ func (u *Uplink) Run(ctx context.Context) error {
 			u.setState("stopped", nil)
 			return nil
 		}
-		u.setState("connecting", errors.New("session lost"))
-		u.log.Warn("DTLS session lost; reconnecting")
+		u.setState("connecting", errors.New(why))
+		u.log.Warn("DTLS session ended; reconnecting", "reason", why)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -44,7 +45,7 @@ func (r *received) count(want []uint64) (missing, dups int) {
 
 // startCollector runs the station's collector on loopback with a sink
 // that counts.
-func startCollector(t testing.TB, st *stationtest.Station) (*collector.Collector, *received) {
+func startCollector(t testing.TB, st *stationtest.Station, tweak ...func(*collector.Config)) (*collector.Collector, *received) {
 	t.Helper()
 	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
 	if err != nil {
@@ -54,7 +55,7 @@ func startCollector(t testing.TB, st *stationtest.Station) (*collector.Collector
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(st.TrustPEM())
 	rec := &received{seq: map[uint64]int{}}
-	c, err := collector.New(collector.Config{Addr: "127.0.0.1:0", Certificate: cert, ClientCAs: pool, Revoked: st.CertificateRevoked,
+	cfg := collector.Config{Addr: "127.0.0.1:0", Certificate: cert, ClientCAs: pool, Revoked: st.CertificateRevoked,
 		Sink: collector.SinkFunc(func(_ context.Context, _ string, p senml.Pack) error {
 			rec.mu.Lock()
 			defer rec.mu.Unlock()
@@ -62,7 +63,11 @@ func startCollector(t testing.TB, st *stationtest.Station) (*collector.Collector
 				rec.seq[r.Seq]++
 			}
 			return nil
-		})})
+		})}
+	for _, f := range tweak {
+		f(&cfg)
+	}
+	c, err := collector.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,6 +91,7 @@ func startCollector(t testing.TB, st *stationtest.Station) (*collector.Collector
 // agent is an uplink and pipeline over a queue, running until stop.
 type agent struct {
 	up     *dtls.Uplink
+	stats  *telemetry.TLSStats
 	pipe   *telemetry.Pipeline
 	q      *store.Store
 	cancel context.CancelFunc
@@ -94,8 +100,10 @@ type agent struct {
 
 func startAgent(t testing.TB, d *device, q *store.Store, sealer *dtls.Sealer, addr net.Addr) *agent {
 	t.Helper()
+	stats := &telemetry.TLSStats{}
 	up, err := dtls.NewUplink(dtls.UplinkConfig{URL: "coaps://" + addr.String(), RootCAs: d.roots, Identity: d.renewer.Identity(),
-		Sessions: q, Sealer: sealer, BackoffBase: 100 * time.Millisecond, BackoffCap: time.Second, AckTimeout: 500 * time.Millisecond})
+		Sessions: q, Sealer: sealer, BackoffBase: 100 * time.Millisecond, BackoffCap: time.Second, AckTimeout: 500 * time.Millisecond,
+		Stats: stats})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +112,7 @@ func startAgent(t testing.TB, d *device, q *store.Store, sealer *dtls.Sealer, ad
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &agent{up: up, pipe: pipe, q: q, cancel: cancel}
+	a := &agent{up: up, stats: stats, pipe: pipe, q: q, cancel: cancel}
 	for _, run := range []func(context.Context) error{up.Run, pipe.Run} {
 		a.wg.Add(1)
 		go func() {
@@ -276,5 +284,100 @@ func TestRestartResumesWithoutHandshake(t *testing.T) {
 	// nothing to resume twice.
 	if sealed, _ := q.Get("dtls.session"); len(sealed) != 0 {
 		t.Error("the resumed session state is still stored: it could be resumed twice")
+	}
+}
+
+// A renewed certificate ends the session: the next one is a full
+// handshake with the new certificate (its new TPM key signs), and
+// delivery goes on.
+func TestRenewedCertificateStartsNewSession(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolled(t, st)
+	c, rec := startCollector(t, st)
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), c.Addr())
+	seqs := queue(t, q, 50, "before")
+	waitDrained(t, q, 20*time.Second)
+	if err := d.renewer.RenewNow(context.Background()); err != nil {
+		t.Fatalf("RenewNow: %v", err)
+	}
+	sigs := d.tpm.Signatures()
+	waitUntil(t, 20*time.Second, "a new session after the renewal", func() bool {
+		full, _ := a.up.Handshakes()
+		return full == 2 && a.up.State().State == "connected"
+	})
+	seqs = append(seqs, queue(t, q, 50, "after")...)
+	waitDrained(t, q, 20*time.Second)
+	if spent := d.tpm.Signatures() - sigs; spent < 1 {
+		t.Errorf("the new session spent %d TPM signatures: it did not handshake with the new key", spent)
+	}
+	if h := c.Stats().Handshakes["ok"]; h != 2 {
+		t.Errorf("collector counted %d handshakes, want 2", h)
+	}
+	if missing, _ := rec.count(seqs); missing != 0 {
+		t.Errorf("%d records missing", missing)
+	}
+}
+
+// A collector that refuses the session's certificate (4.01: it expired
+// during the session) costs a reconnect, never records: they stay queued
+// until the collector takes them.
+func TestRefusedSessionKeepsRecords(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolled(t, st)
+	var skew atomic.Int64
+	c, rec := startCollector(t, st, func(cfg *collector.Config) {
+		cfg.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	})
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), c.Addr())
+	seqs := queue(t, q, 50, "before")
+	waitDrained(t, q, 20*time.Second)
+
+	skew.Store(int64(10 * 365 * 24 * time.Hour)) // the collector sees the certificate expired
+	held := queue(t, q, 50, "held")
+	waitUntil(t, 20*time.Second, "the collector refusing the session", func() bool { return c.Stats().Requests["4.01"] >= 1 })
+	time.Sleep(2 * time.Second) // the uplink reconnects and is refused again
+	if depth := q.Stats().Depth; depth != int64(len(held)) {
+		t.Errorf("queue depth %d while the collector refuses the session, want %d (nothing dropped)", depth, len(held))
+	}
+	if n := a.pipe.Rejected(); n != 0 {
+		t.Errorf("%d records dropped as refused; a refused session must not drop records", n)
+	}
+
+	skew.Store(0)
+	waitDrained(t, q, 30*time.Second)
+	if missing, _ := rec.count(append(seqs, held...)); missing != 0 {
+		t.Errorf("%d records missing", missing)
+	}
+}
+
+// The agent counts a failed DTLS handshake by its reason: here it does
+// not trust the collector's CA.
+func TestHandshakeFailureCountedByReason(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolled(t, st)
+	c, _ := startCollector(t, st)
+	stranger := *d
+	stranger.roots = x509.NewCertPool() // trusts nothing
+	a := startAgent(t, &stranger, openQueue(t), newSealer(t), c.Addr())
+	waitUntil(t, 20*time.Second, "a failed handshake counted", func() bool { return a.stats.Snapshot().Failed >= 1 })
+	s := a.stats.Snapshot()
+	if s.FailedBy["unknown_ca"] != s.Failed || s.OK != 0 {
+		t.Errorf("handshakes: ok %d, failed by reason %v; want every failure unknown_ca", s.OK, s.FailedBy)
+	}
+	if st := a.up.State(); st.State != "backoff" && st.State != "connecting" {
+		t.Errorf("uplink state %q, want backoff", st.State)
+	}
+}
+
+func waitUntil(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,20 +23,18 @@ import (
 // TLSStats counts an uplink's TLS (and DTLS) handshakes: the agent's own
 // service-level indicators. Safe for concurrent use.
 type TLSStats struct {
-	mu      sync.Mutex
-	ok      uint64
-	failed  uint64
-	resumed uint64
-	last    time.Duration
+	mu       sync.Mutex
+	ok       uint64
+	resumed  uint64
+	failedBy map[string]uint64
+	last     time.Duration
 }
 
-func (s *TLSStats) record(ok, resumed bool, d time.Duration) {
+// Succeeded counts a finished handshake that took d (resumed: an
+// abbreviated one, no TPM signature).
+func (s *TLSStats) Succeeded(resumed bool, d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !ok {
-		s.failed++
-		return
-	}
 	s.ok++
 	if resumed {
 		s.resumed++
@@ -42,12 +42,21 @@ func (s *TLSStats) record(ok, resumed bool, d time.Duration) {
 	s.last = d
 }
 
-// Record counts a handshake made outside this package (the DTLS uplink).
-func (s *TLSStats) Record(ok, resumed bool, d time.Duration) { s.record(ok, resumed, d) }
+// Failed counts a failed handshake by its reason (internal/handshake's
+// words: "unknown_ca", "timeout", "peer_bad_certificate", …).
+func (s *TLSStats) Failed(reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failedBy == nil {
+		s.failedBy = make(map[string]uint64)
+	}
+	s.failedBy[reason]++
+}
 
 // TLSSnapshot is a copy of TLSStats.
 type TLSSnapshot struct {
 	OK, Failed, Resumed uint64
+	FailedBy            map[string]uint64 // Failed by reason
 	LastLatency         time.Duration
 }
 
@@ -55,7 +64,11 @@ type TLSSnapshot struct {
 func (s *TLSStats) Snapshot() TLSSnapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return TLSSnapshot{OK: s.ok, Failed: s.failed, Resumed: s.resumed, LastLatency: s.last}
+	snap := TLSSnapshot{OK: s.ok, Resumed: s.resumed, LastLatency: s.last, FailedBy: maps.Clone(s.failedBy)}
+	for _, n := range s.failedBy {
+		snap.Failed += n
+	}
+	return snap
 }
 
 // Source produces records for the collector; now is the agent's clock.
@@ -233,13 +246,13 @@ func meminfo(path string) (map[string]float64, error) {
 // AgentStats is what the agent reports about itself; the agent wires
 // each field to the part that knows it.
 type AgentStats struct {
-	TLS             *TLSStats
-	TPMSignatures   func() uint64
-	CertNotAfter    func() time.Time
-	RenewalsOK      func() uint64
-	RenewalsFailed  func() uint64
-	Queue           *store.Store
-	UplinkConnected func() bool
+	TLS            *TLSStats
+	TPMSignatures  func() uint64
+	CertNotAfter   func() time.Time
+	RenewalsOK     func() uint64
+	RenewalsFailed func() uint64
+	Queue          *store.Store
+	Uplink         func() UplinkState
 }
 
 // AgentSource reports the agent's service-level indicators: TLS handshakes
@@ -255,6 +268,9 @@ func AgentSource(a AgentStats) Source {
 				num("agent.tls.handshakes.ok", "", float64(s.OK)),
 				num("agent.tls.handshakes.failed", "", float64(s.Failed)),
 				num("agent.tls.handshakes.resumed", "", float64(s.Resumed)))
+			for _, reason := range slices.Sorted(maps.Keys(s.FailedBy)) {
+				p = append(p, num("agent.tls.handshakes.failed."+reason, "", float64(s.FailedBy[reason])))
+			}
 			if s.LastLatency > 0 {
 				p = append(p, num("agent.tls.handshake.latency", "s", s.LastLatency.Seconds()))
 			}
@@ -278,8 +294,13 @@ func AgentSource(a AgentStats) Source {
 				num("agent.queue.bytes", "B", float64(s.Bytes)),
 				num("agent.queue.dropped", "", float64(s.Dropped)))
 		}
-		if a.UplinkConnected != nil {
-			p = append(p, boolRec("agent.uplink.connected", a.UplinkConnected()))
+		if a.Uplink != nil {
+			st := a.Uplink()
+			state := st.State
+			p = append(p,
+				boolRec("agent.uplink.connected", state == "connected"),
+				senml.Record{Name: "agent.uplink.state", StringValue: &state},
+				num("agent.uplink.state.since", "s", now.Sub(st.Since).Seconds()))
 		}
 		return p, nil
 	}

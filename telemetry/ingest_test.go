@@ -235,6 +235,48 @@ func TestHostSource(t *testing.T) {
 	}
 }
 
+// AgentSource reports handshakes by result and failure reason, and the
+// uplink's state by name.
+func TestAgentSource(t *testing.T) {
+	var tls TLSStats
+	tls.Succeeded(false, 40*time.Millisecond)
+	tls.Succeeded(true, 3*time.Millisecond)
+	tls.Failed("unknown_ca")
+	tls.Failed("peer_bad_certificate")
+	tls.Failed("unknown_ca")
+	now := time.Now()
+	p, err := AgentSource(AgentStats{TLS: &tls, Uplink: func() UplinkState {
+		return UplinkState{State: "backoff", Since: now.Add(-90 * time.Second)}
+	}})(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Validate(); err != nil {
+		t.Errorf("agent records are not valid SenML: %v", err)
+	}
+	nums, strs := map[string]float64{}, map[string]string{}
+	for _, r := range p {
+		switch {
+		case r.Value != nil:
+			nums[r.Name] = *r.Value
+		case r.StringValue != nil:
+			strs[r.Name] = *r.StringValue
+		}
+	}
+	for name, want := range map[string]float64{
+		"agent.tls.handshakes.ok": 2, "agent.tls.handshakes.resumed": 1, "agent.tls.handshakes.failed": 3,
+		"agent.tls.handshakes.failed.unknown_ca": 2, "agent.tls.handshakes.failed.peer_bad_certificate": 1,
+		"agent.tls.handshake.latency": 0.003, "agent.uplink.state.since": 90,
+	} {
+		if got, ok := nums[name]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", name, got, ok, want)
+		}
+	}
+	if strs["agent.uplink.state"] != "backoff" {
+		t.Errorf("agent.uplink.state = %q, want backoff", strs["agent.uplink.state"])
+	}
+}
+
 // With GroupDelay, lines a producer streams a millisecond apart are
 // committed together, each still answered in order; a line split across
 // the wait is kept whole.

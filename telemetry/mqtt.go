@@ -11,11 +11,13 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/internal/handshake"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -77,6 +79,7 @@ type MQTT struct {
 	lastAck   time.Time
 	lastCert  string
 	attempts  int
+	handshake *pendingHandshake // set by dial, counted by connect
 }
 
 // Attempts returns how many connections the uplink has tried.
@@ -256,19 +259,57 @@ func (m *MQTT) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certific
 	return c, err
 }
 
-// dial opens the TLS connection paho speaks over, counting the handshake.
+// dial opens the TLS connection paho speaks over, counting the handshake
+// (a TCP connection that cannot be made is no handshake).
 func (m *MQTT) dial(ctx context.Context) (net.Conn, error) {
-	start := time.Now()
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: m.cfg.ConnectTimeout}, Config: m.tlsConfig()}
 	dctx, cancel := context.WithTimeout(ctx, m.cfg.ConnectTimeout)
 	defer cancel()
-	c, err := d.DialContext(dctx, "tcp", m.addr)
+	raw, err := (&net.Dialer{}).DialContext(dctx, "tcp", m.addr)
 	if err != nil {
-		m.cfg.Stats.record(false, false, time.Since(start))
 		return nil, err
 	}
-	m.cfg.Stats.record(true, c.(*tls.Conn).ConnectionState().DidResume, time.Since(start))
+	start := time.Now()
+	c := tls.Client(raw, m.tlsConfig())
+	if err := c.HandshakeContext(dctx); err != nil {
+		raw.Close()
+		if ctx.Err() == nil {
+			m.cfg.Stats.Failed(handshake.TLS(err))
+		}
+		return nil, fmt.Errorf("TLS handshake with %s: %w", m.addr, err)
+	}
+	// Counted once the broker has answered CONNECT: in TLS 1.3 a server
+	// refuses the client's certificate after the client's handshake is
+	// over, with an alert the client reads next.
+	m.mu.Lock()
+	m.handshake = &pendingHandshake{resumed: c.ConnectionState().DidResume, took: time.Since(start)}
+	m.mu.Unlock()
 	return c, nil
+}
+
+// pendingHandshake is a client-side finished handshake not yet counted.
+type pendingHandshake struct {
+	resumed bool
+	took    time.Duration
+}
+
+// countHandshake counts the handshake of a connection attempt that
+// ended with err (nil: the broker accepted CONNECT): a failure if the
+// broker sent a TLS alert, a success otherwise.
+func (m *MQTT) countHandshake(err error) {
+	m.mu.Lock()
+	hs := m.handshake
+	m.handshake = nil
+	m.mu.Unlock()
+	if hs == nil {
+		return
+	}
+	if err != nil {
+		if reason := handshake.TLS(err); strings.HasPrefix(reason, "peer_") {
+			m.cfg.Stats.Failed(reason)
+			return
+		}
+	}
+	m.cfg.Stats.Succeeded(hs.resumed, hs.took)
 }
 
 type statusMessage struct {
@@ -315,6 +356,7 @@ func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
 	case <-ctx.Done():
 		return nil, nil, ctx.Err()
 	}
+	m.countHandshake(tok.Error())
 	if err := tok.Error(); err != nil {
 		return nil, nil, err
 	}

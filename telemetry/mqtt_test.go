@@ -39,6 +39,7 @@ type rig struct {
 	q       *store.Store
 	ing     *telemetry.Ingest
 	up      *telemetry.MQTT
+	stats   *telemetry.TLSStats
 	pipe    *telemetry.Pipeline
 	dir     string
 	id      string
@@ -98,7 +99,8 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 	for _, c := range res.State.Trust {
 		roots.AddCert(c)
 	}
-	r.up, err = telemetry.NewMQTT(telemetry.MQTTConfig{URL: url, RootCAs: roots, Identity: r.renewer.Identity(),
+	r.stats = &telemetry.TLSStats{}
+	r.up, err = telemetry.NewMQTT(telemetry.MQTTConfig{URL: url, RootCAs: roots, Identity: r.renewer.Identity(), Stats: r.stats,
 		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -326,6 +328,10 @@ func TestRevokedDeviceRefusedByBroker(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	if n := r.up.Attempts() - before; n < 2 || n > 40 {
 		t.Errorf("%d connection attempts in 3 s against a refusing broker; want retries with backoff (2..40)", n)
+	}
+	// The agent's SLI counts each refusal by the alert mosquitto sent.
+	if s := r.stats.Snapshot(); s.FailedBy["peer_revoked_certificate"] < 2 {
+		t.Errorf("handshake failures by reason %v; want peer_revoked_certificate counted at each refused attempt", s.FailedBy)
 	}
 }
 

@@ -29,7 +29,7 @@ func TestExampleConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if s.uplinkURL != "mqtts://other:8883" || s.socket != "/tmp/x.sock" || s.maxBytes != 64<<20 || s.onFull != store.DropOldest ||
-		s.interval != time.Minute || s.maxPayload != 64<<10 || s.keepKey {
+		s.interval != time.Minute || s.maxPayload != 0 || s.keepKey { // max_payload: the uplink's default
 		t.Errorf("settings = %+v", s)
 	}
 }

@@ -220,6 +220,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	tlsStats := &telemetry.TLSStats{}
+	started := time.Now()
 	parts := []part{{"renewal", r.Run}, {"ingest", ing.Run}}
 	var up uplink
 	var pipe *telemetry.Pipeline
@@ -241,8 +242,11 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		RenewalsOK:     func() uint64 { return uint64(r.Status().Renewals) },
 		RenewalsFailed: func() uint64 { return uint64(r.Status().Failures) },
 		Queue:          q,
-		UplinkConnected: func() bool {
-			return up != nil && up.State().State == "connected"
+		Uplink: func() telemetry.UplinkState {
+			if up == nil {
+				return telemetry.UplinkState{State: "none", Since: started}
+			}
+			return up.State()
 		},
 	})}
 	if s.host {

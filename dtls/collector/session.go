@@ -7,17 +7,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"time"
-	"unicode"
 
 	piondtls "github.com/pion/dtls/v3"
-	"github.com/pion/dtls/v3/pkg/protocol"
-	"github.com/pion/dtls/v3/pkg/protocol/alert"
 	"github.com/pion/logging"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 
+	agentdtls "iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/internal/handshake"
 	"iotagent.dev/iotagent/station"
 )
 
@@ -114,7 +112,7 @@ func (s *session) handshake(ctx context.Context) error {
 		reason := failureReason(err)
 		c.m.handshakeFailed(reason)
 		level := slog.LevelInfo
-		if reason == reasonTimeout || reason == reasonOther {
+		if reason == handshake.Timeout || reason == handshake.Other {
 			level = slog.LevelDebug
 		}
 		c.log.Log(ctx, level, "handshake failed", "remote", s.RemoteAddr().String(), "reason", reason, "err", err)
@@ -123,12 +121,12 @@ func (s *session) handshake(ctx context.Context) error {
 	elapsed := time.Since(start)
 	st, ok := s.Conn.ConnectionState()
 	if !ok || len(st.PeerCertificates) == 0 {
-		c.m.handshakeFailed(reasonOther)
+		c.m.handshakeFailed(handshake.Other)
 		return errors.New("handshake completed without a client certificate")
 	}
 	leaf, err := x509.ParseCertificate(st.PeerCertificates[0])
 	if err != nil {
-		c.m.handshakeFailed(reasonOther)
+		c.m.handshakeFailed(handshake.Other)
 		return fmt.Errorf("parsing the verified client certificate: %w", err)
 	}
 	s.leaf, s.device, s.cipher = leaf, leaf.Subject.CommonName, piondtls.CipherSuiteName(st.CipherSuiteID)
@@ -147,36 +145,20 @@ func (s *session) Close() error {
 }
 
 // Handshake failure reasons, the values of the result label of
-// iotstation_coap_handshakes_total besides "ok". A fatal alert received
-// from the client is "peer_" and the alert's name, e.g.
-// "peer_bad_certificate" when the device does not trust the collector.
+// iotstation_coap_handshakes_total besides "ok": internal/handshake's and
+// dtls's words (unknown_ca, expired, bad_certificate, no_certificate,
+// no_shared_cipher, no_extended_master_secret, timeout, other, and for a
+// fatal alert received from the client "peer_" and the alert's name, e.g.
+// "peer_bad_certificate" when the device does not trust the collector),
+// and the collector's own refusals below.
 const (
-	reasonUnknownCA      = "unknown_ca"      // the chain does not lead to ClientCAs
-	reasonExpired        = "expired"         // the certificate is expired or not yet valid
-	reasonBadCertificate = "bad_certificate" // another verification failure
-	reasonRevoked        = "revoked"         // Revoked reported it
-	reasonNotDevice      = "not_device"      // its CN is not a valid device ID
-	reasonNoCertificate  = "no_certificate"  // the client sent none (pion clients send none that ClientCAs did not issue)
-	reasonNoCipher       = "no_shared_cipher"
-	reasonNoEMS          = "no_extended_master_secret"
-	reasonTimeout        = "timeout" // HandshakeTimeout passed (lost or spoofed peer)
-	reasonBusy           = "busy"    // MaxHandshakes were in progress
-	reasonOther          = "other"   // anything else: see the log at debug level
+	reasonRevoked   = "revoked"    // Revoked reported it
+	reasonNotDevice = "not_device" // its CN is not a valid device ID
+	reasonBusy      = "busy"       // MaxHandshakes were in progress
 )
-
-// pionFailures classify pion's handshake errors, which it does not export,
-// by their text (pion/dtls v3.1). Should a new pion change a text, the
-// failure shows as "other", and TestBadInput fails.
-var pionFailures = []struct{ text, reason string }{
-	{"server required client verification, but got none", reasonNoCertificate},
-	{"client+server do not support any shared cipher suites", reasonNoCipher},
-	{"server requires the Extended Master Secret extension", reasonNoEMS},
-}
 
 // failureReason classifies a failed handshake.
 func failureReason(err error) string {
-	var unknownCA x509.UnknownAuthorityError
-	var invalid x509.CertificateInvalidError
 	switch {
 	case errors.Is(err, errRevoked):
 		return reasonRevoked
@@ -184,61 +166,8 @@ func failureReason(err error) string {
 		return reasonNotDevice
 	case errors.Is(err, errBusy):
 		return reasonBusy
-	case errors.As(err, &unknownCA):
-		return reasonUnknownCA
-	case errors.As(err, &invalid):
-		if invalid.Reason == x509.Expired {
-			return reasonExpired
-		}
-		return reasonBadCertificate
-	case errors.Is(err, context.DeadlineExceeded):
-		return reasonTimeout
 	}
-	if d, ok := peerAlert(err); ok {
-		return "peer_" + snakeCase(d.String())
-	}
-	for _, f := range pionFailures {
-		if strings.Contains(err.Error(), f.text) {
-			return f.reason
-		}
-	}
-	return reasonOther
-}
-
-// peerAlert returns the fatal alert the peer sent, if err is one. pion's
-// alert error type is unexported; it embeds *alert.Alert, whose methods it
-// promotes.
-func peerAlert(err error) (alert.Description, bool) {
-	var a interface {
-		error
-		ContentType() protocol.ContentType
-		Marshal() ([]byte, error)
-	}
-	if !errors.As(err, &a) || a.ContentType() != protocol.ContentTypeAlert {
-		return 0, false
-	}
-	b, merr := a.Marshal()
-	if merr != nil || len(b) != 2 {
-		return 0, false
-	}
-	return alert.Description(b[1]), true
-}
-
-// snakeCase turns pion's "BadCertificate" into "bad_certificate".
-func snakeCase(s string) string {
-	var b strings.Builder
-	for i, r := range s {
-		if unicode.IsUpper(r) {
-			if i > 0 {
-				b.WriteByte('_')
-			}
-			r = unicode.ToLower(r)
-		}
-		if unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_' {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
+	return agentdtls.HandshakeFailure(err)
 }
 
 // pionLoggerFactory sends pion's log to the collector's logger at debug
