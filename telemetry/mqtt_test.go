@@ -50,6 +50,7 @@ type rig struct {
 
 type rigOptions struct {
 	url      func(*mqtttest.Broker) string // default the broker's URL
+	urlFor   func(*rig) string             // the URL of a broker the test runs itself
 	maxBytes int64
 	lifetime time.Duration
 	noUplink bool
@@ -92,8 +93,11 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 		t.Fatal(err)
 	}
 	url := r.br.URL
-	if opts.url != nil {
+	switch {
+	case opts.url != nil:
 		url = opts.url(r.br)
+	case opts.urlFor != nil:
+		url = opts.urlFor(r)
 	}
 	roots := x509.NewCertPool()
 	for _, c := range res.State.Trust {

@@ -14,11 +14,13 @@ package demobroker
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"strings"
@@ -29,6 +31,8 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"iotagent.dev/iotagent/internal/atomicfile"
 )
 
 // ReaderName is the backend client allowed to read every device's topics;
@@ -56,7 +60,13 @@ type Config struct {
 	// publish into no subscription; mosquitto with persistence needs no such
 	// help.
 	ReaderFirst bool
-	Logger      *slog.Logger
+	// TicketKey, when set, encrypts the TLS session tickets the broker
+	// issues, so that a device reconnecting after a broker restart resumes
+	// its session without a new handshake (no TPM signature). Without it
+	// each process draws its own key, as mosquitto does. LoadTicketKey
+	// keeps one in a file.
+	TicketKey *[32]byte
+	Logger    *slog.Logger
 }
 
 // Broker is the embedded broker.
@@ -83,12 +93,18 @@ func New(cfg Config) (*Broker, error) {
 		Certificates: []tls.Certificate{cfg.Certificate},
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		ClientCAs:    cfg.ClientCAs,
-		VerifyPeerCertificate: func(_ [][]byte, chains [][]*x509.Certificate) error {
-			if cfg.Revoked != nil && len(chains) > 0 && cfg.Revoked(chains[0][0]) {
-				return fmt.Errorf("certificate %x is revoked", chains[0][0].SerialNumber)
+		// VerifyConnection, unlike VerifyPeerCertificate, also runs on
+		// resumed sessions: a certificate revoked since the ticket was
+		// issued is refused too.
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if cfg.Revoked != nil && len(cs.PeerCertificates) > 0 && cfg.Revoked(cs.PeerCertificates[0]) {
+				return fmt.Errorf("certificate %x is revoked", cs.PeerCertificates[0].SerialNumber)
 			}
 			return nil
 		},
+	}
+	if cfg.TicketKey != nil {
+		tc.SetSessionTicketKeys([][32]byte{*cfg.TicketKey})
 	}
 	if err := srv.AddListener(listeners.NewTCP(listeners.Config{Type: "tcp", ID: "mtls", Address: cfg.Addr, TLSConfig: tc})); err != nil {
 		return nil, err
@@ -172,6 +188,28 @@ func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		return !write
 	}
 	return false
+}
+
+// LoadTicketKey reads the session-ticket key kept at path, or makes one
+// and writes it there (0600, atomically) if the file does not exist.
+func LoadTicketKey(path string) (*[32]byte, error) {
+	var key [32]byte
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if len(b) != len(key) {
+			return nil, fmt.Errorf("session-ticket key %s: %d bytes, want %d (delete it to make a new one)", path, len(b), len(key))
+		}
+		copy(key[:], b)
+		return &key, nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("session-ticket key: %w", err)
+	}
+	rand.Read(key[:])
+	if err := atomicfile.Write(path, key[:], 0o600); err != nil {
+		return nil, fmt.Errorf("session-ticket key: %w", err)
+	}
+	return &key, nil
 }
 
 // CRLFile returns a revocation check against a PEM CRL file (the station's

@@ -6,6 +6,8 @@ import (
 	"crypto/x509"
 	"net"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +103,32 @@ func TestPolicy(t *testing.T) {
 		}()))
 	if err := connect(imp); err == nil {
 		t.Error("gw-3's certificate connected as client gw-1")
+	}
+}
+
+// The ticket key is made once (0600) and read back the same; a file of the
+// wrong size is an error naming it, and is left alone.
+func TestLoadTicketKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ticket.key")
+	k1, err := LoadTicketKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("ticket key file: %v, mode %v; want 0600", err, fi.Mode())
+	}
+	k2, err := LoadTicketKey(path)
+	if err != nil || *k1 != *k2 {
+		t.Fatalf("second load: %v; same key %v", err, err == nil && *k1 == *k2)
+	}
+	if *k1 == ([32]byte{}) {
+		t.Error("the key is all zeros")
+	}
+	os.WriteFile(path, []byte("short"), 0o600)
+	if _, err := LoadTicketKey(path); err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "5 bytes") {
+		t.Errorf("short key file: %v; want an error naming the file and its size", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "short" {
+		t.Error("the bad key file was replaced")
 	}
 }

@@ -1,0 +1,121 @@
+package telemetry_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/station/demobroker"
+)
+
+// demoBroker runs the station's embedded broker, restartable on the same
+// address with the same session-ticket key.
+type demoBroker struct {
+	t      *testing.T
+	cfg    demobroker.Config
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (b *demoBroker) start() {
+	b.t.Helper()
+	br, err := demobroker.New(b.cfg)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.cancel, b.done = cancel, make(chan error, 1)
+	go func() { b.done <- br.Run(ctx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", b.cfg.Addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			b.t.Fatalf("the demo broker does not listen on %s: %v", b.cfg.Addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (b *demoBroker) stop() {
+	b.cancel()
+	if err := <-b.done; err != nil {
+		b.t.Errorf("demo broker: %v", err)
+	}
+}
+
+// A broker that keeps its session-ticket key across a restart lets the
+// agent's reconnect resume its TLS session: no TPM signature. mosquitto
+// draws a new ticket key in each process, so after its restart the
+// reconnect makes one full handshake (mqtttest's TestTLSResumption
+// shows it); the station's embedded broker keeps its key in a file.
+func TestBrokerRestartResumesWithoutSignature(t *testing.T) {
+	var db *demoBroker
+	r := newRig(t, rigOptions{urlFor: func(r *rig) string {
+		srv, err := r.st.IssueService("demo-broker", []string{"127.0.0.1"}, true, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := tls.X509KeyPair(srv.Chain, srv.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(r.st.TrustPEM())
+		key, err := demobroker.LoadTicketKey(filepath.Join(t.TempDir(), "ticket.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		db = &demoBroker{t: t, cfg: demobroker.Config{Addr: addr, Certificate: cert, ClientCAs: pool, TicketKey: key, Revoked: r.st.CertificateRevoked}}
+		db.start()
+		t.Cleanup(db.stop)
+		return "mqtts://" + addr
+	}})
+	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	r.ingest(10, "warmup")
+	waitFor(t, 10*time.Second, "the warm-up records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
+
+	for i := range 2 {
+		before, resumed := r.tpm.Signatures(), r.stats.Snapshot().Resumed
+		db.stop()
+		waitFor(t, 10*time.Second, "the uplink noticing the broker is gone", func() bool { return r.up.State().State != "connected" })
+		db.start()
+		waitFor(t, 20*time.Second, "reconnection", func() bool { return r.up.State().State == "connected" })
+		r.ingest(10, "after-restart")
+		waitFor(t, 10*time.Second, "the records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
+		if spent := r.tpm.Signatures() - before; spent != 0 {
+			t.Errorf("reconnect after broker restart %d spent %d TPM signatures, want 0", i+1, spent)
+		}
+		if got := r.stats.Snapshot().Resumed - resumed; got < 1 {
+			t.Errorf("restart %d: no resumed handshake counted", i+1)
+		}
+	}
+
+	// A certificate revoked since its session ticket was issued is refused
+	// on resumption too.
+	if err := r.st.Revoke(r.id); err != nil {
+		t.Fatal(err)
+	}
+	db.stop()
+	db.start()
+	waitFor(t, 20*time.Second, "the broker refusing the revoked certificate on resumption", func() bool {
+		s := r.up.State()
+		return s.State == "backoff" && s.LastError != ""
+	})
+	if s := r.stats.Snapshot(); s.Failed == 0 {
+		t.Errorf("no failed handshake counted for the revoked device: %+v", s)
+	}
+}
