@@ -34,8 +34,26 @@ func (t Token) Credential() string { return t.Device + ":" + t.Secret }
 const MaxTokenTTL = 30 * 24 * time.Hour
 
 // CreateToken issues a one-time token for device id valid for ttl,
-// replacing any unused earlier one.
+// replacing any unused earlier one. The decision is audited either way.
 func (s *Station) CreateToken(id string, ttl time.Duration) (Token, error) {
+	t, err := s.createToken(id, ttl)
+	s.auditAdmin("token", id, "", err)
+	return t, err
+}
+
+// auditAdmin records the decision on an administrative request: accepted,
+// or refused with err as the reason.
+func (s *Station) auditAdmin(event, device, serial string, err error) {
+	e := AuditEntry{Time: s.now().UTC(), Event: event, Result: "accepted", Device: device, Serial: serial}
+	if err != nil {
+		e.Result, e.Reason, e.Serial = "refused", err.Error(), ""
+	}
+	if aerr := s.audit.write(e); aerr != nil {
+		s.log.Error("audit log", "err", aerr)
+	}
+}
+
+func (s *Station) createToken(id string, ttl time.Duration) (Token, error) {
 	if err := ValidDeviceID(id); err != nil {
 		return Token{}, err
 	}
@@ -58,7 +76,6 @@ func (s *Station) CreateToken(id string, ttl time.Duration) (Token, error) {
 	if err := s.reg.putToken(id, t.Secret, t.Expires); err != nil {
 		return Token{}, err
 	}
-	s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "token", Result: "accepted", Device: id})
 	return t, nil
 }
 
@@ -68,11 +85,7 @@ func (s *Station) Devices() ([]Device, error) { return s.reg.devices() }
 // Approve lets a device held for approval enroll at its next attempt.
 func (s *Station) Approve(id string) error {
 	err := s.reg.approve(id)
-	e := AuditEntry{Time: s.now().UTC(), Event: "approve", Result: "accepted", Device: id}
-	if err != nil {
-		e.Result, e.Reason = "refused", err.Error()
-	}
-	s.audit.write(e)
+	s.auditAdmin("approve", id, "", err)
 	return err
 }
 
@@ -162,6 +175,8 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	mux.HandleFunc("POST /issue", func(w http.ResponseWriter, r *http.Request) {
 		var req ServiceRequest
 		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil {
+			err = fmt.Errorf("service certificate request: %w", err)
+			s.auditAdmin("issue-service", req.Name, "", err)
 			adminReply(w, nil, err)
 			return
 		}
@@ -174,7 +189,9 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	mux.HandleFunc("POST /tokens", func(w http.ResponseWriter, r *http.Request) {
 		ttl, err := time.ParseDuration(r.URL.Query().Get("ttl"))
 		if err != nil {
-			adminReply(w, nil, fmt.Errorf("ttl: %w", err))
+			err = fmt.Errorf("ttl: %w", err)
+			s.auditAdmin("token", r.URL.Query().Get("device"), "", err)
+			adminReply(w, nil, err)
 			return
 		}
 		t, err := s.CreateToken(r.URL.Query().Get("device"), ttl)

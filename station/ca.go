@@ -304,8 +304,19 @@ type ServiceRequest struct {
 // a TLS server certificate for sans (DNS names or IPs); otherwise a client
 // certificate (for example a backend subscriber reading every device's
 // telemetry). Services are not devices: their names are reserved in the
-// registry, so no device can ever enroll under one.
+// registry, so no device can ever enroll under one. The decision is
+// audited either way.
 func (s *Station) IssueService(cn string, sans []string, server bool, lifetime time.Duration) (*ServiceCert, error) {
+	c, err := s.issueService(cn, sans, server, lifetime)
+	serial := ""
+	if err == nil {
+		serial = serialHex(c.Cert.SerialNumber)
+	}
+	s.auditAdmin("issue-service", cn, serial, err)
+	return c, err
+}
+
+func (s *Station) issueService(cn string, sans []string, server bool, lifetime time.Duration) (*ServiceCert, error) {
 	if cn == "" {
 		return nil, errors.New("service certificate needs a name")
 	}
@@ -352,7 +363,6 @@ func (s *Station) IssueService(cn string, sans []string, server bool, lifetime t
 	for _, x := range []*x509.Certificate{c, s.ca.issuer} {
 		out.Chain = append(out.Chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: x.Raw})...)
 	}
-	s.audit.write(AuditEntry{Time: now.UTC(), Event: "issue-service", Result: "accepted", Device: cn, Serial: serialHex(c.SerialNumber)})
 	return out, nil
 }
 

@@ -259,6 +259,30 @@ func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, err
 	return d, leaf, nil
 }
 
+// currentCert extends check, a registry check run with the device entry
+// inside the issuing transaction, to require that the client certificate
+// leaf is still the device's current one. Renewing from a superseded
+// certificate (its key may be gone from the TPM, or copied away before the
+// rotation) would undo the rotation; run in the transaction, the check
+// also keeps two renewals from one certificate from both succeeding. A
+// device left holding a superseded certificate re-attests through
+// tpmenroll without a client certificate.
+func currentCert(leaf *x509.Certificate, check func(*Device) error) func(*Device) error {
+	return func(d *Device) error {
+		if err := check(d); err != nil {
+			return err
+		}
+		serial := serialHex(leaf.SerialNumber)
+		if d == nil {
+			return refuse(http.StatusForbidden, "cert_unknown", "client certificate %s belongs to no registered device", serial)
+		}
+		if d.CertSerial != serial {
+			return refuse(http.StatusForbidden, "cert_superseded", "client certificate %s is not the current certificate of device %s (%s superseded it); a device holding an older certificate re-attests through tpmenroll without one", serial, d.ID, d.CertSerial)
+		}
+		return nil
+	}
+}
+
 // errPending marks an admission held for approval.
 var errPending = errors.New("awaiting approval")
 
@@ -328,7 +352,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, refuse(status, "malformed", "%v", err))
 		return
 	}
-	presented, _, err := s.clientDevice(r)
+	presented, leaf, err := s.clientDevice(r)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
@@ -353,10 +377,16 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, refuse(http.StatusForbidden, "other_device", "client certificate belongs to device %s, the EK to device %s", presented.ID, id))
 		return
 	}
+	check := canIssue(id, att.ekHash)
+	if presented != nil {
+		// Over mTLS the certificate vouches for the request: only the
+		// current one may.
+		check = currentCert(leaf, check)
+	}
 	if d, err := s.reg.device(id); err != nil {
 		s.fail(w, r, e, err)
 		return
-	} else if err := canIssue(id, att.ekHash)(d); errors.Is(err, errPending) {
+	} else if err := check(d); errors.Is(err, errPending) {
 		s.pending(w, r, e)
 		return
 	} else if err != nil {
@@ -398,7 +428,8 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, err)
 		return
 	}
-	if err := s.reg.recordIssue(id, att.ekHash, cert.SerialNumber, cert.NotAfter, now, canIssue(id, att.ekHash)); err != nil {
+	if err := s.reg.recordIssue(id, att.ekHash, cert.SerialNumber, cert.NotAfter, now, check); err != nil {
+		e.Serial = ""
 		s.fail(w, r, e, err)
 		return
 	}
@@ -469,6 +500,11 @@ func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.Device, e.EK = d.ID, d.EKSHA256
+	check := currentCert(leaf, canIssue(d.ID, ""))
+	if err := check(d); err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
 	csr, err := parseCSR(r, body)
 	if err != nil {
 		s.fail(w, r, e, err)
@@ -485,7 +521,7 @@ func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.Serial = serialHex(cert.SerialNumber)
-	if err := s.reg.recordIssue(d.ID, "", cert.SerialNumber, cert.NotAfter, now, canIssue(d.ID, "")); err != nil {
+	if err := s.reg.recordIssue(d.ID, "", cert.SerialNumber, cert.NotAfter, now, check); err != nil {
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return

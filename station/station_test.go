@@ -2,6 +2,7 @@ package station_test
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -11,6 +12,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"math/big"
 	"net/http"
@@ -87,7 +89,11 @@ func client(t testing.TB, st *stationtest.Station, cert *tls.Certificate) *http.
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}
-	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+	// A connection dialed but never used holds the station's shutdown for
+	// 5 seconds (net/http treats it as busy that long).
+	t.Cleanup(c.CloseIdleConnections)
+	return c
 }
 
 type answer struct {
@@ -330,6 +336,9 @@ func TestReenroll(t *testing.T) {
 	if renewed.Subject.CommonName != cert.Subject.CommonName || !renewed.PublicKey.(*ecdsa.PublicKey).Equal(cert.PublicKey) {
 		t.Error("renewed certificate changed the subject or the key")
 	}
+	// The renewed certificate is now the current one; cert is superseded
+	// (TestSupersededCertificateIsRefused).
+	c = client(t, st, &tls.Certificate{Certificate: [][]byte{renewed.Raw}, PrivateKey: d.key, Leaf: renewed})
 
 	cOther, _ := enrolledClient(t, st, other)
 	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -380,6 +389,9 @@ func TestReenroll(t *testing.T) {
 	if a.status != 403 || !strings.Contains(string(a.body), "expired") {
 		t.Errorf("simplereenroll with an expired certificate = %d %q, want 403 expired", a.status, a.body)
 	}
+	if e := lastAudit(t, st); e.Event != "simplereenroll" || e.Result != "refused" || !strings.Contains(e.Reason, "expired") || e.Time.Before(time.Now().Add(time.Hour)) {
+		t.Errorf("audit = %+v, want simplereenroll refused as expired, stamped by the station's clock", e)
+	}
 	if registryJSON(t, st) != before {
 		t.Error("registry changed")
 	}
@@ -399,6 +411,204 @@ func TestReenroll(t *testing.T) {
 	}
 	if registryJSON(t, st) != before {
 		t.Error("registry changed")
+	}
+}
+
+// newKey creates and loads a second device key in d's TPM, as a rotation
+// does.
+func (d *tpmDevice) newKey(t testing.TB) *tpmDevice {
+	t.Helper()
+	kf, err := d.tpm.CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := d.tpm.LoadKey(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return &tpmDevice{tpm: d.tpm, key: k, ek: d.ek}
+}
+
+func mtlsClient(t testing.TB, st *stationtest.Station, cert *x509.Certificate, key crypto.Signer) *http.Client {
+	return client(t, st, &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert})
+}
+
+// Only the device's current certificate renews: after a rotation the
+// first certificate, though registered, unrevoked and unexpired, is
+// refused by simplereenroll and by tpmenroll over mTLS. The device still
+// re-attests by its EK, without a client certificate.
+func TestSupersededCertificateIsRefused(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, Lenient: true})
+	d := newTPMDevice(t, 0)
+	first, firstCert := enrolledClient(t, st, d)
+
+	// Rotation: a new TPM key certified through tpmenroll over mTLS with
+	// the current certificate.
+	d2 := d.newKey(t)
+	a := tpmEnroll(t, first, st, d2.request(t))
+	if a.status != http.StatusOK {
+		t.Fatalf("rotation through tpmenroll over mTLS = %d %s", a.status, a.body)
+	}
+	secondCert, err := d2.activate(t, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs, _ := st.Devices()
+	if len(devs) != 1 || devs[0].CertSerial != secondCert.SerialNumber.Text(16) {
+		t.Fatalf("registry after rotation = %+v, want current serial %x", devs, secondCert.SerialNumber)
+	}
+
+	const reason = "is not the current certificate of device"
+	for _, tc := range []struct {
+		name string
+		send func() answer
+	}{
+		{"simplereenroll", func() answer {
+			return post(t, first, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d.key))
+		}},
+		{"tpmenroll", func() answer { return tpmEnroll(t, first, st, d.newKey(t).request(t)) }},
+	} {
+		t.Run(tc.name+" with the superseded certificate", func(t *testing.T) {
+			before := registryJSON(t, st)
+			a := tc.send()
+			if a.status != http.StatusForbidden || !strings.Contains(string(a.body), reason) {
+				t.Errorf("%s = %d %q, want 403 containing %q", tc.name, a.status, a.body, reason)
+			}
+			e := lastAudit(t, st)
+			if e.Event != tc.name || e.Result != "refused" || !strings.Contains(e.Reason, reason) || e.Device != firstCert.Subject.CommonName || e.Serial != "" {
+				t.Errorf("audit = %+v, want %s refused with %q for %s", e, tc.name, reason, firstCert.Subject.CommonName)
+			}
+			if after := registryJSON(t, st); after != before {
+				t.Errorf("registry changed:\n%s\n%s", before, after)
+			}
+		})
+	}
+
+	// The current certificate renews, once: of simultaneous renewals with
+	// it, the first to reach the registry supersedes it for the others.
+	second := mtlsClient(t, st, secondCert, d2.key)
+	answers := make(chan answer, 4)
+	body := reenrollBody(t, d2.key)
+	for range cap(answers) {
+		go func() {
+			// Not post: t.Fatal belongs to the test's goroutine.
+			resp, err := second.Post(st.URL+est.PathReenroll, est.MediaPKCS10, bytes.NewReader(body))
+			if err != nil {
+				answers <- answer{body: []byte(err.Error())}
+				return
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			answers <- answer{resp.StatusCode, resp.Header, b}
+		}()
+	}
+	renewed := 0
+	for range cap(answers) {
+		switch a := <-answers; {
+		case a.status == http.StatusOK:
+			renewed++
+		case a.status != http.StatusForbidden || !strings.Contains(string(a.body), reason):
+			t.Errorf("concurrent simplereenroll = %d %q, want 200 or 403 %q", a.status, a.body, reason)
+		}
+	}
+	if renewed != 1 {
+		t.Errorf("%d of %d simultaneous renewals with one certificate succeeded, want 1", renewed, cap(answers))
+	}
+	// A device left with a superseded certificate re-attests by its EK.
+	d3 := d.newKey(t)
+	a = tpmEnroll(t, client(t, st, nil), st, d3.request(t))
+	if a.status != http.StatusOK {
+		t.Fatalf("re-attestation without a client certificate = %d %s", a.status, a.body)
+	}
+	if _, err := d3.activate(t, a); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Revoking a device puts every certificate issued to it on the CRL served
+// at /crl and written to crl.pem, signed by the issuing CA.
+func TestRevokeListsSerialsInCRL(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newTPMDevice(t, 0)
+	c, first := enrolledClient(t, st, d)
+	a := post(t, c, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d.key))
+	if a.status != http.StatusOK {
+		t.Fatalf("simplereenroll = %d %s", a.status, a.body)
+	}
+	der, _ := est.DecodeBase64(a.body)
+	raw, err := est.ParseCertsOnly(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, _ := x509.ParseCertificate(raw[0])
+	issuer := st.CACerts()[0]
+
+	getCRL := func() *x509.RevocationList {
+		t.Helper()
+		resp, err := client(t, st, nil).Get(st.URL + "/crl")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/pkix-crl" {
+			t.Fatalf("GET /crl = %d %s %q", resp.StatusCode, resp.Header.Get("Content-Type"), b)
+		}
+		crl, err := x509.ParseRevocationList(b)
+		if err != nil {
+			t.Fatalf("GET /crl: %v", err)
+		}
+		if err := crl.CheckSignatureFrom(issuer); err != nil {
+			t.Errorf("CRL signature: %v", err)
+		}
+		return crl
+	}
+	listed := func(crl *x509.RevocationList, serial *big.Int) bool {
+		for _, e := range crl.RevokedCertificateEntries {
+			if e.SerialNumber.Cmp(serial) == 0 {
+				return true
+			}
+		}
+		return false
+	}
+
+	before := getCRL()
+	if listed(before, first.SerialNumber) || listed(before, second.SerialNumber) {
+		t.Fatal("CRL lists the device before its revocation")
+	}
+	if err := st.Revoke(first.Subject.CommonName); err != nil {
+		t.Fatal(err)
+	}
+	after := getCRL()
+	if after.Number.Cmp(before.Number) <= 0 {
+		t.Errorf("CRL number %v after revocation, was %v", after.Number, before.Number)
+	}
+	pemBytes, err := os.ReadFile(filepath.Join(st.Dir, "crl.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(pemBytes)
+	if blk == nil || blk.Type != "X509 CRL" {
+		t.Fatalf("crl.pem = %q, want an X509 CRL PEM block", pemBytes)
+	}
+	file, err := x509.ParseRevocationList(blk.Bytes)
+	if err != nil {
+		t.Fatalf("crl.pem: %v", err)
+	}
+	if err := file.CheckSignatureFrom(issuer); err != nil {
+		t.Errorf("crl.pem signature: %v", err)
+	}
+	for _, serial := range []*big.Int{first.SerialNumber, second.SerialNumber} {
+		if !listed(after, serial) {
+			t.Errorf("GET /crl does not list %x", serial)
+		}
+		if !listed(file, serial) {
+			t.Errorf("crl.pem does not list %x", serial)
+		}
+	}
+	if e := lastAudit(t, st); e.Event != "revoke" || e.Result != "accepted" || e.Device != first.Subject.CommonName {
+		t.Errorf("audit = %+v", e)
 	}
 }
 
@@ -525,5 +735,62 @@ func TestServiceAndDeviceNamesNeverOverlap(t *testing.T) {
 	_, cert := enrolledClient(t, st, d)
 	if _, err := st.IssueService(cert.Subject.CommonName, nil, false, time.Hour); err == nil || !strings.Contains(err.Error(), "is a device ID") {
 		t.Errorf("service certificate under a device's ID = %v, want refused", err)
+	}
+}
+
+// Administrative decisions taken over the admin socket are audited,
+// refusals with their reason, like enrollment decisions.
+func TestAdminDecisionsAudited(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	a := st.Admin()
+	ctx := context.Background()
+	if _, err := a.IssueService(ctx, station.ServiceRequest{Name: "broker", SANs: []string{"127.0.0.1"}, Server: true, Lifetime: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	d := newTPMDevice(t, 0)
+	_, cert := enrolledClient(t, st, d)
+	if err := a.Revoke(ctx, cert.Subject.CommonName); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name   string
+		do     func() error
+		event  string
+		device string
+		result string
+		reason string
+	}{
+		{"token accepted", func() error { _, err := a.CreateToken(ctx, "gw-1", time.Hour); return err }, "token", "gw-1", "accepted", ""},
+		{"token for a service's name", func() error { _, err := a.CreateToken(ctx, "broker", time.Hour); return err }, "token", "broker", "refused", "name of a station service"},
+		{"token for a revoked device", func() error { _, err := a.CreateToken(ctx, cert.Subject.CommonName, time.Hour); return err }, "token", cert.Subject.CommonName, "refused", "is revoked"},
+		{"token TTL too long", func() error { _, err := a.CreateToken(ctx, "gw-2", 2*station.MaxTokenTTL); return err }, "token", "gw-2", "refused", "at most"},
+		{"token for an invalid ID", func() error { _, err := a.CreateToken(ctx, "a/b", time.Hour); return err }, "token", "a/b", "refused", `device ID "a/b"`},
+		{"service certificate accepted", func() error {
+			_, err := a.IssueService(ctx, station.ServiceRequest{Name: "fleet-reader", Lifetime: time.Hour})
+			return err
+		}, "issue-service", "fleet-reader", "accepted", ""},
+		{"service certificate under a device's ID", func() error {
+			_, err := a.IssueService(ctx, station.ServiceRequest{Name: cert.Subject.CommonName, Lifetime: time.Hour})
+			return err
+		}, "issue-service", cert.Subject.CommonName, "refused", "is a device ID"},
+		{"service certificate without a name", func() error {
+			_, err := a.IssueService(ctx, station.ServiceRequest{Lifetime: time.Hour})
+			return err
+		}, "issue-service", "", "refused", "needs a name"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.do()
+			if (tc.result == "refused") != (err != nil) || (err != nil && !strings.Contains(err.Error(), tc.reason)) {
+				t.Errorf("error = %v, want %s %q", err, tc.result, tc.reason)
+			}
+			e := lastAudit(t, st)
+			if e.Event != tc.event || e.Device != tc.device || e.Result != tc.result || !strings.Contains(e.Reason, tc.reason) {
+				t.Errorf("audit = %+v, want %s %s for %q with %q", e, tc.event, tc.result, tc.device, tc.reason)
+			}
+			if (tc.result == "refused") != (e.Reason != "") {
+				t.Errorf("audit reason = %q for a %s decision", e.Reason, tc.result)
+			}
+		})
 	}
 }

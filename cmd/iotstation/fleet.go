@@ -65,30 +65,56 @@ func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	return b.Run(ctx)
 }
 
+// watchClientName is the certificate name watch issues itself from a
+// station directory: the backend reader the broker's ACL lets read every
+// device's telemetry.
+const watchClientName = "fleet-reader"
+
 // cmdWatch subscribes to every device's telemetry and reports delivery per
-// device.
+// device. With --dir, what the command needs from the station comes from
+// there: the CA certificates verifying the broker (which the station
+// certified) and, unless --cert and --key are given, a client certificate
+// issued for this run, never written to disk.
 func cmdWatch(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "watch")
+	dir := fs.String("dir", "", "station `DIR`ectory: defaults --ca to the station's CA certificates and, without --cert/--key, issues a "+watchClientName+" client certificate for this run")
 	broker := fs.String("broker", "", "broker `URL`, mqtts://HOST:PORT")
-	certFile := fs.String("cert", "", "client certificate `FILE` (iotstation issue --name fleet-reader)")
+	certFile := fs.String("cert", "", "client certificate `FILE` (iotstation issue --name "+watchClientName+")")
 	keyFile := fs.String("key", "", "its key `FILE`")
-	caFile := fs.String("ca", "", "CA `FILE` that verifies the broker")
+	caFile := fs.String("ca", "", "CA `FILE` that verifies the broker (default with --dir: the station's CA certificates)")
 	dur := fs.Duration("for", 0, "stop after this long (default: until interrupted)")
 	out := fs.String("json", "", "also write the per-device report to this `FILE` as JSON")
 	persistent := fs.Bool("persistent", false, "keep a persistent session, so the broker queues what arrives while the watcher is away")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
-	if *broker == "" || *certFile == "" || *keyFile == "" || *caFile == "" {
-		return usagef("watch: --broker, --cert, --key and --ca are required")
+	switch {
+	case *broker == "":
+		return usagef("watch: --broker is required")
+	case (*certFile == "") != (*keyFile == ""):
+		return usagef("watch: --cert and --key go together")
+	case *dir == "" && (*certFile == "" || *caFile == ""):
+		return usagef("watch: --cert, --key and --ca are required without --dir")
 	}
-	cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
-	if err != nil {
-		return usageError{fmt.Errorf("watch: %w", err)}
+	var cert tls.Certificate
+	var roots []*x509.Certificate
+	if *dir != "" && (*certFile == "" || *caFile == "") {
+		var err error
+		if cert, roots, err = watchCredentials(ctx, *dir, *certFile == ""); err != nil {
+			return err
+		}
 	}
-	roots, err := station.ReadCertificates(*caFile)
-	if err != nil {
-		return usageError{fmt.Errorf("watch: --ca: %w", err)}
+	if *certFile != "" {
+		var err error
+		if cert, err = tls.LoadX509KeyPair(*certFile, *keyFile); err != nil {
+			return usageError{fmt.Errorf("watch: %w", err)}
+		}
+	}
+	if *caFile != "" {
+		var err error
+		if roots, err = station.ReadCertificates(*caFile); err != nil {
+			return usageError{fmt.Errorf("watch: --ca: %w", err)}
+		}
 	}
 	pool := x509.NewCertPool()
 	for _, c := range roots {
@@ -117,6 +143,39 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 		return os.WriteFile(*out, append(b, '\n'), 0o644)
 	}
 	return nil
+}
+
+// watchCredentials reads from the station in dir its CA certificates and,
+// with issue, a client certificate for watch. The station is released
+// before the watch starts: a station directory opened directly stays
+// locked while open.
+func watchCredentials(ctx context.Context, dir string, issue bool) (tls.Certificate, []*x509.Certificate, error) {
+	a, err := station.OpenAdmin(dir)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	defer a.Close()
+	trust, err := a.TrustPEM(ctx)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	roots, err := station.ParsePEMCertificates(trust)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("station CA certificates: %w", err)
+	}
+	if !issue {
+		return tls.Certificate{}, roots, nil
+	}
+	// The key lives in this process only; the lifetime outlasts any watch.
+	sc, err := a.IssueService(ctx, station.ServiceRequest{Name: watchClientName, Lifetime: 365 * 24 * time.Hour})
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("watch: client certificate: %w", err)
+	}
+	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	return cert, roots, nil
 }
 
 // newCollector builds the CoAP/DTLS collector of iotstation serve: a

@@ -3,13 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/est"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -153,6 +159,10 @@ func TestStationCLIBadInput(t *testing.T) {
 		{"token bad device id", []string{"token", "create", "--dir", dir, "--device", "a/b"}, 2, `device ID "a/b"`},
 		{"token ttl too long", []string{"token", "create", "--dir", dir, "--device", "gw", "--ttl", "9999h"}, 2, "at most"},
 		{"revoke without id", []string{"revoke", "--dir", dir}, 2, "want the device ID"},
+		{"watch without broker", []string{"watch", "--dir", dir}, 2, "--broker is required"},
+		{"watch without dir or credentials", []string{"watch", "--broker", "mqtts://127.0.0.1:1"}, 2, "--cert, --key and --ca are required without --dir"},
+		{"watch cert without key", []string{"watch", "--dir", dir, "--broker", "mqtts://127.0.0.1:1", "--cert", "c.pem"}, 2, "--cert and --key go together"},
+		{"watch not a station dir", []string{"watch", "--dir", t.TempDir(), "--broker", "mqtts://127.0.0.1:1"}, 1, "is not a station directory"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errs := stationCLI(t, tc.args...)
@@ -164,5 +174,217 @@ func TestStationCLIBadInput(t *testing.T) {
 				t.Errorf("= %d, %q; want %d and 'iotstation: …%s…'", code, errs, tc.code, tc.want)
 			}
 		})
+	}
+}
+
+// serveCLI runs iotstation serve on dir with extra flags until the test
+// ends and returns its HTTPS address once the admin socket is up.
+func serveCLI(t *testing.T, dir string, flags ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 1)
+	done := make(chan int, 1)
+	var serr bytes.Buffer
+	go func() {
+		done <- runWith(ctx, &env{stdout: &bytes.Buffer{}, stderr: &serr, ready: func(a string) { ready <- a }},
+			append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0"}, flags...))
+	}()
+	var addr string
+	select {
+	case addr = <-ready:
+	case code := <-done:
+		cancel()
+		t.Fatalf("serve exited %d: %s", code, serr.String())
+	case <-time.After(30 * time.Second):
+		cancel()
+		t.Fatal("serve did not start")
+	}
+	t.Cleanup(func() {
+		cancel()
+		if code := <-done; code != 0 {
+			t.Errorf("serve exited %d: %s", code, serr.String())
+		}
+	})
+	waitSock(t, filepath.Join(dir, "admin.sock"))
+	return addr
+}
+
+// tpmEnrollCLI enrolls a fresh swtpm's key through /tpmenroll at addr and
+// returns the HTTP status, the body and, on 200, the certificate the TPM
+// recovered, and the EK certificate.
+func tpmEnrollCLI(t *testing.T, dir, addr string) (int, string, *x509.Certificate, *x509.Certificate) {
+	t.Helper()
+	tp := tpmtest.Start(t, tpmtest.Options{}).Open(t)
+	kf, err := tp.CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := tp.LoadKey(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { key.Close() })
+	eks, err := tp.EndorsementKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek := eks[0]
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, ct, err := (&est.TPMEnrollRequest{CSR: csr, EKChain: [][]byte{ek.Certificate.Raw},
+		EKPublic: ek.MarshalPublicArea(), KeyPublic: key.MarshalPublicArea()}).Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := station.ReadCertificates(filepath.Join(dir, "root.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(roots[0])
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Post("https://"+addr+est.PathTPMEnroll, ct, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return resp.StatusCode, string(data), nil, ek.Certificate.Cert
+	}
+	ans, err := est.DecodeTPMEnrollResponse(resp.Header.Get("Content-Type"), bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := tp.ActivateCredential(key, &ek, ans.CredentialBlob, ans.EncryptedSeed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := est.OpenEncryptedData(secret, ans.EncryptedCert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(data), cert, ek.Certificate.Cert
+}
+
+func mfrRoots(t *testing.T) string {
+	t.Helper()
+	roots := filepath.Join(t.TempDir(), "roots.pem")
+	if err := os.WriteFile(roots, append(tpmtest.ManufacturerRootPEM(t), tpmtest.ManufacturerIntermediatePEM(t)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return roots
+}
+
+// --auto-approve given to init is kept in station.json and admits, at
+// every later serve, an EK that is in no manifest but chains to a trusted
+// TPM root; given to serve, it does so for that run only. Without either
+// such an EK is refused.
+func TestAutoApproveFlag(t *testing.T) {
+	roots := mfrRoots(t)
+	for _, tc := range []struct {
+		name       string
+		init       []string
+		serve      []string
+		kept       bool // station.json auto_approve
+		wantStatus int
+	}{
+		{"neither", nil, nil, false, http.StatusForbidden},
+		{"init", []string{"--auto-approve"}, nil, true, http.StatusOK},
+		{"serve", nil, []string{"--auto-approve"}, false, http.StatusOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			args := append([]string{"init", "--dir", dir, "--tpm-roots", roots, "--san", "127.0.0.1"}, tc.init...)
+			if code, _, errs := stationCLI(t, args...); code != 0 {
+				t.Fatalf("init = %d: %s", code, errs)
+			}
+			readConfig := func() map[string]any {
+				b, err := os.ReadFile(filepath.Join(dir, "station.json"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var cfg map[string]any
+				if err := json.Unmarshal(b, &cfg); err != nil {
+					t.Fatalf("station.json: %v", err)
+				}
+				return cfg
+			}
+			if got := readConfig()["auto_approve"]; got != tc.kept {
+				t.Errorf("station.json auto_approve after init %v = %v, want %v", tc.init, got, tc.kept)
+			}
+
+			start := time.Now()
+			addr := serveCLI(t, dir, tc.serve...)
+			status, body, cert, ek := tpmEnrollCLI(t, dir, addr)
+			if status != tc.wantStatus {
+				t.Fatalf("tpmenroll of an EK in no manifest = %d %q, want %d", status, body, tc.wantStatus)
+			}
+			if status != http.StatusOK {
+				if !strings.Contains(body, "auto-approve is off") {
+					t.Errorf("refusal = %q, want the reason", body)
+				}
+			} else {
+				checkDevicesJSON(t, dir, cert, ek, start)
+			}
+			if got := readConfig()["auto_approve"]; got != tc.kept {
+				t.Errorf("station.json auto_approve after serve %v = %v, want %v (serve's flag is not persisted)", tc.serve, got, tc.kept)
+			}
+		})
+	}
+}
+
+// checkDevicesJSON runs iotstation devices --json and checks the one entry
+// describes the device enrolled with cert and ek since start.
+func checkDevicesJSON(t *testing.T, dir string, cert, ek *x509.Certificate, start time.Time) {
+	t.Helper()
+	code, out, errs := stationCLI(t, "devices", "--dir", dir, "--json")
+	if code != 0 {
+		t.Fatalf("devices --json = %d: %s", code, errs)
+	}
+	var devs []map[string]any
+	if err := json.Unmarshal([]byte(out), &devs); err != nil || len(devs) != 1 {
+		t.Fatalf("devices --json = %q (%v), want one device", out, err)
+	}
+	d := devs[0]
+	ekHash := station.EKHash(ek)
+	for key, want := range map[string]string{
+		"id":          "dev-" + ekHash[:16],
+		"ek_sha256":   ekHash,
+		"status":      station.StatusEnrolled,
+		"cert_serial": cert.SerialNumber.Text(16),
+	} {
+		if got, _ := d[key].(string); got != want {
+			t.Errorf("devices --json %s = %v, want %q", key, d[key], want)
+		}
+	}
+	if cert.Subject.CommonName != d["id"] {
+		t.Errorf("certificate CN %q, devices --json id %v", cert.Subject.CommonName, d["id"])
+	}
+	times := map[string]time.Time{}
+	for _, key := range []string{"not_after", "enrolled_at", "last_seen"} {
+		s, _ := d[key].(string)
+		ts, err := time.Parse(time.RFC3339Nano, s)
+		if err != nil {
+			t.Errorf("devices --json %s = %v: %v", key, d[key], err)
+		}
+		times[key] = ts
+	}
+	now := time.Now()
+	if !times["not_after"].Equal(cert.NotAfter) {
+		t.Errorf("not_after = %v, want the certificate's %v", times["not_after"], cert.NotAfter)
+	}
+	if e := times["enrolled_at"]; e.Before(start) || e.After(now) {
+		t.Errorf("enrolled_at = %v, want between %v and %v", e, start, now)
+	}
+	if l := times["last_seen"]; l.Before(times["enrolled_at"]) || l.After(now) {
+		t.Errorf("last_seen = %v, want between enrolled_at %v and %v", l, times["enrolled_at"], now)
 	}
 }

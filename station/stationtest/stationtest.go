@@ -142,6 +142,32 @@ func (s *Station) Restart() {
 	s.serve(l)
 }
 
+// Admin returns a client of the serving station's admin socket, as the
+// iotstation commands use it, once the socket answers. It is closed at
+// cleanup.
+func (s *Station) Admin() station.Admin {
+	s.t.Helper()
+	sock := filepath.Join(s.Dir, "admin.sock")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("unix", sock, time.Second)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("admin socket %s: %v", sock, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	a, err := station.OpenAdmin(s.Dir)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.t.Cleanup(func() { a.Close() })
+	return a
+}
+
 func (s *Station) shutdown() {
 	s.Stop()
 	s.Station.Close()
