@@ -148,6 +148,7 @@ func (s *Store) run() {
 		timer.Stop()
 		s.commit(group)
 		expect = max(appenders, 1)
+		s.compactLive()
 	}
 }
 
@@ -209,6 +210,9 @@ func (s *Store) commit(group []*op) {
 // it committed. An error fails the whole group and leaves the file as it
 // was.
 func (s *Store) apply(ops []*op, c *counters, results []opResult) (records int, wrote bool, err error) {
+	if s.broken != nil {
+		return 0, false, s.broken
+	}
 	tx, err := s.db.Begin(true)
 	if err != nil {
 		return 0, false, err

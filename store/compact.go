@@ -10,8 +10,9 @@ import (
 )
 
 const (
-	// A file is compacted at Open when it is larger than compactMinSize and
-	// more than compactRatio times its live pages. Below the size the space
+	// A file is compacted (at Open, and while running) when it is larger
+	// than compactMinSize and its pages in use are more than compactRatio
+	// times its live pages. Below the size the space
 	// is not worth a rewrite of the flash; the ratio makes a file that is
 	// compacted need as much again freed before the next compaction, so a
 	// restart loop cannot rewrite the file on every start.
@@ -21,7 +22,43 @@ const (
 	// compactTxMaxSize bounds the memory a compaction holds in dirty pages
 	// before it commits a part.
 	compactTxMaxSize = 8 << 20
+
+	// compactCheckEvery is how often the committer of a running store
+	// checks, after a commit, whether the file is due for compaction: the
+	// queue grows during an outage and drains when the link returns, and a
+	// gateway may run for months without the restart that compacts at
+	// Open.
+	compactCheckEvery = 10 * time.Minute
 )
+
+// compactionDue reports the file's size and live bytes, and whether it is
+// over compactMinSize with more than compactRatio times its live data in
+// use.
+func compactionDue(db *bbolt.DB, file *os.File) (size, live int64, due bool, err error) {
+	fi, err := file.Stat()
+	if err != nil {
+		return 0, 0, false, err
+	}
+	size = fi.Size()
+	if size <= compactMinSize {
+		return size, 0, false, nil
+	}
+	var used int64
+	db.View(func(tx *bbolt.Tx) error {
+		used = tx.Size()
+		return nil
+	})
+	// The freelist is rebuilt when the file is opened for writing and kept
+	// in memory after, so this counts every free page below the high water
+	// mark; the file beyond the mark is preallocated and unused. Pending
+	// pages are freed ones that readers older than their release may still
+	// see: free as far as live data goes.
+	st := db.Stats()
+	live = used - int64(st.FreePageN+st.PendingPageN)*int64(db.Info().PageSize)
+	// Compared with the pages in use, not the file size: bbolt grows the
+	// file ahead of its use, and a growing queue must not look free.
+	return size, live, used > compactRatio*live, nil
+}
 
 func compactPath(path string) string {
 	return path + ".compact"
@@ -32,25 +69,12 @@ func compactPath(path string) string {
 // it replaced the file is logged and the old file used; one that fails
 // after fails Open.
 func maybeCompact(opts *Options, db *bbolt.DB, file *os.File, h hooks) (*bbolt.DB, *os.File, error) {
-	fi, err := file.Stat()
+	size, live, due, err := compactionDue(db, file)
 	if err != nil {
 		db.Close()
 		return nil, nil, fmt.Errorf("opening store %s: %w", opts.Path, err)
 	}
-	size := fi.Size()
-	if size <= compactMinSize {
-		return db, file, nil
-	}
-	var used int64
-	db.View(func(tx *bbolt.Tx) error {
-		used = tx.Size()
-		return nil
-	})
-	// The freelist is rebuilt when the file is opened for writing, so this
-	// counts every free page below the high water mark; the file beyond the
-	// mark is preallocated and unused.
-	live := used - int64(db.Stats().FreePageN)*int64(db.Info().PageSize)
-	if size <= compactRatio*live {
+	if !due {
 		return db, file, nil
 	}
 	start := time.Now()
@@ -65,13 +89,55 @@ func maybeCompact(opts *Options, db *bbolt.DB, file *os.File, h hooks) (*bbolt.D
 		return db, file, nil
 	}
 	db.Close() // the old, now unlinked file: releases its lock and space
+	logCompacted(opts, nfile, size, live, start)
+	return ndb, nfile, nil
+}
+
+func logCompacted(opts *Options, file *os.File, size, live int64, start time.Time) {
 	var after int64
-	if fi, err := nfile.Stat(); err == nil {
+	if fi, err := file.Stat(); err == nil {
 		after = fi.Size()
 	}
 	opts.Logger.Info("store compacted", "path", opts.Path, "size_before", size, "size_after", after,
 		"live", live, "took", time.Since(start))
-	return ndb, nfile, nil
+}
+
+// compactLive is maybeCompact for a running store, called by the
+// committer between transactions (so nothing writes during the copy;
+// readers go on, and wait only for the swap). If the new file is in place
+// but cannot be opened, the store stops taking writes rather than write
+// into the old, unlinked one.
+func (s *Store) compactLive() {
+	now := time.Now()
+	if now.Before(s.nextCompactCheck) {
+		return
+	}
+	every := compactCheckEvery
+	if s.hooks.compactEvery != 0 {
+		every = s.hooks.compactEvery
+	}
+	s.nextCompactCheck = now.Add(every)
+	size, live, due, err := compactionDue(s.db, s.file)
+	if err != nil || !due {
+		return
+	}
+	ndb, nfile, renamed, err := compact(&s.opts, s.db, s.hooks)
+	if err != nil {
+		if renamed {
+			s.broken = fmt.Errorf("store %s was compacted but the new file cannot be opened (restart the agent): %w", s.opts.Path, err)
+			s.log.Error("store compaction", "err", s.broken)
+			return
+		}
+		s.log.Warn("store compaction failed, using the file as it is",
+			"path", s.opts.Path, "size", size, "live", live, "err", err)
+		return
+	}
+	s.dbMu.Lock()
+	old := s.db
+	s.db, s.file = ndb, nfile
+	s.dbMu.Unlock()
+	old.Close()
+	logCompacted(&s.opts, nfile, size, live, now)
 }
 
 // compact copies src into a temporary file, makes it durable and renames it

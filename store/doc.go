@@ -45,10 +45,13 @@
 // Flash wear: every commit writes at least the changed B+tree pages and a
 // meta page and fsyncs. Group commit keeps this per group, not per record.
 // Put is one commit per call: save state when it changes meaningfully, not
-// on a timer of seconds. A file that is mostly free space is compacted when
-// opened, which rewrites its live data once.
+// on a timer of seconds. A file over 4 MiB whose pages in use hold more
+// than twice its live data (a queue that filled during an outage and has
+// drained since) is compacted, which rewrites its live data once: when it
+// is opened, and while it runs, checked by the committer after a commit
+// at most every 10 minutes. The copy holds up writes, not reads.
 //
-// File size: bbolt files never shrink while open. The file is capped by a
+// File size: bbolt files never shrink in place; compaction replaces them. The file is capped by a
 // hard ceiling of 2×MaxBytes + 32 MiB (see Options.MaxBytes); reaching it is
 // reported as an error, never silently.
 //

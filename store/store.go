@@ -186,6 +186,13 @@ type Store struct {
 	notify  chan struct{} // closed and replaced by each commit that appends
 
 	warnedDrop bool // committer only
+
+	// dbMu guards db and file against the swap of a compaction while
+	// running: readers hold it shared; the committer, the only one that
+	// swaps, reads them without it.
+	dbMu             sync.RWMutex
+	nextCompactCheck time.Time // committer only
+	broken           error     // committer only: set when a compaction left no usable file
 }
 
 // hooks let tests observe the committer and interrupt a compaction. They
@@ -200,6 +207,9 @@ type hooks struct {
 	// "copied", "synced", "renamed", "dir-synced"); an error fails the
 	// compaction there.
 	compactStep func(step string) error
+
+	// compactEvery replaces compactCheckEvery.
+	compactEvery time.Duration
 }
 
 // counters is the queue's accounting.
@@ -228,7 +238,8 @@ type Stats struct {
 }
 
 // Open opens or creates the store file, compacting it first if it is over
-// 4 MiB and more than twice its live data, and starts the committer.
+// 4 MiB and more than twice its live data (see the package doc: a running
+// store checks again from time to time), and starts the committer.
 func Open(opts Options) (*Store, error) {
 	return open(opts, hooks{})
 }
@@ -264,6 +275,11 @@ func open(opts Options, h hooks) (*Store, error) {
 		closing: make(chan struct{}),
 		c:       c,
 		notify:  make(chan struct{}),
+		// Open has just checked.
+		nextCompactCheck: time.Now().Add(compactCheckEvery),
+	}
+	if h.compactEvery != 0 {
+		s.nextCompactCheck = time.Now().Add(h.compactEvery)
 	}
 	s.wg.Add(1)
 	go s.run()
@@ -363,7 +379,10 @@ func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		close(s.closing)
 		s.wg.Wait()
-		if err := s.db.Close(); err != nil {
+		s.dbMu.RLock()
+		db := s.db
+		s.dbMu.RUnlock()
+		if err := db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("closing store %s: %w", s.opts.Path, err)
 		}
 	})
@@ -383,9 +402,11 @@ func (s *Store) Stats() Stats {
 		OldestSeq: c.oldest,
 		Commits:   commits,
 	}
+	s.dbMu.RLock()
 	if fi, err := s.file.Stat(); err == nil {
 		st.FileSize = fi.Size()
 	}
+	s.dbMu.RUnlock()
 	return st
 }
 
@@ -396,7 +417,9 @@ func (s *Store) view(fn func(*bbolt.Tx) error) error {
 		return ErrClosed
 	default:
 	}
+	s.dbMu.RLock()
 	err := s.db.View(fn)
+	s.dbMu.RUnlock()
 	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
 		return ErrClosed
 	}

@@ -253,6 +253,9 @@ type AgentStats struct {
 	RenewalsFailed func() uint64
 	Queue          *store.Store
 	Uplink         func() UplinkState
+	// Rejected counts records the uplink's peer refused for good
+	// (Pipeline.Rejected): undecodable or too large for it.
+	Rejected func() uint64
 }
 
 // AgentSource reports the agent's service-level indicators: TLS handshakes
@@ -301,6 +304,9 @@ func AgentSource(a AgentStats) Source {
 				boolRec("agent.uplink.connected", state == "connected"),
 				senml.Record{Name: "agent.uplink.state", StringValue: &state},
 				num("agent.uplink.state.since", "s", now.Sub(st.Since).Seconds()))
+		}
+		if a.Rejected != nil {
+			p = append(p, num("agent.uplink.rejected", "", float64(a.Rejected())))
 		}
 		return p, nil
 	}

@@ -247,7 +247,7 @@ func TestAgentSource(t *testing.T) {
 	now := time.Now()
 	p, err := AgentSource(AgentStats{TLS: &tls, Uplink: func() UplinkState {
 		return UplinkState{State: "backoff", Since: now.Add(-90 * time.Second)}
-	}})(now)
+	}, Rejected: func() uint64 { return 7 }})(now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,6 +267,7 @@ func TestAgentSource(t *testing.T) {
 		"agent.tls.handshakes.ok": 2, "agent.tls.handshakes.resumed": 1, "agent.tls.handshakes.failed": 3,
 		"agent.tls.handshakes.failed.unknown_ca": 2, "agent.tls.handshakes.failed.peer_bad_certificate": 1,
 		"agent.tls.handshake.latency": 0.003, "agent.uplink.state.since": 90,
+		"agent.uplink.rejected": 7,
 	} {
 		if got, ok := nums[name]; !ok || got != want {
 			t.Errorf("%s = %v (present %v), want %v", name, got, ok, want)

@@ -248,6 +248,12 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 			}
 			return up.State()
 		},
+		Rejected: func() uint64 {
+			if pipe == nil {
+				return 0
+			}
+			return pipe.Rejected()
+		},
 	})}
 	if s.host {
 		sources = append(sources, telemetry.HostSource("/", e.stateDir))
