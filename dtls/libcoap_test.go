@@ -54,7 +54,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 	port := freeUDPPort(t)
 	out := &syncBuffer{}
 	// -d: resources are created on demand, so POST /telemetry has one.
-	srv := exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port-1), "-c", certFile, "-j", keyFile, "-C", caFile, "-d", "10", "-v", "6")
+	srv := exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port-1), "-c", certFile, "-j", keyFile, "-C", caFile, "-d", "10", "-v", "7")
 	srv.Stdout, srv.Stderr = out, out
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
@@ -84,7 +84,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 	if err != nil && !errors.Is(err, telemetry.ErrRejected) {
 		t.Fatalf("confirmable POST to coap-server-openssl: %v\n%s", err, out.String())
 	}
-	t.Logf("coap-server-openssl answered: %v", err)
+	t.Logf("coap-server-openssl answered: %v\n%s", err, out.String())
 	if full, _ := up.Handshakes(); full != 1 {
 		t.Errorf("%d handshakes, want 1", full)
 	}

@@ -1,6 +1,10 @@
-// Package store keeps the agent's durable telemetry queue and its small
-// state (last trusted time, sealed session state, …) in one bbolt file on
-// flash.
+// Package store keeps the agent's durable telemetry queue, its counters
+// (a meta bucket, written with the records they count) and its small state
+// (a state bucket: the sealed DTLS session, …) in one bbolt file on flash.
+//
+// The clock floor (the last trusted time) is not kept here but in a small
+// file beside the certificate (enroll.LoadClockFloor): iotagent enroll,
+// status and renew need it while iotagent run holds the store's lock.
 //
 // The queue holds opaque records. Each gets a sequence number from a
 // per-file counter that starts at 1 and only goes up: acks, drops, restarts
