@@ -89,9 +89,13 @@ func runWith(ctx context.Context, e *env, args []string) int {
 		}
 	}()
 	fs := e.flagSet("iotagent")
-	fs.Usage = func() { topUsage(stderr) }
-	err := fs.Parse(args)
-	if err == nil {
+	err := quietParse(fs, args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		topUsage(e.stdout)
+	case err != nil:
+		err = usagef("%v (see iotagent help)", err)
+	default:
 		err = dispatch(ctx, e, fs.Args())
 	}
 	switch {
@@ -138,15 +142,16 @@ func topUsage(w io.Writer) {
 }
 
 // flagSet returns a flag set named name that also takes the global flags,
-// so they work before or after the command.
+// so they work before or after the command. Its output, where -h prints
+// the usage, is stdout.
 func (e *env) flagSet(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
+	fs.SetOutput(e.stdout)
 	if e.stateDir == "" {
 		e.stateDir = defaultStateDir
 	}
 	fs.StringVar(&e.tpmSpec, "tpm", e.tpmSpec, "TPM `SPEC`: /dev/tpmrm0, unix:PATH or tcp:HOST:PORT")
-	fs.Var(&trackedString{&e.stateDir, &e.stateDirSet}, "state-dir", "agent state `DIR` (default "+defaultStateDir+")")
+	fs.Var(&trackedString{&e.stateDir, &e.stateDirSet}, "state-dir", "agent state `DIR`")
 	return fs
 }
 
@@ -168,16 +173,37 @@ func (t *trackedString) Set(v string) error {
 	return nil
 }
 
+// quietParse parses args without printing: an error is returned for the
+// caller's one-line message, not printed with the whole usage after it.
+func quietParse(fs *flag.FlagSet, args []string) error {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	defer fs.SetOutput(out)
+	return fs.Parse(args)
+}
+
 // parse parses a subcommand's flags; stray arguments are a usage error.
 func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		return usagef("%s: unexpected argument %q", fs.Name(), fs.Arg(0))
+	}
+	return nil
+}
+
+// parseFlags parses a subcommand's flags: an error is one usage line; -h
+// prints the subcommand's flags on the flag set's output.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	err := quietParse(fs, args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprintf(fs.Output(), "usage: iotagent %s [flags]\n", fs.Name())
+		fs.PrintDefaults()
+		return err
+	case err != nil:
+		return usagef("%s: %v (see iotagent %s -h)", fs.Name(), err, fs.Name())
 	}
 	return nil
 }

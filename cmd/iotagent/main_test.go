@@ -172,10 +172,9 @@ func TestBadInput(t *testing.T) {
 			if code != tc.wantCode {
 				t.Errorf("exit code = %d, want %d (stderr %q)", code, tc.wantCode, errs)
 			}
-			lines := strings.Split(strings.TrimSpace(errs), "\n")
-			last := lines[len(lines)-1]
-			if !strings.HasPrefix(last, "iotagent: ") || !strings.Contains(last, tc.want) {
-				t.Errorf("stderr = %q, want one line 'iotagent: …%s…'", errs, tc.want)
+			if lines := strings.Split(strings.TrimSpace(errs), "\n"); len(lines) != 1 ||
+				!strings.HasPrefix(lines[0], "iotagent: ") || !strings.Contains(lines[0], tc.want) {
+				t.Errorf("stderr = %q, want exactly one line 'iotagent: …%s…'", errs, tc.want)
 			}
 			if after := tree(t, parent); after != before {
 				t.Errorf("files changed on disk:\nbefore:\n%s\nafter:\n%s", before, after)

@@ -24,11 +24,8 @@ func cmdSend(ctx context.Context, e *env, args []string) error {
 	name := fs.String("name", "", "measurement `NAME` (SenML n)")
 	value := fs.String("value", "", "`VALUE`: a number, true/false, or a string")
 	unit := fs.String("unit", "", "`UNIT` (SenML u, e.g. Cel, %RH, W)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, errHelp) {
-			return err
-		}
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	stdin := fs.NArg() == 1 && fs.Arg(0) == "-"
 	if fs.NArg() > 0 && !stdin {

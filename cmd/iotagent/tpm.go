@@ -49,6 +49,9 @@ func cmdTPM(ctx context.Context, e *env, args []string) error {
 		return cmdTPMInfo(ctx, e, args[1:])
 	case "keygen":
 		return cmdTPMKeygen(ctx, e, args[1:])
+	case "-h", "--help", "help":
+		fmt.Fprintln(e.stdout, "usage: iotagent tpm info [--json]\n       iotagent tpm keygen [--persist HANDLE] [--force]")
+		return errHelp
 	}
 	return usagef("tpm: unknown subcommand %q (want info, keygen)", args[0])
 }

@@ -90,8 +90,8 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 	dur := fs.Duration("for", 0, "stop after this long (default: until interrupted)")
 	out := fs.String("json", "", "also write the per-device report to this `FILE` as JSON")
 	persistent := fs.Bool("persistent", false, "keep a persistent session, so the broker queues what arrives while the watcher is away")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	switch {
 	case *broker == "":

@@ -120,10 +120,31 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
+// newFlagSet returns a flag set whose output, where -h prints the usage,
+// is stdout.
 func newFlagSet(e *env, name string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
+	fs.SetOutput(e.stdout)
 	return fs
+}
+
+// parseFlags parses flags without printing: an error is one usage line
+// (not the whole usage after it); -h prints the flags on the flag set's
+// output.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.SetOutput(out)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprintf(out, "usage: iotstation %s [flags]\n", fs.Name())
+		fs.PrintDefaults()
+		return err
+	case err != nil:
+		return usagef("%s: %v (see iotstation %s -h)", fs.Name(), err, fs.Name())
+	}
+	return nil
 }
 
 func splitHost(addr string) (string, string, error) { return net.SplitHostPort(addr) }
@@ -137,11 +158,8 @@ func newFlags(e *env, name string) (*flag.FlagSet, *string) {
 // parse parses flags and requires --dir; it returns the positional
 // arguments, at most maxArgs of them.
 func parse(fs *flag.FlagSet, dir *string, args []string, maxArgs int) ([]string, error) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, err
-		}
-		return nil, usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
 	}
 	if *dir == "" {
 		return nil, usagef("%s: --dir is required", fs.Name())
