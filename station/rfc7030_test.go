@@ -47,6 +47,21 @@ func TestRFC7030WithCurlAndOpenSSL(t *testing.T) {
 		t.Errorf("openssl pkcs7 -print_certs on /cacerts:\n%s", out)
 	}
 
+	// /csrattrs (RFC 7030 §4.5.2): base64 DER that OpenSSL parses, asking
+	// for ECDSA with SHA-256 over P-256.
+	tool(t, dir, "curl", "-sS", "--fail", "--cacert", st.RootFile, "-D", "csrattrs.h", "-o", "csrattrs.b64", st.URL+est.PathCSRAttrs)
+	hdr, _ = os.ReadFile(filepath.Join(dir, "csrattrs.h"))
+	if h := strings.ToLower(string(hdr)); !strings.Contains(h, "content-type: application/csrattrs") || !strings.Contains(h, "content-transfer-encoding: base64") {
+		t.Errorf("csrattrs headers:\n%s", hdr)
+	}
+	tool(t, dir, "sh", "-c", "tr -d '\\r' < csrattrs.b64 | base64 -d > csrattrs.der")
+	out = tool(t, dir, "openssl", "asn1parse", "-inform", "DER", "-in", "csrattrs.der")
+	for _, want := range []string{"ecdsa-with-SHA256", "id-ecPublicKey", "prime256v1"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("openssl asn1parse on /csrattrs lacks %s:\n%s", want, out)
+		}
+	}
+
 	tok, err := st.CreateToken("gw-openssl", time.Hour)
 	if err != nil {
 		t.Fatal(err)
