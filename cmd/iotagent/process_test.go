@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/mqtttest"
+	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
@@ -200,6 +202,180 @@ keepalive = "5s"
 	if s.Running || s.QueueDepth != 0 || s.Uplink != "not running" {
 		t.Errorf("status after stop = %+v, want not running with an empty queue", s)
 	}
+}
+
+// SIGTERM while the uplink cannot deliver: the agent stops cleanly within
+// shutdownGrace and every record ingest acknowledged is still in the
+// queue, delivered once the link is back. Two faults between agent and
+// broker: the broker unreachable (the connection cut, new ones refused:
+// the uplink reconnects with backoff) and a silent partition (the
+// connection stays up, publishes are in flight and never acknowledged).
+func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
+	bin := agentBinary(t)
+	for _, tc := range []struct {
+		name  string
+		fault func(*mqtttest.Proxy)
+	}{
+		{"unreachable", func(p *mqtttest.Proxy) { p.Refuse(true); p.Cut() }},
+		{"partitioned", (*mqtttest.Proxy).Blackhole},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+			br := mqtttest.Start(t, st, mqtttest.Options{})
+			px := mqtttest.NewProxy(t, br.Addr)
+			sim := tpmtest.New(t)
+			state := filepath.Join(t.TempDir(), "state")
+			if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
+				t.Fatalf("enroll: %s", errs)
+			}
+			sockDir, _ := os.MkdirTemp("", "agent")
+			t.Cleanup(func() { os.RemoveAll(sockDir) })
+			sock := filepath.Join(sockDir, "ingest.sock")
+			cfg := filepath.Join(t.TempDir(), "config.toml")
+			if err := os.WriteFile(cfg, []byte("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			args := []string{"--tpm", sim.Spec, "--state-dir", state, "run", "--config", cfg,
+				"--uplink", px.URL, "--ingest-socket", sock}
+			sub := br.Subscribe(t, "devices/#")
+
+			p := startAgent(t, bin, args...)
+			// The collectors' first records are delivered before the fault,
+			// so the queue then holds exactly what this test ingests.
+			waitStatus(t, state, sock, "uplink connected, queue empty", func(s statusJSON) bool {
+				return s.Running && s.Uplink == "connected" && s.QueueDepth == 0
+			})
+			tc.fault(px)
+			const n = 300
+			seqs := send(t, sock, n)
+
+			took := stopAgent(t, p)
+			if s := status(t, state, sock); s.Running || s.QueueDepth != n {
+				t.Errorf("status after SIGTERM = running %v, queue_depth %d; want not running, %d", s.Running, s.QueueDepth, n)
+			}
+			// The fault held: none of these records reached the broker
+			// before the stop, so what arrives next came from the queue.
+			for drained := false; !drained; {
+				select {
+				case m := <-sub.Messages():
+					for _, q := range telemetrySeqs(t, m) {
+						if slices.Contains(seqs, q) {
+							t.Fatalf("record %d reached the broker through the fault; the test proves nothing", q)
+						}
+					}
+				default:
+					drained = true
+				}
+			}
+
+			px.Heal()
+			p = startAgent(t, bin, args...)
+			got := sub.WaitSeqs(t, seqs, 60*time.Second)
+			dups := 0
+			for _, q := range seqs {
+				dups += got[q] - 1
+			}
+			waitStatus(t, state, sock, "queue drained after the restart", func(s statusJSON) bool { return s.Running && s.QueueDepth == 0 })
+			stopAgent(t, p)
+			t.Logf("%d records queued behind the fault; SIGTERM exit in %v; all delivered after the restart, %d duplicates",
+				n, took.Round(time.Millisecond), dups)
+		})
+	}
+}
+
+// stopAgent sends SIGTERM and requires a successful exit within
+// shutdownGrace; it returns how long the agent took.
+func stopAgent(t *testing.T, p *agentProcess) time.Duration {
+	t.Helper()
+	start := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(2 * shutdownGrace):
+		t.Fatalf("iotagent still running %v after SIGTERM:\n%s", 2*shutdownGrace, p.out)
+	}
+	took := time.Since(start)
+	if p.err != nil || took > shutdownGrace {
+		t.Errorf("after SIGTERM iotagent exited with %v in %v, want success within %v:\n%s", p.err, took.Round(time.Millisecond), shutdownGrace, p.out)
+	}
+	return took
+}
+
+// send ingests n one-record packs through iotagent send - and returns the
+// sequence numbers the agent committed them under.
+func send(t *testing.T, sock string, n int) []uint64 {
+	t.Helper()
+	var in strings.Builder
+	for i := range n {
+		fmt.Fprintf(&in, `[{"n":"shutdown-test","v":%d}]`+"\n", i)
+	}
+	var out, errb bytes.Buffer
+	if code := runWith(t.Context(), &env{stdin: strings.NewReader(in.String()), stdout: &out, stderr: &errb, now: time.Now},
+		[]string{"send", "--socket", sock, "-"}); code != 0 {
+		t.Fatalf("send = %d: %s", code, errb.String())
+	}
+	var seqs []uint64
+	for line := range strings.Lines(out.String()) {
+		var q uint64
+		if _, err := fmt.Sscanf(line, "ok %d", &q); err != nil {
+			t.Fatalf("send answered %q, want ok SEQ", line)
+		}
+		seqs = append(seqs, q)
+	}
+	if len(seqs) != n {
+		t.Fatalf("send answered %d lines, want %d", len(seqs), n)
+	}
+	return seqs
+}
+
+// status runs iotagent status --json for the agent on sock.
+func status(t *testing.T, state, sock string) statusJSON {
+	t.Helper()
+	code, out, errs := agent(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
+	var s statusJSON
+	if code != 0 {
+		t.Fatalf("status = %d: %s", code, errs)
+	}
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	return s
+}
+
+// waitStatus polls status until ok holds, for at most 30 s (the running
+// agent rewrites its status file every 2 s).
+func waitStatus(t *testing.T, state, sock, what string, ok func(statusJSON) bool) statusJSON {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s := status(t, state, sock)
+		if ok(s) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status after 30 s = %+v, want %s", s, what)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// telemetrySeqs returns the sequence numbers in a telemetry message.
+func telemetrySeqs(t *testing.T, m mqtttest.Message) []uint64 {
+	t.Helper()
+	if !strings.HasSuffix(m.Topic, "/telemetry") {
+		return nil
+	}
+	p, err := senml.ParseJSON(m.Payload)
+	if err != nil {
+		t.Fatalf("telemetry payload on %s is not SenML: %v", m.Topic, err)
+	}
+	var seqs []uint64
+	for _, r := range p {
+		seqs = append(seqs, r.Seq)
+	}
+	return seqs
 }
 
 // iotagent send - pipelines stdin; answers stay in order and a bad line
