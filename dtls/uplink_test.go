@@ -361,10 +361,11 @@ func TestHandshakeFailureCountedByReason(t *testing.T) {
 	stranger := *d
 	stranger.roots = x509.NewCertPool() // trusts nothing
 	a := startAgent(t, &stranger, openQueue(t), newSealer(t), c.Addr())
-	waitUntil(t, 20*time.Second, "a failed handshake counted", func() bool { return a.stats.Snapshot().Failed >= 1 })
-	s := a.stats.Snapshot()
-	if s.FailedBy["unknown_ca"] != s.Failed || s.OK != 0 {
-		t.Errorf("handshakes: ok %d, failed by reason %v; want every failure unknown_ca", s.OK, s.FailedBy)
+	waitUntil(t, 20*time.Second, "a handshake failure counted as unknown_ca", func() bool { return a.stats.Snapshot().FailedBy["unknown_ca"] >= 1 })
+	// Later attempts may fail otherwise too (the collector may answer the
+	// alert the agent sent); none succeeds.
+	if s := a.stats.Snapshot(); s.OK != 0 || s.FailedBy["other"] != 0 {
+		t.Errorf("handshakes: ok %d, failed by reason %v; want none ok and every failure named", s.OK, s.FailedBy)
 	}
 	if st := a.up.State(); st.State != "backoff" && st.State != "connecting" {
 		t.Errorf("uplink state %q, want backoff", st.State)

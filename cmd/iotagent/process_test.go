@@ -124,6 +124,24 @@ func stream(socket string, stop <-chan struct{}, acked *[]uint64, mu *sync.Mutex
 	}
 }
 
+// streamFor streams records into p (see stream) in the background for d
+// and returns; finish stops the stream and returns every sequence number
+// acknowledged so far, this stream's and earlier ones'.
+func streamFor(p *agentProcess, d time.Duration, acked *[]uint64, mu *sync.Mutex) (finish func() []uint64) {
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); stream(p.socket, stop, acked, mu) }()
+	time.Sleep(d)
+	return func() []uint64 {
+		close(stop)
+		wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]uint64(nil), *acked...)
+	}
+}
+
 // The agent is killed with SIGKILL while records stream in; restarted, it
 // delivers every record it had acknowledged (duplicates allowed, counted).
 // Then SIGTERM stops it within 5 seconds with its queue intact.
@@ -131,47 +149,22 @@ func TestAgentKilledMidStreamLosesNothing(t *testing.T) {
 	bin := agentBinary(t)
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
 	br := mqtttest.Start(t, st, mqtttest.Options{})
-	sim := tpmtest.New(t)
-	state := filepath.Join(t.TempDir(), "state")
-	if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
-		t.Fatalf("enroll: %s", errs)
-	}
-	sockDir, _ := os.MkdirTemp("", "agent")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	cfg := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(cfg, []byte(`
-[collectors]
-host = false
-interval = "1h"
-[uplink]
-keepalive = "5s"
-`), 0o600)
-	args := []string{"--tpm", sim.Spec, "--state-dir", state, "run", "--config", cfg,
-		"--uplink", br.URL, "--ingest-socket", filepath.Join(sockDir, "ingest.sock")}
+	state, sock, args := enrolledRun(t, st, br.URL)
 	sub := br.Subscribe(t, "devices/#")
 
 	var mu sync.Mutex
 	var acked []uint64
 	for round := range 3 {
 		p := startAgent(t, bin, args...)
-		stop := make(chan struct{})
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() { defer wg.Done(); stream(p.socket, stop, &acked, &mu) }()
-		time.Sleep(700 * time.Millisecond)
+		finish := streamFor(p, 700*time.Millisecond, &acked, &mu)
 		if round < 2 {
 			p.cmd.Process.Signal(syscall.SIGKILL)
 			<-p.exited
-			close(stop)
-			wg.Wait()
+			finish()
 			continue
 		}
 		// Last round: stop streaming, let it drain, then SIGTERM.
-		close(stop)
-		wg.Wait()
-		mu.Lock()
-		want := append([]uint64(nil), acked...)
-		mu.Unlock()
+		want := finish()
 		got := sub.WaitSeqs(t, want, 60*time.Second)
 		start := time.Now()
 		p.cmd.Process.Signal(syscall.SIGTERM)
@@ -194,7 +187,7 @@ keepalive = "5s"
 		}
 	}
 	// The queue file is intact and empty after the clean stop.
-	code, out, errs := agent(t, "--state-dir", state, "status", "--json", "--ingest-socket", filepath.Join(sockDir, "ingest.sock"))
+	code, out, errs := agent(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
 	var s statusJSON
 	if code != 0 || json.Unmarshal([]byte(out), &s) != nil {
 		t.Fatalf("status = %d %s %s", code, out, errs)
@@ -223,20 +216,7 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 			st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
 			br := mqtttest.Start(t, st, mqtttest.Options{})
 			px := mqtttest.NewProxy(t, br.Addr)
-			sim := tpmtest.New(t)
-			state := filepath.Join(t.TempDir(), "state")
-			if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
-				t.Fatalf("enroll: %s", errs)
-			}
-			sockDir, _ := os.MkdirTemp("", "agent")
-			t.Cleanup(func() { os.RemoveAll(sockDir) })
-			sock := filepath.Join(sockDir, "ingest.sock")
-			cfg := filepath.Join(t.TempDir(), "config.toml")
-			if err := os.WriteFile(cfg, []byte("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n"), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			args := []string{"--tpm", sim.Spec, "--state-dir", state, "run", "--config", cfg,
-				"--uplink", px.URL, "--ingest-socket", sock}
+			state, sock, args := enrolledRun(t, st, px.URL)
 			sub := br.Subscribe(t, "devices/#")
 
 			p := startAgent(t, bin, args...)
@@ -281,6 +261,29 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 				n, took.Round(time.Millisecond), dups)
 		})
 	}
+}
+
+// enrolledRun enrolls an agent with its own swtpm at the station and
+// returns its state dir, ingest socket and the arguments of iotagent run
+// with the given uplink (no host collector, the SLI collector hourly).
+func enrolledRun(t *testing.T, st *stationtest.Station, uplink string) (state, sock string, args []string) {
+	t.Helper()
+	sim := tpmtest.New(t)
+	state = filepath.Join(t.TempDir(), "state")
+	if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
+		t.Fatalf("enroll: %s", errs)
+	}
+	sockDir, err := os.MkdirTemp("", "agent") // short: unix socket paths are limited
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sock = filepath.Join(sockDir, "ingest.sock")
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return state, sock, []string{"--tpm", sim.Spec, "--state-dir", state, "run", "--config", cfg, "--uplink", uplink, "--ingest-socket", sock}
 }
 
 // stopAgent sends SIGTERM and requires a successful exit within
