@@ -18,7 +18,19 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
 
 run() { # run PACKAGE REGEXP BENCHTIME
 	echo "--- go test -bench '$2' $1" >&2
-	go test -run - -bench "$2" -benchtime "$3" -count "$COUNT" "$1" | tee -a "$raw" | grep -E '^Benchmark' >&2 || true
+	local log
+	log=$(mktemp)
+	# A benchmark that fails stops the run: a figure silently missing from
+	# the summary would read as measured.
+	if ! go test -run - -bench "$2" -benchtime "$3" -count "$COUNT" "$1" >"$log" 2>&1; then
+		cat "$log" >&2
+		rm -f "$log"
+		echo "bench.sh: a benchmark of $1 failed" >&2
+		exit 1
+	fi
+	cat "$log" >>"$raw"
+	grep -E '^Benchmark' "$log" >&2 || true
+	rm -f "$log"
 }
 # TPM: signature; TLS 1.3 mutual handshake, TPM key vs software key.
 run ./tpm . 2s

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -36,7 +37,11 @@ type Device struct {
 	EKSHA256   string    `json:"ek_sha256"`
 	Status     string    `json:"status"`
 	CertSerial string    `json:"cert_serial"`
-	NotAfter   time.Time `json:"not_after"`
+	// KeySHA256 is the SHA-256 (hex) of the current certificate's
+	// SubjectPublicKeyInfo: a device that lost the response to a renewal
+	// of the same key still holds that key (see currentCert).
+	KeySHA256 string    `json:"key_sha256,omitempty"`
+	NotAfter  time.Time `json:"not_after"`
 	EnrolledAt time.Time `json:"enrolled_at"`
 	LastSeen   time.Time `json:"last_seen"`
 	// Issued counts the certificates issued to the device; their serials
@@ -171,13 +176,13 @@ func (r *registry) certificate(serial *big.Int) (*issued, error) {
 // recordIssue binds id to ek (when non-empty) and records a newly issued
 // certificate, in one transaction. check runs inside the transaction with
 // the current entry (nil if new) and may refuse.
-func (r *registry) recordIssue(id, ek string, serial *big.Int, notAfter, now time.Time, check func(*Device) error) error {
+func (r *registry) recordIssue(id, ek string, cert *x509.Certificate, now time.Time, check func(*Device) error) error {
 	return r.db.Update(func(tx *bolt.Tx) error {
-		return recordIssueTx(tx, id, ek, serial, notAfter, now, check)
+		return recordIssueTx(tx, id, ek, cert, now, check)
 	})
 }
 
-func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now time.Time, check func(*Device) error) error {
+func recordIssueTx(tx *bolt.Tx, id, ek string, cert *x509.Certificate, now time.Time, check func(*Device) error) error {
 	if tx.Bucket(bucketSvc).Get([]byte(id)) != nil {
 		return errServiceName(id)
 	}
@@ -203,8 +208,9 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now ti
 			return err
 		}
 	}
-	s := serialHex(serial)
-	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, s, notAfter, now
+	s := serialHex(cert.SerialNumber)
+	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, s, cert.NotAfter, now
+	d.KeySHA256 = keyHash(cert)
 	d.Issued++
 	if err := putJSON(devs, id, d); err != nil {
 		return err
@@ -212,7 +218,13 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, serial *big.Int, notAfter, now ti
 	if err := tx.Bucket(bucketByDev).Put(devCertKey(id, s), nil); err != nil {
 		return err
 	}
-	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: notAfter})
+	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: cert.NotAfter})
+}
+
+// keyHash is the SHA-256 (hex) of a certificate's SubjectPublicKeyInfo.
+func keyHash(c *x509.Certificate) string {
+	h := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return hex.EncodeToString(h[:])
 }
 
 // errServiceName refuses a device ID that names a service: brokers and

@@ -267,7 +267,14 @@ func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, err
 // also keeps two renewals from one certificate from both succeeding. A
 // device left holding a superseded certificate re-attests through
 // tpmenroll without a client certificate.
-func currentCert(leaf *x509.Certificate, check func(*Device) error) func(*Device) error {
+//
+// With sameKey (simplereenroll, which renews the key it is presented
+// with), a superseded certificate of the current key is accepted: the
+// device lost the response to its last renewal (a dropped link, a crash
+// before the certificate was stored) and still holds that key, which the
+// current certificate certifies anyway. Without this a device with no EK
+// certificate, which cannot re-attest, would be locked out.
+func currentCert(leaf *x509.Certificate, sameKey bool, check func(*Device) error) func(*Device) error {
 	return func(d *Device) error {
 		if err := check(d); err != nil {
 			return err
@@ -276,7 +283,7 @@ func currentCert(leaf *x509.Certificate, check func(*Device) error) func(*Device
 		if d == nil {
 			return refuse(http.StatusForbidden, "cert_unknown", "client certificate %s belongs to no registered device", serial)
 		}
-		if d.CertSerial != serial {
+		if d.CertSerial != serial && !(sameKey && d.KeySHA256 != "" && d.KeySHA256 == keyHash(leaf)) {
 			return refuse(http.StatusForbidden, "cert_superseded", "client certificate %s is not the current certificate of device %s (%s superseded it); a device holding an older certificate re-attests through tpmenroll without one", serial, d.ID, d.CertSerial)
 		}
 		return nil
@@ -381,7 +388,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	if presented != nil {
 		// Over mTLS the certificate vouches for the request: only the
 		// current one may.
-		check = currentCert(leaf, check)
+		check = currentCert(leaf, false, check)
 	}
 	if d, err := s.reg.device(id); err != nil {
 		s.fail(w, r, e, err)
@@ -428,7 +435,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, err)
 		return
 	}
-	if err := s.reg.recordIssue(id, att.ekHash, cert.SerialNumber, cert.NotAfter, now, check); err != nil {
+	if err := s.reg.recordIssue(id, att.ekHash, cert, now, check); err != nil {
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return
@@ -468,7 +475,7 @@ func (s *Station) handleEnroll(w http.ResponseWriter, r *http.Request) {
 	}
 	e.Serial = serialHex(cert.SerialNumber)
 	err = s.reg.consumeToken(id, secret, now, func(tx *bolt.Tx) error {
-		return recordIssueTx(tx, id, "", cert.SerialNumber, cert.NotAfter, now, canIssue(id, ""))
+		return recordIssueTx(tx, id, "", cert, now, canIssue(id, ""))
 	})
 	switch {
 	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenExpired), errors.Is(err, errTokenWrong):
@@ -500,7 +507,7 @@ func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.Device, e.EK = d.ID, d.EKSHA256
-	check := currentCert(leaf, canIssue(d.ID, ""))
+	check := currentCert(leaf, true, canIssue(d.ID, ""))
 	if err := check(d); err != nil {
 		s.fail(w, r, e, err)
 		return
@@ -521,7 +528,7 @@ func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.Serial = serialHex(cert.SerialNumber)
-	if err := s.reg.recordIssue(d.ID, "", cert.SerialNumber, cert.NotAfter, now, check); err != nil {
+	if err := s.reg.recordIssue(d.ID, "", cert, now, check); err != nil {
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return

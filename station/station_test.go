@@ -485,15 +485,59 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 		})
 	}
 
-	// The current certificate renews, once: of simultaneous renewals with
-	// it, the first to reach the registry supersedes it for the others.
+	// A renewal of the same key whose response was lost (the device kept
+	// the certificate it renewed) is renewed again: the station's current
+	// certificate certifies that key anyway, and a device without an EK
+	// certificate could not re-attest.
 	second := mtlsClient(t, st, secondCert, d2.key)
-	answers := make(chan answer, 4)
-	body := reenrollBody(t, d2.key)
-	for range cap(answers) {
+	if a := post(t, second, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d2.key)); a.status != http.StatusOK {
+		t.Fatalf("simplereenroll with the current certificate = %d %s", a.status, a.body)
+	}
+	if devs, _ := st.Devices(); devs[0].CertSerial == secondCert.SerialNumber.Text(16) {
+		t.Fatal("the renewal did not supersede the certificate it renewed")
+	}
+	a = post(t, second, st, est.PathReenroll, est.MediaPKCS10, reenrollBody(t, d2.key))
+	if a.status != http.StatusOK {
+		t.Fatalf("simplereenroll of the same key after a lost response = %d %s, want 200", a.status, a.body)
+	}
+	if e := lastAudit(t, st); e.Event != "simplereenroll" || e.Result != "accepted" {
+		t.Errorf("audit = %+v, want simplereenroll accepted", e)
+	}
+	der, err := est.DecodeBase64(a.body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := est.ParseCertsOnly(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := est.ParseCertificates(raw)
+	if err != nil || len(certs) != 1 {
+		t.Fatalf("renewed certificate: %v (%d)", err, len(certs))
+	}
+	current := mtlsClient(t, st, certs[0], d2.key)
+
+	// Rotations from one certificate: of simultaneous ones, the first to
+	// reach the registry supersedes the certificate for the others.
+	type request struct {
+		body []byte
+		ct   string
+	}
+	var reqs []request
+	for range 4 {
+		nk := d2.newKey(t)
+		body, ct, err := nk.request(t).Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		nk.key.Close() // the request is made: free the TPM's object slot
+		reqs = append(reqs, request{body, ct})
+	}
+	answers := make(chan answer, len(reqs))
+	for _, rq := range reqs {
 		go func() {
 			// Not post: t.Fatal belongs to the test's goroutine.
-			resp, err := second.Post(st.URL+est.PathReenroll, est.MediaPKCS10, bytes.NewReader(body))
+			resp, err := current.Post(st.URL+est.PathTPMEnroll, rq.ct, bytes.NewReader(rq.body))
 			if err != nil {
 				answers <- answer{body: []byte(err.Error())}
 				return
@@ -503,17 +547,17 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 			answers <- answer{resp.StatusCode, resp.Header, b}
 		}()
 	}
-	renewed := 0
+	rotated := 0
 	for range cap(answers) {
 		switch a := <-answers; {
 		case a.status == http.StatusOK:
-			renewed++
+			rotated++
 		case a.status != http.StatusForbidden || !strings.Contains(string(a.body), reason):
-			t.Errorf("concurrent simplereenroll = %d %q, want 200 or 403 %q", a.status, a.body, reason)
+			t.Errorf("concurrent tpmenroll = %d %q, want 200 or 403 %q", a.status, a.body, reason)
 		}
 	}
-	if renewed != 1 {
-		t.Errorf("%d of %d simultaneous renewals with one certificate succeeded, want 1", renewed, cap(answers))
+	if rotated != 1 {
+		t.Errorf("%d of %d simultaneous rotations with one certificate succeeded, want 1", rotated, cap(answers))
 	}
 	// A device left with a superseded certificate re-attests by its EK.
 	d3 := d.newKey(t)
