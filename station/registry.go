@@ -34,14 +34,14 @@ type Device struct {
 	ID string `json:"id"`
 	// EKSHA256 is the SHA-256 of the EK certificate's SubjectPublicKeyInfo
 	// (hex); empty for devices enrolled with a token.
-	EKSHA256   string    `json:"ek_sha256"`
-	Status     string    `json:"status"`
-	CertSerial string    `json:"cert_serial"`
+	EKSHA256   string `json:"ek_sha256"`
+	Status     string `json:"status"`
+	CertSerial string `json:"cert_serial"`
 	// KeySHA256 is the SHA-256 (hex) of the current certificate's
 	// SubjectPublicKeyInfo: a device that lost the response to a renewal
 	// of the same key still holds that key (see currentCert).
-	KeySHA256 string    `json:"key_sha256,omitempty"`
-	NotAfter  time.Time `json:"not_after"`
+	KeySHA256  string    `json:"key_sha256,omitempty"`
+	NotAfter   time.Time `json:"not_after"`
 	EnrolledAt time.Time `json:"enrolled_at"`
 	LastSeen   time.Time `json:"last_seen"`
 	// Issued counts the certificates issued to the device; their serials

@@ -309,6 +309,25 @@ func enrolledClient(t testing.TB, st *stationtest.Station, d *tpmDevice) (*http.
 	return client(t, st, tc), cert
 }
 
+// issuedCert reads the one certificate of a simpleenroll or
+// simplereenroll answer (base64 certs-only PKCS#7).
+func issuedCert(t testing.TB, a answer) *x509.Certificate {
+	t.Helper()
+	der, err := est.DecodeBase64(a.body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := est.ParseCertsOnly(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := est.ParseCertificates(raw)
+	if err != nil || len(certs) != 1 {
+		t.Fatalf("issued certificates: %v (%d, want 1)", err, len(certs))
+	}
+	return certs[0]
+}
+
 func reenrollBody(t testing.TB, key crypto.Signer) []byte {
 	return est.EncodeBase64(csrFor(t, key))
 }
@@ -324,15 +343,7 @@ func TestReenroll(t *testing.T) {
 	if a.status != http.StatusOK {
 		t.Fatalf("simplereenroll = %d %s", a.status, a.body)
 	}
-	der, err := est.DecodeBase64(a.body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := est.ParseCertsOnly(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	renewed, _ := x509.ParseCertificate(raw[0])
+	renewed := issuedCert(t, a)
 	if renewed.Subject.CommonName != cert.Subject.CommonName || !renewed.PublicKey.(*ecdsa.PublicKey).Equal(cert.PublicKey) {
 		t.Error("renewed certificate changed the subject or the key")
 	}
@@ -503,19 +514,7 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 	if e := lastAudit(t, st); e.Event != "simplereenroll" || e.Result != "accepted" {
 		t.Errorf("audit = %+v, want simplereenroll accepted", e)
 	}
-	der, err := est.DecodeBase64(a.body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := est.ParseCertsOnly(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certs, err := est.ParseCertificates(raw)
-	if err != nil || len(certs) != 1 {
-		t.Fatalf("renewed certificate: %v (%d)", err, len(certs))
-	}
-	current := mtlsClient(t, st, certs[0], d2.key)
+	current := mtlsClient(t, st, issuedCert(t, a), d2.key)
 
 	// Rotations from one certificate: of simultaneous ones, the first to
 	// reach the registry supersedes the certificate for the others.
