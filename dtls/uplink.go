@@ -187,14 +187,17 @@ func (u *Uplink) Ready(ctx context.Context) error {
 }
 
 // Deliver posts payload and waits for 2.04 Changed (or 2.01 Created).
-// Only an answer about the payload itself, 4.00 Bad Request (undecodable)
-// or 4.13 Request Entity Too Large, refuses it for good
-// (telemetry.ErrRejected): resending the same bytes cannot help. Every
-// other answer leaves the records queued: 4.01 and 4.03 refuse the
-// session's identity (a certificate that expired during the session, a
-// revoked one), so the session is dropped and the next one handshakes
-// with the current certificate; any other code (a collector that is
-// misconfigured, 5.xx) is resent with the uplink's backoff.
+// 4.00 Bad Request refuses the payload itself for good
+// (telemetry.ErrRejected: resending the same bytes cannot help), and 4.13
+// Request Entity Too Large its size (telemetry.ErrTooLarge: the pipeline
+// sends the records again in smaller payloads). Every other answer leaves
+// the records queued: 4.01 and 4.03 refuse the session's identity (a
+// certificate that expired during the session, a revoked one), so the
+// session is dropped and the next one handshakes with the current
+// certificate; any other code (5.03 from a collector whose sink is down, a
+// misconfigured collector) keeps the session and is resent after the
+// pipeline's backoff. A request that goes unanswered counts towards
+// declaring the session dead.
 func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	u.mu.Lock()
 	cc, broken := u.client, u.broken
@@ -221,13 +224,14 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 		u.state.LastAck = time.Now()
 		u.mu.Unlock()
 		return nil
-	case codes.BadRequest, codes.RequestEntityTooLarge:
+	case codes.BadRequest:
 		return fmt.Errorf("%w: collector answered %v: %s", telemetry.ErrRejected, code, body)
+	case codes.RequestEntityTooLarge:
+		return fmt.Errorf("%w: collector answered %v for %d bytes: %s", telemetry.ErrTooLarge, code, len(payload), body)
 	case codes.Unauthorized, codes.Forbidden:
 		u.noteFailure(broken, true)
 		return fmt.Errorf("collector refused this session (%v: %s); reconnecting", code, body)
 	default:
-		u.noteFailure(broken, false)
 		return fmt.Errorf("collector answered %v: %s", code, body)
 	}
 }
@@ -371,19 +375,16 @@ func (u *Uplink) Run(ctx context.Context) error {
 		}
 		if err != nil {
 			attempts++
-			ceiling := min(u.cfg.BackoffBase<<min(attempts-1, 30), u.cfg.BackoffCap)
-			wait := time.Duration(u.rng.Int64N(int64(ceiling)) + 1)
+			wait := u.backoff(attempts)
 			u.setState("backoff", err)
 			u.log.Warn("DTLS connection failed", "collector", u.raddr, "err", err, "retry_in", wait.Round(time.Millisecond))
-			select {
-			case <-ctx.Done():
+			if !sleep(ctx, wait) {
 				u.setState("stopped", nil)
 				return nil
-			case <-time.After(wait):
 			}
 			continue
 		}
-		attempts = 0
+		connectedAt := time.Now()
 		stop := make(chan struct{})
 		cc := u.coapClient(conn, stop)
 		broken := make(chan struct{})
@@ -395,7 +396,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 			u.handshake++
 		}
 		close(u.ready)
-		u.state = telemetry.UplinkState{State: "connected", Since: time.Now()}
+		u.state = telemetry.UplinkState{State: "connected", Since: time.Now(), LastAck: u.state.LastAck}
 		u.mu.Unlock()
 		u.log.Info("DTLS session up", "collector", u.raddr, "resumed", resumed)
 
@@ -429,6 +430,36 @@ func (u *Uplink) Run(ctx context.Context) error {
 		}
 		u.setState("connecting", errors.New(why))
 		u.log.Warn("DTLS session ended; reconnecting", "reason", why)
+		// A session that delivered something, or one ended by a renewal,
+		// resets the backoff; one that delivered nothing (a collector that
+		// accepts the handshake but refuses each request) keeps growing
+		// it, so the fleet does not handshake in a loop.
+		if why == "device certificate renewed" || u.State().LastAck.After(connectedAt) {
+			attempts = 0
+			continue
+		}
+		attempts++
+		if !sleep(ctx, u.backoff(attempts)) {
+			u.setState("stopped", nil)
+			return nil
+		}
+	}
+}
+
+// backoff is the wait before the attempts-th reconnection: exponential,
+// full jitter.
+func (u *Uplink) backoff(attempts int) time.Duration {
+	ceiling := min(u.cfg.BackoffBase<<min(attempts-1, 30), u.cfg.BackoffCap)
+	return time.Duration(u.rng.Int64N(int64(ceiling)) + 1)
+}
+
+// sleep waits d; false if ctx ended first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
 	}
 }
 

@@ -5,9 +5,11 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -380,5 +382,81 @@ func waitUntil(t testing.TB, d time.Duration, what string, cond func() bool) {
 			t.Fatalf("timed out after %v waiting for %s", d, what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A collector whose size limit is below the agent's answers 4.13: the
+// records go again in smaller payloads, and only a record too large alone
+// is dropped (and counted).
+func TestCollectorLimitBelowAgentsSplitsPayloads(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolled(t, st)
+	c, rec := startCollector(t, st, func(cfg *collector.Config) { cfg.MaxPayload = 400 })
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), c.Addr())
+	seqs := queue(t, q, 200, "small")
+	huge := strings.Repeat("x", 600)
+	b, err := senml.Pack{{Name: "huge", StringValue: &huge, Time: ptr(1.8e9)}}.EncodeCBOR()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hugeSeq, _, err := q.Append(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitDrained(t, q, 30*time.Second)
+	if missing, _ := rec.count(seqs); missing != 0 {
+		t.Errorf("%d of %d records missing", missing, len(seqs))
+	}
+	if n := a.pipe.Rejected(); n != 1 {
+		t.Errorf("%d records dropped as refused, want 1 (the one too large alone)", n)
+	}
+	if missing, _ := rec.count([]uint64{hugeSeq}); missing != 1 {
+		t.Error("the record too large for the collector was accepted")
+	}
+	if n := c.Stats().Requests["4.13"]; n == 0 {
+		t.Error("the collector never answered 4.13: the test proves nothing")
+	}
+}
+
+// A collector that answers but cannot take records (its sink is down:
+// 5.03) keeps the session: no new handshake, and the agent resends with
+// a growing backoff instead of in a loop; once the sink is back, every
+// record arrives.
+func TestCollectorSinkDownBacksOff(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolled(t, st)
+	var down atomic.Bool
+	down.Store(true)
+	c, rec := startCollector(t, st, func(cfg *collector.Config) {
+		inner := cfg.Sink
+		cfg.Sink = collector.SinkFunc(func(ctx context.Context, dev string, p senml.Pack) error {
+			if down.Load() {
+				return errors.New("sink down")
+			}
+			return inner.Write(ctx, dev, p)
+		})
+	})
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), c.Addr())
+	seqs := queue(t, q, 100, "held")
+	waitUntil(t, 20*time.Second, "the collector refusing with 5.03", func() bool { return c.Stats().Requests["5.03"] >= 1 })
+	start := c.Stats().Requests["5.03"]
+	time.Sleep(3 * time.Second)
+	// The pipeline's backoff starts at 500 ms and doubles: a handful of
+	// attempts in 3 s, not hundreds.
+	if n := c.Stats().Requests["5.03"] - start; n > 12 {
+		t.Errorf("%d requests refused in 3 s while the sink was down; want a backoff", n)
+	}
+	if full, _ := a.up.Handshakes(); full != 1 {
+		t.Errorf("%d handshakes while the collector answered 5.03, want 1 (the session stands)", full)
+	}
+	down.Store(false)
+	waitDrained(t, q, 90*time.Second)
+	if missing, _ := rec.count(seqs); missing != 0 {
+		t.Errorf("%d records missing", missing)
+	}
+	if n := a.pipe.Rejected(); n != 0 {
+		t.Errorf("%d records dropped", n)
 	}
 }

@@ -211,7 +211,9 @@ func (s *Store) commit(group []*op) {
 // was.
 func (s *Store) apply(ops []*op, c *counters, results []opResult) (records int, wrote bool, err error) {
 	if s.broken != nil {
-		return 0, false, s.broken
+		if err := s.reopen(); err != nil {
+			return 0, false, err
+		}
 	}
 	tx, err := s.db.Begin(true)
 	if err != nil {

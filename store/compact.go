@@ -109,8 +109,13 @@ func logCompacted(opts *Options, file *os.File, size, live int64, start time.Tim
 // into the old, unlinked one.
 func (s *Store) compactLive() {
 	now := time.Now()
-	if now.Before(s.nextCompactCheck) {
+	if now.Before(s.nextCompactCheck) || s.broken != nil {
 		return
+	}
+	select {
+	case <-s.closing: // not worth delaying Close for
+		return
+	default:
 	}
 	every := compactCheckEvery
 	if s.hooks.compactEvery != 0 {
@@ -124,7 +129,10 @@ func (s *Store) compactLive() {
 	ndb, nfile, renamed, err := compact(&s.opts, s.db, s.hooks)
 	if err != nil {
 		if renamed {
-			s.broken = fmt.Errorf("store %s was compacted but the new file cannot be opened (restart the agent): %w", s.opts.Path, err)
+			// The old file is unlinked: writing on into it would lose
+			// everything at the next start. Writes fail until the new
+			// file opens (reopen, tried at each write).
+			s.broken = fmt.Errorf("store %s was compacted but the new file cannot be opened yet: %w", s.opts.Path, err)
 			s.log.Error("store compaction", "err", s.broken)
 			return
 		}
@@ -142,7 +150,9 @@ func (s *Store) compactLive() {
 
 // compact copies src into a temporary file, makes it durable and renames it
 // over opts.Path, then opens it. src stays open, and its lock held, until
-// the caller closes it, so no other Store opens the path in between.
+// the caller closes it; the renamed file is unlocked until it is opened,
+// so another process opening the path in that instant (iotagent status)
+// holds it first and the open here waits up to OpenTimeout for it.
 //
 // A crash before the rename leaves the original and a temporary file that
 // Open deletes; after it, the new file, complete since it was fsynced first.
@@ -222,5 +232,23 @@ func syncDir(dir string) error {
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("fsync directory %s: %w", dir, err)
 	}
+	return nil
+}
+
+// reopen opens the compacted file after a compaction whose own open
+// failed, and swaps it in; the committer calls it before each write while
+// the store is broken.
+func (s *Store) reopen() error {
+	db, file, err := openBolt(&s.opts)
+	if err != nil {
+		return fmt.Errorf("%w (still: %v)", s.broken, err)
+	}
+	s.dbMu.Lock()
+	old := s.db
+	s.db, s.file = db, file
+	s.dbMu.Unlock()
+	old.Close()
+	s.broken = nil
+	s.log.Info("store reopened after compaction", "path", s.opts.Path)
 	return nil
 }

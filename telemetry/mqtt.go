@@ -262,6 +262,9 @@ func (m *MQTT) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certific
 // dial opens the TLS connection paho speaks over, counting the handshake
 // (a TCP connection that cannot be made is no handshake).
 func (m *MQTT) dial(ctx context.Context) (net.Conn, error) {
+	m.mu.Lock()
+	m.handshake = nil // a dial belongs to the connection attempt that makes it
+	m.mu.Unlock()
 	dctx, cancel := context.WithTimeout(ctx, m.cfg.ConnectTimeout)
 	defer cancel()
 	raw, err := (&net.Dialer{}).DialContext(dctx, "tcp", m.addr)
@@ -334,6 +337,9 @@ func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
 		AddBroker("tcp://"+m.addr). // the scheme is unused: connections come from dial
 		SetClientID(m.cfg.Identity.DeviceID()).
 		SetCleanSession(true).
+		// 3.1.1 only: without a version paho retries a refused CONNECT
+		// with 3.1, a second dial and handshake (a TPM signature).
+		SetProtocolVersion(4).
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetOrderMatters(false).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,7 +44,14 @@ type PipelineConfig struct {
 	// message; a crash inside the window sends those records again
 	// (duplicates, never a loss). Negative: delete at once.
 	AckDelay time.Duration
-	Logger   *slog.Logger
+	// RetryBase and RetryCap bound the wait before resending after a
+	// delivery failed again with nothing delivered since the last failure
+	// (a peer that answers but refuses each payload, a flapping link):
+	// exponential with full jitter, defaults 500 ms and 1 min. A first
+	// failure is resent at once.
+	RetryBase time.Duration
+	RetryCap  time.Duration
+	Logger    *slog.Logger
 	// OnDelivered is told about each acknowledged payload.
 	OnDelivered func(records int, lastSeq uint64)
 }
@@ -61,12 +69,18 @@ type Pipeline struct {
 	delivered atomic.Uint64
 	corrupt   atomic.Uint64
 	rejected  atomic.Uint64
+	succeeded atomic.Bool // a delivery succeeded since the last failure
 }
 
-// ErrRejected marks a delivery the peer refused for good (a CoAP 4.xx: the
+// ErrRejected marks a delivery the peer refused for good (CoAP 4.00: the
 // payload itself is wrong). Resending would loop forever: the pipeline
 // drops those records, counts them and logs the peer's reason.
 var ErrRejected = errors.New("rejected by the peer")
+
+// ErrTooLarge marks a payload the peer refused for its size (CoAP 4.13):
+// the pipeline sends its records again in smaller payloads, and drops
+// only a record too large alone.
+var ErrTooLarge = errors.New("too large for the peer")
 
 // NewPipeline checks cfg.
 func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
@@ -78,6 +92,12 @@ func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
 	}
 	if cfg.AckDelay == 0 {
 		cfg.AckDelay = 100 * time.Millisecond
+	}
+	if cfg.RetryBase <= 0 {
+		cfg.RetryBase = 500 * time.Millisecond
+	}
+	if cfg.RetryCap <= 0 {
+		cfg.RetryCap = time.Minute
 	}
 	p := &Pipeline{cfg: cfg, log: cfg.Logger}
 	if p.log == nil {
@@ -174,12 +194,29 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		mu.Unlock()
 	}
 	var cursor uint64
+	retries := 0
 	for {
 		if failed.Load() {
 			wg.Wait() // let the deliveries in flight finish
 			p.flush(pending)
 			failed.Store(false)
 			cursor = 0 // acknowledged records are gone; resend the rest
+			// Failing again with nothing delivered in between: the peer
+			// answers but fails each payload (a collector whose sink is
+			// down), or the link flaps. Back off before resending.
+			if p.succeeded.Swap(false) {
+				retries = 0
+			} else {
+				retries++
+			}
+			if retries > 0 {
+				ceiling := min(p.cfg.RetryBase<<min(retries-1, 30), p.cfg.RetryCap)
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(time.Duration(rand.Int64N(int64(ceiling)) + 1)):
+				}
+			}
 		}
 		if err := up.Ready(ctx); err != nil {
 			return nil
@@ -235,32 +272,58 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			go func() {
 				defer wg.Done()
 				defer func() { <-slots }()
-				err := up.Deliver(ctx, ch.Data)
-				if errors.Is(err, ErrRejected) {
-					p.rejected.Add(uint64(len(ch.Records)))
-					p.log.Error("the peer refused records for good; dropping them", "records", len(ch.Records), "err", err)
-					if aerr := p.cfg.Store.Ack(ch.Seqs()...); aerr != nil {
-						p.log.Error("dropping refused records", "err", aerr)
-					}
-					return
-				}
-				if err != nil {
+				if err := p.send(ctx, up, ch, pending); err != nil {
 					if ctx.Err() == nil {
 						p.log.Debug("delivery failed; will resend", "err", err, "records", len(ch.Records))
 					}
 					fail()
-					return
-				}
-				seqs := ch.Seqs()
-				pending.add(seqs)
-				if p.cfg.AckDelay < 0 {
-					p.flush(pending)
-				}
-				p.delivered.Add(uint64(len(seqs)))
-				if p.cfg.OnDelivered != nil {
-					p.cfg.OnDelivered(len(seqs), seqs[len(seqs)-1])
 				}
 			}()
 		}
 	}
+}
+
+// send delivers ch and hands its sequence numbers to pending. A payload
+// the peer finds too large (ErrTooLarge: its limit is below ours) is sent
+// again in halves; records the peer refuses for good (ErrRejected, or one
+// record too large alone) are dropped, counted and logged. Any other
+// error means: resend.
+func (p *Pipeline) send(ctx context.Context, up Uplink, ch senml.Chunk, pending *acks) error {
+	err := up.Deliver(ctx, ch.Data)
+	if errors.Is(err, ErrTooLarge) && len(ch.Records) > 1 {
+		halves, serr := ch.Records.Split(up.Encode, len(ch.Data)/2)
+		if serr != nil {
+			return serr
+		}
+		p.log.Warn("the peer refused a payload as too large; sending it in smaller ones (lower [uplink] max_payload)",
+			"bytes", len(ch.Data), "records", len(ch.Records), "err", err)
+		for _, h := range halves {
+			if err := p.send(ctx, up, h, pending); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if errors.Is(err, ErrRejected) || errors.Is(err, ErrTooLarge) {
+		p.rejected.Add(uint64(len(ch.Records)))
+		p.log.Error("the peer refused records for good; dropping them", "records", len(ch.Records), "err", err)
+		if aerr := p.cfg.Store.Ack(ch.Seqs()...); aerr != nil {
+			p.log.Error("dropping refused records", "err", aerr)
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	seqs := ch.Seqs()
+	pending.add(seqs)
+	if p.cfg.AckDelay < 0 {
+		p.flush(pending)
+	}
+	p.delivered.Add(uint64(len(seqs)))
+	p.succeeded.Store(true)
+	if p.cfg.OnDelivered != nil {
+		p.cfg.OnDelivered(len(seqs), seqs[len(seqs)-1])
+	}
+	return nil
 }
