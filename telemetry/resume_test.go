@@ -69,17 +69,13 @@ func TestBrokerRestartResumesWithoutSignature(t *testing.T) {
 		}
 		pool := x509.NewCertPool()
 		pool.AppendCertsFromPEM(r.st.TrustPEM())
-		key, err := demobroker.LoadTicketKey(filepath.Join(t.TempDir(), "ticket.key"))
-		if err != nil {
-			t.Fatal(err)
-		}
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		addr := l.Addr().String()
 		l.Close()
-		db = &demoBroker{t: t, cfg: demobroker.Config{Addr: addr, Certificate: cert, ClientCAs: pool, TicketKey: key, Revoked: r.st.CertificateRevoked}}
+		db = &demoBroker{t: t, cfg: demobroker.Config{Addr: addr, Certificate: cert, ClientCAs: pool, TicketKeyFile: filepath.Join(t.TempDir(), "ticket.keys"), Revoked: r.st.CertificateRevoked}}
 		db.start()
 		t.Cleanup(db.stop)
 		return "mqtts://" + addr

@@ -52,14 +52,11 @@ func cmdDemoBroker(ctx context.Context, e *env, args []string) error {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(trust)
-	// Devices resume their TLS sessions across a restart of the broker.
-	ticketKey, err := demobroker.LoadTicketKey(filepath.Join(*dir, "demo-broker-ticket.key"))
-	if err != nil {
-		return err
-	}
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
-	b, err := demobroker.New(demobroker.Config{Addr: *listen, Certificate: cert, ClientCAs: pool, TicketKey: ticketKey,
-		Revoked: demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), ReaderFirst: *readerFirst, Logger: log})
+	b, err := demobroker.New(demobroker.Config{Addr: *listen, Certificate: cert, ClientCAs: pool,
+		// Devices resume their TLS sessions across a restart of the broker.
+		TicketKeyFile: filepath.Join(*dir, "demo-broker-ticket.keys"),
+		Revoked:       demobroker.CRLFile(filepath.Join(*dir, "crl.pem")), ReaderFirst: *readerFirst, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -60,19 +60,20 @@ type Config struct {
 	// publish into no subscription; mosquitto with persistence needs no such
 	// help.
 	ReaderFirst bool
-	// TicketKey, when set, encrypts the TLS session tickets the broker
-	// issues, so that a device reconnecting after a broker restart resumes
-	// its session without a new handshake (no TPM signature). Without it
-	// each process draws its own key, as mosquitto does. LoadTicketKey
-	// keeps one in a file.
-	TicketKey *[32]byte
-	Logger    *slog.Logger
+	// TicketKeyFile, when set, keeps the keys that encrypt the TLS
+	// session tickets the broker issues (see LoadTicketKeys), so that a
+	// device reconnecting after a broker restart resumes its session
+	// without a new handshake (no TPM signature). Without it each process
+	// draws its own keys, as mosquitto does.
+	TicketKeyFile string
+	Logger        *slog.Logger
 }
 
 // Broker is the embedded broker.
 type Broker struct {
 	cfg Config
 	srv *mqtt.Server
+	tls *tls.Config
 }
 
 // New builds the broker.
@@ -103,22 +104,44 @@ func New(cfg Config) (*Broker, error) {
 			return nil
 		},
 	}
-	if cfg.TicketKey != nil {
-		tc.SetSessionTicketKeys([][32]byte{*cfg.TicketKey})
+	if cfg.TicketKeyFile != "" {
+		keys, err := LoadTicketKeys(cfg.TicketKeyFile, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		tc.SetSessionTicketKeys(keys)
 	}
 	if err := srv.AddListener(listeners.NewTCP(listeners.Config{Type: "tcp", ID: "mtls", Address: cfg.Addr, TLSConfig: tc})); err != nil {
 		return nil, err
 	}
-	return &Broker{cfg: cfg, srv: srv}, nil
+	return &Broker{cfg: cfg, srv: srv, tls: tc}, nil
 }
 
-// Run serves until ctx ends.
+// Run serves until ctx ends. With a ticket key file it rotates the keys
+// as they age (checked hourly).
 func (b *Broker) Run(ctx context.Context) error {
 	if err := b.srv.Serve(); err != nil {
 		return err
 	}
-	<-ctx.Done()
-	return b.srv.Close()
+	var tick <-chan time.Time
+	if b.cfg.TicketKeyFile != "" {
+		t := time.NewTicker(time.Hour)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return b.srv.Close()
+		case now := <-tick:
+			keys, err := LoadTicketKeys(b.cfg.TicketKeyFile, now)
+			if err != nil {
+				b.srv.Log.Warn("session-ticket keys not rotated", "err", err)
+				continue
+			}
+			b.tls.SetSessionTicketKeys(keys)
+		}
+	}
 }
 
 // policy authenticates by certificate and enforces the per-device ACL.
@@ -190,26 +213,55 @@ func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return false
 }
 
-// LoadTicketKey reads the session-ticket key kept at path, or makes one
-// and writes it there (0600, atomically) if the file does not exist.
-func LoadTicketKey(path string) (*[32]byte, error) {
-	var key [32]byte
+// TicketKeyLifetime is how long a session-ticket key encrypts new
+// tickets; it opens them for as long again after its successor takes
+// over. A key that leaks lets whoever holds it resume the sessions of
+// tickets it encrypted, so keys do not live for ever.
+const TicketKeyLifetime = 24 * time.Hour
+
+// LoadTicketKeys reads the session-ticket keys kept at path (0600): the
+// current one first, which encrypts new tickets, then the previous one.
+// A missing file is made with a new key; a current key older than
+// TicketKeyLifetime (by the file's time) is replaced by a new one and
+// kept as the previous. Changes are written atomically.
+func LoadTicketKeys(path string, now time.Time) ([][32]byte, error) {
+	const size = 32
+	var keys [][32]byte
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
-		if len(b) != len(key) {
-			return nil, fmt.Errorf("session-ticket key %s: %d bytes, want %d (delete it to make a new one)", path, len(b), len(key))
+		if len(b) != size && len(b) != 2*size {
+			return nil, fmt.Errorf("session-ticket keys %s: %d bytes, want %d or %d (delete it to make new ones)", path, len(b), size, 2*size)
 		}
-		copy(key[:], b)
-		return &key, nil
+		for i := 0; i < len(b); i += size {
+			keys = append(keys, [32]byte(b[i:i+size]))
+		}
+		fi, err := os.Stat(path)
+		if err != nil {
+			return nil, fmt.Errorf("session-ticket keys: %w", err)
+		}
+		if now.Sub(fi.ModTime()) < TicketKeyLifetime {
+			return keys, nil
+		}
+		keys = keys[:1] // the current becomes the previous
 	case !errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("session-ticket key: %w", err)
+		return nil, fmt.Errorf("session-ticket keys: %w", err)
 	}
-	rand.Read(key[:])
-	if err := atomicfile.Write(path, key[:], 0o600); err != nil {
-		return nil, fmt.Errorf("session-ticket key: %w", err)
+	var fresh [32]byte
+	rand.Read(fresh[:])
+	keys = append([][32]byte{fresh}, keys...)
+	out := make([]byte, 0, len(keys)*size)
+	for _, k := range keys {
+		out = append(out, k[:]...)
 	}
-	return &key, nil
+	if err := atomicfile.Write(path, out, 0o600); err != nil {
+		return nil, fmt.Errorf("session-ticket keys: %w", err)
+	}
+	// The file's time is the current key's birth.
+	if err := os.Chtimes(path, now, now); err != nil {
+		return nil, fmt.Errorf("session-ticket keys: %w", err)
+	}
+	return keys, nil
 }
 
 // CRLFile returns a revocation check against a PEM CRL file (the station's

@@ -106,26 +106,42 @@ func TestPolicy(t *testing.T) {
 	}
 }
 
-// The ticket key is made once (0600) and read back the same; a file of the
-// wrong size is an error naming it, and is left alone.
-func TestLoadTicketKey(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "ticket.key")
-	k1, err := LoadTicketKey(path)
+// The ticket keys are made once (0600) and read back the same until the
+// current one is TicketKeyLifetime old; then a new one leads and the old
+// one follows, to open the tickets it encrypted. A file of the wrong size
+// is an error naming it, and is left alone.
+func TestLoadTicketKeys(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ticket.keys")
+	now := time.Now()
+	k1, err := LoadTicketKeys(path, now)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("ticket key file: %v, mode %v; want 0600", err, fi.Mode())
 	}
-	k2, err := LoadTicketKey(path)
-	if err != nil || *k1 != *k2 {
-		t.Fatalf("second load: %v; same key %v", err, err == nil && *k1 == *k2)
+	if len(k1) != 1 || k1[0] == ([32]byte{}) {
+		t.Fatalf("new keys = %x, want one non-zero key", k1)
 	}
-	if *k1 == ([32]byte{}) {
-		t.Error("the key is all zeros")
+	k2, err := LoadTicketKeys(path, now.Add(TicketKeyLifetime/2))
+	if err != nil || len(k2) != 1 || k2[0] != k1[0] {
+		t.Fatalf("second load = %x, %v; want the same key", k2, err)
+	}
+	k3, err := LoadTicketKeys(path, now.Add(TicketKeyLifetime+time.Minute))
+	if err != nil || len(k3) != 2 || k3[1] != k1[0] || k3[0] == k1[0] {
+		t.Fatalf("load after the lifetime = %x, %v; want a new key, then the old one", k3, err)
+	}
+	k4, err := LoadTicketKeys(path, now.Add(TicketKeyLifetime+2*time.Minute))
+	if err != nil || len(k4) != 2 || k4[0] != k3[0] || k4[1] != k3[1] {
+		t.Fatalf("load after the rotation = %x, %v; want the rotated keys", k4, err)
+	}
+	// A second rotation drops the oldest key.
+	k5, err := LoadTicketKeys(path, now.Add(3*TicketKeyLifetime))
+	if err != nil || len(k5) != 2 || k5[1] != k3[0] {
+		t.Fatalf("second rotation = %x, %v; want a new key, then the previous current", k5, err)
 	}
 	os.WriteFile(path, []byte("short"), 0o600)
-	if _, err := LoadTicketKey(path); err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "5 bytes") {
+	if _, err := LoadTicketKeys(path, now); err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "5 bytes") {
 		t.Errorf("short key file: %v; want an error naming the file and its size", err)
 	}
 	if b, _ := os.ReadFile(path); string(b) != "short" {
