@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -86,6 +87,13 @@ type Uplink struct {
 	resumed   int // sessions resumed from the store
 	fails     int // consecutive failed deliveries on this session
 	broken    chan struct{}
+
+	// nextMID is the CoAP message ID the next client starts from (Run's
+	// goroutine only). It is kept with the sealed session: a resumed
+	// session is the collector's same connection, whose cache of recent
+	// message IDs (RFC 7252 §4.5) would take reused IDs for duplicates
+	// and answer them from the cache.
+	nextMID uint16
 }
 
 // NewUplink checks cfg and resolves the collector's address.
@@ -130,6 +138,7 @@ func NewUplink(cfg UplinkConfig) (*Uplink, error) {
 	}
 	up := &Uplink{cfg: cfg, log: cfg.Logger, raddr: raddr, host: u.Hostname(), ready: make(chan struct{}),
 		rng: mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))}
+	up.nextMID = uint16(up.rng.Uint32())
 	if up.log == nil {
 		up.log = slog.New(slog.DiscardHandler)
 	}
@@ -307,10 +316,15 @@ func udpNetwork(a *net.UDPAddr) string {
 // resume revives a sealed session and checks with a CoAP ping that the
 // collector still knows it.
 func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.ClientOption) (*piondtls.Conn, *RebindableConn, error) {
-	state, err := u.cfg.Sealer.Open(sealed)
+	opened, err := u.cfg.Sealer.Open(sealed)
 	if err != nil {
 		return nil, nil, err
 	}
+	if len(opened) < 3 || opened[0] != sessionFormat {
+		return nil, nil, errors.New("stored session of another format")
+	}
+	u.nextMID = binary.BigEndian.Uint16(opened[1:3])
+	state := opened[3:]
 	pc, err := ListenRebindable(udpNetwork(u.raddr))
 	if err != nil {
 		return nil, nil, err
@@ -325,18 +339,20 @@ func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.Clie
 	cc := u.coapClient(conn, stop)
 	pctx, cancel := context.WithTimeout(ctx, 3*u.cfg.AckTimeout)
 	defer cancel()
-	if err := cc.Ping(pctx); err != nil {
+	err = cc.Ping(pctx)
+	u.nextMID = uint16(cc.GetMessageID())
+	cc.Close()
+	if err != nil {
 		pc.Close()
-		cc.Close()
 		return nil, nil, fmt.Errorf("the collector does not answer on the stored session: %w", err)
 	}
-	cc.Close()
 	return conn, pc, nil
 }
 
 // coapClient runs go-coap over conn; stop ends its retransmission timer.
 func (u *Uplink) coapClient(conn *piondtls.Conn, stop <-chan struct{}) *udpclient.Conn {
 	return coapdtls.Client(conn,
+		startMID(u.nextMID),
 		options.WithTransmission(uint32(u.cfg.Window), u.cfg.AckTimeout, u.cfg.MaxRetransmit),
 		// go-coap allows one request in flight per peer unless told.
 		options.WithLimitClientParallelRequest(int64(u.cfg.Window)),
@@ -350,6 +366,15 @@ func (u *Uplink) coapClient(conn *piondtls.Conn, stop <-chan struct{}) *udpclien
 		// add round trips, and its state machine stalls on a lossy link.
 		options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
 	)
+}
+
+// startMID makes a go-coap client number its messages from a given ID on.
+type startMID uint16
+
+func (m startMID) UDPClientApply(cfg *udpclient.Config) {
+	// The client starts its counter at GetMID() - 0xffff/2 and
+	// increments it before each message.
+	cfg.GetMID = func() int32 { return int32(m) - 1 + 0xffff/2 }
 }
 
 // exchangeTimeout bounds one confirmable exchange: RFC 7252's
@@ -416,6 +441,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 		// socket first, then export, then let go-coap and pion close
 		// (their close_notify cannot leave the closed socket).
 		pc.Close()
+		u.nextMID = uint16(cc.GetMessageID())
 		if ctx.Err() != nil && u.cfg.Sessions != nil {
 			if err := u.saveSession(conn); err != nil {
 				u.log.Warn("saving the DTLS session", "err", err)
@@ -463,12 +489,17 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// sessionFormat leads the sealed session: the format byte, the next
+// CoAP message ID (2 bytes), then the DTLS state.
+const sessionFormat = 1
+
 func (u *Uplink) saveSession(conn *piondtls.Conn) error {
 	state, err := ExportState(conn)
 	if err != nil {
 		return err
 	}
-	sealed, err := u.cfg.Sealer.Seal(state)
+	blob := binary.BigEndian.AppendUint16([]byte{sessionFormat}, u.nextMID)
+	sealed, err := u.cfg.Sealer.Seal(append(blob, state...))
 	if err != nil {
 		return err
 	}
