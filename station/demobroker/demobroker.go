@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -111,16 +112,66 @@ func New(cfg Config) (*Broker, error) {
 		}
 		tc.SetSessionTicketKeys(keys)
 	}
-	if err := srv.AddListener(listeners.NewTCP(listeners.Config{Type: "tcp", ID: "mtls", Address: cfg.Addr, TLSConfig: tc})); err != nil {
-		return nil, err
-	}
 	return &Broker{cfg: cfg, srv: srv, tls: tc}, nil
+}
+
+// shutdown stops accepting and disconnects every client before mochi's
+// Close, which would otherwise wait for connected clients on a WaitGroup
+// that a connection accepted meanwhile may still be adding to (a data
+// race in mochi). With no client attached, Close has nothing to wait for.
+func (b *Broker) shutdown(ln net.Listener, gate *gatedListener) {
+	ln.Close()
+	<-gate.stopped
+	time.Sleep(20 * time.Millisecond) // a connection just accepted registers itself
+	for _, cl := range b.srv.Clients.GetAll() {
+		if !cl.Closed() {
+			b.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		open := 0
+		for _, cl := range b.srv.Clients.GetAll() {
+			if !cl.Closed() {
+				open++
+			}
+		}
+		if open == 0 {
+			break
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // their goroutines finish
+}
+
+// gatedListener tells when its Accept has stopped for good, that is when
+// the broker's accept loop can hand it no more connections.
+type gatedListener struct {
+	net.Listener
+	once    sync.Once
+	stopped chan struct{}
+}
+
+func (g *gatedListener) Accept() (net.Conn, error) {
+	c, err := g.Listener.Accept()
+	if err != nil {
+		g.once.Do(func() { close(g.stopped) })
+	}
+	return c, err
 }
 
 // Run serves until ctx ends. With a ticket key file it rotates the keys
 // as they age (checked hourly).
 func (b *Broker) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", b.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("demo broker: %w", err)
+	}
+	gate := &gatedListener{Listener: tls.NewListener(ln, b.tls), stopped: make(chan struct{})}
+	if err := b.srv.AddListener(listeners.NewNet("mtls", gate)); err != nil {
+		ln.Close()
+		return err
+	}
 	if err := b.srv.Serve(); err != nil {
+		ln.Close()
 		return err
 	}
 	var tick <-chan time.Time
@@ -132,6 +183,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			b.shutdown(ln, gate)
 			return b.srv.Close()
 		case now := <-tick:
 			keys, err := LoadTicketKeys(b.cfg.TicketKeyFile, now)
