@@ -226,10 +226,12 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	}
 	code := resp.Code()
 	body, _ := resp.ReadBody()
+	u.mu.Lock()
+	u.fails = 0 // any answer shows the session alive
+	u.mu.Unlock()
 	switch code {
 	case codes.Changed, codes.Created:
 		u.mu.Lock()
-		u.fails = 0
 		u.state.LastAck = time.Now()
 		u.mu.Unlock()
 		return nil

@@ -414,8 +414,18 @@ func TestCollectorLimitBelowAgentsSplitsPayloads(t *testing.T) {
 	if missing, _ := rec.count([]uint64{hugeSeq}); missing != 1 {
 		t.Error("the record too large for the collector was accepted")
 	}
-	if n := c.Stats().Requests["4.13"]; n == 0 {
-		t.Error("the collector never answered 4.13: the test proves nothing")
+	refused := c.Stats().Requests["4.13"]
+	if refused == 0 {
+		t.Fatal("the collector never answered 4.13: the test proves nothing")
+	}
+	// The limit is learned: later payloads are cut to it.
+	more := queue(t, q, 200, "later")
+	waitDrained(t, q, 30*time.Second)
+	if missing, _ := rec.count(more); missing != 0 {
+		t.Errorf("%d of %d later records missing", missing, len(more))
+	}
+	if n := c.Stats().Requests["4.13"] - refused; n != 0 {
+		t.Errorf("%d more payloads refused as too large after the limit was learned, want 0", n)
 	}
 }
 

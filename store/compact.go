@@ -239,8 +239,26 @@ func syncDir(dir string) error {
 // failed, and swaps it in; the committer calls it before each write while
 // the store is broken.
 func (s *Store) reopen() error {
+	// The rename may not be durable yet (the failure may have been its
+	// directory fsync).
+	if err := syncDir(filepath.Dir(s.opts.Path)); err != nil {
+		return fmt.Errorf("%w (still: %v)", s.broken, err)
+	}
 	db, file, err := openBolt(&s.opts)
 	if err != nil {
+		return fmt.Errorf("%w (still: %v)", s.broken, err)
+	}
+	// Only the compacted file will do: not an empty one bbolt made
+	// because something removed it.
+	if err := db.View(func(tx *bbolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketQueue, bucketState} {
+			if tx.Bucket(b) == nil {
+				return fmt.Errorf("%s has no %s bucket: %w", s.opts.Path, b, ErrFormat)
+			}
+		}
+		return nil
+	}); err != nil {
+		db.Close()
 		return fmt.Errorf("%w (still: %v)", s.broken, err)
 	}
 	s.dbMu.Lock()

@@ -168,12 +168,13 @@ const maxGroup = 256
 
 func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
-	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	dl := &readDeadline{c: c}
+	stop := context.AfterFunc(ctx, dl.stop)
 	defer stop()
 	r := bufio.NewReaderSize(c, 4096)
 	w := bufio.NewWriter(c)
 	for {
-		c.SetReadDeadline(time.Now().Add(i.cfg.IdleTimeout))
+		dl.set(time.Now().Add(i.cfg.IdleTimeout))
 		// A producer that pipelines lines gets them committed together:
 		// one fsync for the group, each line still answered only once its
 		// records are on disk.
@@ -181,7 +182,7 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 		var until time.Time
 		for len(group) < maxGroup {
 			if len(group) > 0 && !lineBuffered(r) {
-				if i.cfg.GroupDelay <= 0 || !i.moreBy(c, r, until) {
+				if i.cfg.GroupDelay <= 0 || !i.moreBy(dl, r, until) {
 					break
 				}
 			}
@@ -206,7 +207,7 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 				group = append(group, line)
 			}
 		}
-		c.SetReadDeadline(time.Now().Add(i.cfg.IdleTimeout))
+		dl.set(time.Now().Add(i.cfg.IdleTimeout))
 		for _, ans := range i.handle(ctx, group) {
 			fmt.Fprintln(w, ans)
 		}
@@ -218,8 +219,8 @@ func (i *Ingest) serve(ctx context.Context, c *net.UnixConn) {
 
 // moreBy waits until a whole line is buffered or the time until passes,
 // without consuming anything: a line half arrived stays in the buffer.
-func (i *Ingest) moreBy(c *net.UnixConn, r *bufio.Reader, until time.Time) bool {
-	c.SetReadDeadline(until)
+func (i *Ingest) moreBy(dl *readDeadline, r *bufio.Reader, until time.Time) bool {
+	dl.set(until)
 	for !lineBuffered(r) {
 		if r.Buffered() == r.Size() {
 			return false // a line longer than the buffer: read it normally
@@ -229,6 +230,32 @@ func (i *Ingest) moreBy(c *net.UnixConn, r *bufio.Reader, until time.Time) bool 
 		}
 	}
 	return true
+}
+
+// readDeadline sets a connection's read deadline, except once the ingest
+// is stopping: then reads end at once. Every deadline goes through it, so
+// a later deadline cannot undo the stop (a producer that stays connected
+// would otherwise hold up the agent's shutdown until IdleTimeout).
+type readDeadline struct {
+	mu      sync.Mutex
+	c       *net.UnixConn
+	stopped bool
+}
+
+func (d *readDeadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.stopped {
+		t = time.Now()
+	}
+	d.c.SetReadDeadline(t)
+}
+
+func (d *readDeadline) stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.stopped = true
+	d.c.SetReadDeadline(time.Now())
 }
 
 // lineBuffered reports whether a whole line is already buffered, so that

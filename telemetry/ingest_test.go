@@ -323,3 +323,46 @@ func TestIngestGroupDelay(t *testing.T) {
 		t.Errorf("%d commits for %d streamed lines, want far fewer with a group delay", got, n)
 	}
 }
+
+// A producer that stays connected, silent or streaming, does not hold up
+// the ingest's stop: its read ends at once, whatever deadline the
+// connection was waiting on (the idle timeout, a group delay).
+func TestIngestStopsWithConnectedProducer(t *testing.T) {
+	for round := range 10 {
+		q, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "q.db")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sockDir, _ := os.MkdirTemp("", "ing")
+		ing, _ := NewIngest(IngestConfig{Socket: filepath.Join(sockDir, "s"), Store: q, GroupDelay: 20 * time.Millisecond})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- ing.Run(ctx) }()
+		<-ing.Ready()
+		c := dial(t, ing)
+		if ans := c.send(t, `[{"n":"x","v":1}]`); !strings.HasPrefix(ans, "ok ") {
+			t.Fatalf("answer %q", ans)
+		}
+		if round%2 == 1 {
+			// Mid-group: a line, then the cancel while the ingest waits for
+			// more within its group delay.
+			fmt.Fprintf(c.c, "[{\"n\":\"x\",\"v\":2}]\n")
+			time.Sleep(5 * time.Millisecond)
+		}
+		start := time.Now()
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(3 * time.Second):
+			t.Fatalf("round %d: Run still serving 3 s after its context ended, with a producer connected", round)
+		}
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("round %d: stop took %v", round, d)
+		}
+		q.Close()
+		os.RemoveAll(sockDir)
+	}
+}

@@ -69,7 +69,17 @@ type Pipeline struct {
 	delivered atomic.Uint64
 	corrupt   atomic.Uint64
 	rejected  atomic.Uint64
-	succeeded atomic.Bool // a delivery succeeded since the last failure
+	succeeded atomic.Bool  // a delivery succeeded since the last failure
+	learned   atomic.Int64 // payload size the peer refused less than (ErrTooLarge), 0 if none
+}
+
+// budget is the payload size to cut to: the uplink's, or less if the peer
+// refused payloads as too large.
+func (p *Pipeline) budget(up Uplink) int {
+	if l := p.learned.Load(); l > 0 && int(l) < up.MaxPayload() {
+		return int(l)
+	}
+	return up.MaxPayload()
 }
 
 // ErrRejected marks a delivery the peer refused for good (CoAP 4.00: the
@@ -195,6 +205,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}
 	var cursor uint64
 	retries := 0
+	p.succeeded.Store(true) // a first failure is resent at once
 	for {
 		if failed.Load() {
 			wg.Wait() // let the deliveries in flight finish
@@ -218,8 +229,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 				}
 			}
 		}
+		waited := time.Now()
 		if err := up.Ready(ctx); err != nil {
 			return nil
+		}
+		if time.Since(waited) > 10*time.Millisecond {
+			retries = 0 // a new connection: its failures count afresh
 		}
 		waitCtx, cancel := context.WithCancel(ctx)
 		mu.Lock()
@@ -255,7 +270,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		if len(pack) == 0 {
 			continue
 		}
-		chunks, err := pack.Split(up.Encode, up.MaxPayload())
+		chunks, err := pack.Split(up.Encode, p.budget(up))
 		if err != nil {
 			return err
 		}
@@ -291,12 +306,19 @@ func (p *Pipeline) Run(ctx context.Context) error {
 func (p *Pipeline) send(ctx context.Context, up Uplink, ch senml.Chunk, pending *acks) error {
 	err := up.Deliver(ctx, ch.Data)
 	if errors.Is(err, ErrTooLarge) && len(ch.Records) > 1 {
-		halves, serr := ch.Records.Split(up.Encode, len(ch.Data)/2)
+		half := len(ch.Data) / 2
+		halves, serr := ch.Records.Split(up.Encode, half)
 		if serr != nil {
 			return serr
 		}
-		p.log.Warn("the peer refused a payload as too large; sending it in smaller ones (lower [uplink] max_payload)",
-			"bytes", len(ch.Data), "records", len(ch.Records), "err", err)
+		// Remember the peer's limit: later payloads are cut to it.
+		for cur := p.learned.Load(); cur == 0 || int64(half) < cur; cur = p.learned.Load() {
+			if p.learned.CompareAndSwap(cur, int64(half)) {
+				p.log.Warn("the peer refused a payload as too large; payloads are cut smaller from now on (lower [uplink] max_payload)",
+					"bytes", len(ch.Data), "now", half, "err", err)
+				break
+			}
+		}
 		for _, h := range halves {
 			if err := p.send(ctx, up, h, pending); err != nil {
 				return err

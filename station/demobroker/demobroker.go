@@ -115,12 +115,14 @@ func New(cfg Config) (*Broker, error) {
 	return &Broker{cfg: cfg, srv: srv, tls: tc}, nil
 }
 
-// shutdown stops accepting and disconnects every client before mochi's
-// Close, which would otherwise wait for connected clients on a WaitGroup
-// that a connection accepted meanwhile may still be adding to (a data
-// race in mochi). With no client attached, Close has nothing to wait for.
-func (b *Broker) shutdown(ln net.Listener, gate *gatedListener) {
-	ln.Close()
+// shutdown stops accepting and closes every connection before mochi's
+// Close. That Close waits for every accepted connection, including one
+// still in its TLS handshake or yet to send CONNECT (which nothing would
+// ever close: Close would hang), on a WaitGroup that a connection accepted
+// meanwhile may still be adding to (a data race in mochi). With every
+// connection closed and its goroutine gone, Close has nothing to wait for.
+func (b *Broker) shutdown(gate *gatedListener) {
+	gate.Close()
 	<-gate.stopped
 	time.Sleep(20 * time.Millisecond) // a connection just accepted registers itself
 	for _, cl := range b.srv.Clients.GetAll() {
@@ -128,34 +130,64 @@ func (b *Broker) shutdown(ln net.Listener, gate *gatedListener) {
 			b.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
 		}
 	}
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		open := 0
-		for _, cl := range b.srv.Clients.GetAll() {
-			if !cl.Closed() {
-				open++
-			}
-		}
-		if open == 0 {
-			break
-		}
-	}
-	time.Sleep(50 * time.Millisecond) // their goroutines finish
+	gate.closeAll()
+	time.Sleep(100 * time.Millisecond) // their goroutines finish
 }
 
-// gatedListener tells when its Accept has stopped for good, that is when
-// the broker's accept loop can hand it no more connections.
+// gatedListener is the raw TCP listener under TLS. It tells when its
+// Accept has stopped for good (the broker's accept loop can hand over no
+// more connections) and keeps the connections it accepted, to close them
+// all at shutdown. An accepted connection must send CONNECT within
+// connectTimeout; mochi then sets deadlines from the keep-alive.
 type gatedListener struct {
 	net.Listener
 	once    sync.Once
 	stopped chan struct{}
+
+	mu   sync.Mutex
+	open map[*trackedConn]struct{}
 }
+
+const connectTimeout = 30 * time.Second
 
 func (g *gatedListener) Accept() (net.Conn, error) {
 	c, err := g.Listener.Accept()
 	if err != nil {
 		g.once.Do(func() { close(g.stopped) })
+		return nil, err
 	}
-	return c, err
+	c.SetDeadline(time.Now().Add(connectTimeout))
+	tc := &trackedConn{Conn: c, g: g}
+	g.mu.Lock()
+	g.open[tc] = struct{}{}
+	g.mu.Unlock()
+	return tc, nil
+}
+
+// closeAll closes every connection still open.
+func (g *gatedListener) closeAll() {
+	g.mu.Lock()
+	conns := make([]*trackedConn, 0, len(g.open))
+	for c := range g.open {
+		conns = append(conns, c)
+	}
+	g.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// trackedConn leaves its listener's set when closed.
+type trackedConn struct {
+	net.Conn
+	g *gatedListener
+}
+
+func (c *trackedConn) Close() error {
+	c.g.mu.Lock()
+	delete(c.g.open, c)
+	c.g.mu.Unlock()
+	return c.Conn.Close()
 }
 
 // Run serves until ctx ends. With a ticket key file it rotates the keys
@@ -165,8 +197,8 @@ func (b *Broker) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("demo broker: %w", err)
 	}
-	gate := &gatedListener{Listener: tls.NewListener(ln, b.tls), stopped: make(chan struct{})}
-	if err := b.srv.AddListener(listeners.NewNet("mtls", gate)); err != nil {
+	gate := &gatedListener{Listener: ln, stopped: make(chan struct{}), open: map[*trackedConn]struct{}{}}
+	if err := b.srv.AddListener(listeners.NewNet("mtls", tls.NewListener(gate, b.tls))); err != nil {
 		ln.Close()
 		return err
 	}
@@ -183,7 +215,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			b.shutdown(ln, gate)
+			b.shutdown(gate)
 			return b.srv.Close()
 		case now := <-tick:
 			keys, err := LoadTicketKeys(b.cfg.TicketKeyFile, now)

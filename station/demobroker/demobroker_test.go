@@ -19,25 +19,49 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 
-func TestPolicy(t *testing.T) {
-	st := stationtest.Start(t, stationtest.Options{})
+// brokerConfig is a broker on a free loopback port with a certificate
+// from st, admitting st's devices.
+func brokerConfig(t *testing.T, st *stationtest.Station) Config {
+	t.Helper()
 	srv, err := st.IssueService("demo-broker", []string{"127.0.0.1"}, true, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, _ := tls.X509KeyPair(srv.Chain, srv.Key)
+	cert, err := tls.X509KeyPair(srv.Chain, srv.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(st.TrustPEM())
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	addr := l.Addr().String()
 	l.Close()
-	b, err := New(Config{Addr: addr, Certificate: cert, ClientCAs: pool, ReaderFirst: true})
+	return Config{Addr: addr, Certificate: cert, ClientCAs: pool}
+}
+
+// runBroker runs a broker made from cfg until cancel; done has Run's
+// result.
+func runBroker(t *testing.T, cfg Config) (cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	b, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- b.Run(ctx) }()
+	result := make(chan error, 1)
+	go func() { result <- b.Run(ctx) }()
+	return cancel, result
+}
+
+func TestPolicy(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	cfg := brokerConfig(t, st)
+	cfg.ReaderFirst = true
+	addr, pool := cfg.Addr, cfg.ClientCAs
+	cancel, done := runBroker(t, cfg)
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -146,5 +170,34 @@ func TestLoadTicketKeys(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); string(b) != "short" {
 		t.Error("the bad key file was replaced")
+	}
+}
+
+// A connection that never finishes its TLS handshake or never sends
+// CONNECT does not hold up a shutdown.
+func TestShutdownWithHalfOpenConnection(t *testing.T) {
+	cfg := brokerConfig(t, stationtest.Start(t, stationtest.Options{}))
+	addr := cfg.Addr
+	cancel, done := runBroker(t, cfg)
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err = net.Dial("tcp", addr); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("broker not listening: %v", err)
+		}
+	}
+	defer c.Close()
+	time.Sleep(100 * time.Millisecond) // accepted, silent
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run still running 5 s after its context ended: a silent connection holds up the shutdown")
 	}
 }
