@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"net"
 	"os"
@@ -59,17 +58,10 @@ type echoServer struct {
 
 func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
 	t.Helper()
-	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := tls.X509KeyPair(sc.Chain, sc.Key)
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(st.TrustPEM())
 	l, err := piondtls.ListenWithOptions("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)},
-		piondtls.WithCertificates(cert),
+		piondtls.WithCertificates(st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true)),
 		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
-		piondtls.WithClientCAs(pool),
+		piondtls.WithClientCAs(st.TrustPool()),
 		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
 		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(8)))
 	if err != nil {

@@ -11,12 +11,12 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -62,7 +62,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 	// coap-server listens for plain CoAP on the port given with -p and for
 	// DTLS on the next one.
 	port := freeUDPPort(t)
-	out := &syncBuffer{}
+	out := &testsync.Buffer{}
 	// -C: the client must present a certificate chaining to the station's
 	// CA. -d: a POST to a path nobody registered creates the resource
 	// (2.01 Created, then 2.04 Changed); without it libcoap 4.3.1 answers
@@ -191,21 +191,3 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
-
-// syncBuffer is a buffer a child process writes while the test reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}

@@ -3,7 +3,6 @@ package dtls_test
 import (
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 
 	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/internal/udpproxy"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
@@ -49,15 +49,9 @@ func (r *received) count(want []uint64) (missing, dups int) {
 // that counts.
 func startCollector(t testing.TB, st *stationtest.Station, tweak ...func(*collector.Config)) (*collector.Collector, *received) {
 	t.Helper()
-	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := tls.X509KeyPair(sc.Chain, sc.Key)
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(st.TrustPEM())
 	rec := &received{seq: map[uint64]int{}}
-	cfg := collector.Config{Addr: "127.0.0.1:0", Certificate: cert, ClientCAs: pool, Revoked: st.CertificateRevoked,
+	cfg := collector.Config{Addr: "127.0.0.1:0", Certificate: st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true),
+		ClientCAs: st.TrustPool(), Revoked: st.CertificateRevoked,
 		Sink: collector.SinkFunc(func(_ context.Context, _ string, p senml.Pack) error {
 			rec.mu.Lock()
 			defer rec.mu.Unlock()
@@ -304,7 +298,7 @@ func TestRenewedCertificateStartsNewSession(t *testing.T) {
 		t.Fatalf("RenewNow: %v", err)
 	}
 	sigs := d.tpm.Signatures()
-	waitUntil(t, 20*time.Second, "a new session after the renewal", func() bool {
+	testsync.Until(t, 20*time.Second, "a new session after the renewal", func() bool {
 		full, _ := a.up.Handshakes()
 		return full == 2 && a.up.State().State == "connected"
 	})
@@ -338,7 +332,7 @@ func TestRefusedSessionKeepsRecords(t *testing.T) {
 
 	skew.Store(int64(10 * 365 * 24 * time.Hour)) // the collector sees the certificate expired
 	held := queue(t, q, 50, "held")
-	waitUntil(t, 20*time.Second, "the collector refusing the session", func() bool { return c.Stats().Requests["4.01"] >= 1 })
+	testsync.Until(t, 20*time.Second, "the collector refusing the session", func() bool { return c.Stats().Requests["4.01"] >= 1 })
 	time.Sleep(2 * time.Second) // the uplink reconnects and is refused again
 	if depth := q.Stats().Depth; depth != int64(len(held)) {
 		t.Errorf("queue depth %d while the collector refuses the session, want %d (nothing dropped)", depth, len(held))
@@ -363,7 +357,7 @@ func TestHandshakeFailureCountedByReason(t *testing.T) {
 	stranger := *d
 	stranger.roots = x509.NewCertPool() // trusts nothing
 	a := startAgent(t, &stranger, openQueue(t), newSealer(t), c.Addr())
-	waitUntil(t, 20*time.Second, "a handshake failure counted as unknown_ca", func() bool { return a.stats.Snapshot().FailedBy["unknown_ca"] >= 1 })
+	testsync.Until(t, 20*time.Second, "a handshake failure counted as unknown_ca", func() bool { return a.stats.Snapshot().FailedBy["unknown_ca"] >= 1 })
 	// Later attempts may fail otherwise too (the collector may answer the
 	// alert the agent sent); none succeeds.
 	if s := a.stats.Snapshot(); s.OK != 0 || s.FailedBy["other"] != 0 {
@@ -371,17 +365,6 @@ func TestHandshakeFailureCountedByReason(t *testing.T) {
 	}
 	if st := a.up.State(); st.State != "backoff" && st.State != "connecting" {
 		t.Errorf("uplink state %q, want backoff", st.State)
-	}
-}
-
-func waitUntil(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -450,7 +433,7 @@ func TestCollectorSinkDownBacksOff(t *testing.T) {
 	q := openQueue(t)
 	a := startAgent(t, d, q, newSealer(t), c.Addr())
 	seqs := queue(t, q, 100, "held")
-	waitUntil(t, 20*time.Second, "the collector refusing with 5.03", func() bool { return c.Stats().Requests["5.03"] >= 1 })
+	testsync.Until(t, 20*time.Second, "the collector refusing with 5.03", func() bool { return c.Stats().Requests["5.03"] >= 1 })
 	start := c.Stats().Requests["5.03"]
 	time.Sleep(3 * time.Second)
 	// The pipeline's backoff starts at 500 ms and doubles: a handful of

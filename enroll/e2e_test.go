@@ -18,6 +18,7 @@ import (
 
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm"
@@ -292,18 +293,6 @@ func TestRotationRenewsWithNewKeys(t *testing.T) {
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 // The station is down when renewal is due: the agent keeps its
 // certificate, retries with backoff, and renews when the station returns.
 // Then the certificate expires while the station is down: the agent
@@ -326,7 +315,7 @@ func TestStationDownThenExpiredWhileOffline(t *testing.T) {
 
 	st.Stop()
 	first := r.Identity().Leaf()
-	waitFor(t, 20*time.Second, "failed renewal attempts", func() bool { return r.Status().Failures >= 2 })
+	testsync.Until(t, 20*time.Second, "failed renewal attempts", func() bool { return r.Status().Failures >= 2 })
 	if got := r.Identity().Leaf(); got.SerialNumber.Cmp(first.SerialNumber) != 0 {
 		t.Fatal("certificate changed while the station was down")
 	}
@@ -334,19 +323,19 @@ func TestStationDownThenExpiredWhileOffline(t *testing.T) {
 		t.Errorf("last error = %q, want connection refused", rs.LastError)
 	}
 	st.Restart()
-	waitFor(t, 20*time.Second, "renewal after the station returned", func() bool {
+	testsync.Until(t, 20*time.Second, "renewal after the station returned", func() bool {
 		return r.Identity().Leaf().SerialNumber.Cmp(first.SerialNumber) != 0
 	})
 
 	// Down again, until the certificate has expired.
 	st.Stop()
 	second := r.Identity().Leaf()
-	waitFor(t, 30*time.Second, "certificate expiry", func() bool { return time.Now().After(second.NotAfter) })
+	testsync.Until(t, 30*time.Second, "certificate expiry", func() bool { return time.Now().After(second.NotAfter) })
 	if got := r.Identity().Leaf(); got.SerialNumber.Cmp(second.SerialNumber) != 0 {
 		t.Fatal("certificate changed while the station was down")
 	}
 	st.Restart()
-	waitFor(t, 20*time.Second, "re-attestation after expiry", func() bool {
+	testsync.Until(t, 20*time.Second, "re-attestation after expiry", func() bool {
 		return r.Identity().Leaf().SerialNumber.Cmp(second.SerialNumber) != 0
 	})
 	if got := r.Identity().Leaf(); !time.Now().Before(got.NotAfter) {

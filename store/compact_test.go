@@ -12,25 +12,12 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"iotagent.dev/iotagent/internal/testsync"
 )
 
 // syncBuffer is a log sink safe for the committer and the test at once.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type syncBuffer struct{ testsync.Buffer }
 
 // await waits up to 10 s for msg in the log (the committer logs after it
 // has answered its callers) and reports whether it came.

@@ -16,6 +16,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
@@ -201,20 +202,9 @@ func TestTenThousandRecordsArrive(t *testing.T) {
 		dups += got[s] - 1
 	}
 	if r.q.Stats().Depth != 0 {
-		waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+		testsync.Until(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
 	}
 	t.Logf("10000 records, %d duplicates", dups)
-}
-
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // The broker restarts (SIGTERM, then SIGKILL) while the agent streams:
@@ -241,7 +231,7 @@ func TestBrokerRestartMidStream(t *testing.T) {
 		seqs = append(seqs, <-streamed...)
 	}
 	got := collect(t, sub, seqs, 60*time.Second)
-	waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+	testsync.Until(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
 	dups := 0
 	for _, s := range seqs {
 		dups += got[s] - 1
@@ -259,7 +249,7 @@ func TestLostPubacksThenLinkDrop(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
 	proxy.BlackholeDownstream()
 	seqs := r.ingest(500, "x")
 	// The broker got (some of) them, the agent no PUBACK: all still queued.
@@ -270,7 +260,7 @@ func TestLostPubacksThenLinkDrop(t *testing.T) {
 	proxy.Cut()
 	proxy.Heal()
 	got := collect(t, sub, seqs, 30*time.Second)
-	waitFor(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
+	testsync.Until(t, 10*time.Second, "queue drained", func() bool { return r.q.Stats().Depth == 0 })
 	dups := 0
 	for _, s := range seqs {
 		dups += got[s] - 1
@@ -317,12 +307,12 @@ func TestFullQueueDropCountIsExact(t *testing.T) {
 
 func TestRevokedDeviceRefusedByBroker(t *testing.T) {
 	r := newRig(t, rigOptions{})
-	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
 	if err := r.st.Revoke(r.id); err != nil {
 		t.Fatal(err)
 	}
 	r.br.Restart() // mosquitto reads its crlfile at start
-	waitFor(t, 20*time.Second, "the broker refusing the revoked certificate", func() bool {
+	testsync.Until(t, 20*time.Second, "the broker refusing the revoked certificate", func() bool {
 		s := r.up.State()
 		return s.State == "backoff" && strings.Contains(s.LastError, "revoked")
 	})
@@ -358,7 +348,7 @@ func TestRotatedCertificateUsedAtNextConnection(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
 	old := r.renewer.Identity().Leaf().SerialNumber.Text(16)
 	if got := r.up.State().CertSerial; got != old {
 		t.Fatalf("first connection presented %s, want %s", got, old)
@@ -368,7 +358,7 @@ func TestRotatedCertificateUsedAtNextConnection(t *testing.T) {
 	}
 	renewed := r.renewer.Identity().Leaf().SerialNumber.Text(16)
 	proxy.Cut()
-	waitFor(t, 10*time.Second, "reconnection with the new certificate", func() bool {
+	testsync.Until(t, 10*time.Second, "reconnection with the new certificate", func() bool {
 		s := r.up.State()
 		return s.State == "connected" && s.CertSerial == renewed
 	})
@@ -417,14 +407,14 @@ func TestReconnectSpendsNoTPMSignature(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
 	// Deliver something so the session ticket (sent after the handshake)
 	// has been read.
 	collect(t, sub, r.ingest(10, "warmup"), 10*time.Second)
 	for i := range 3 {
 		before := r.tpm.Signatures()
 		proxy.Cut()
-		waitFor(t, 10*time.Second, "reconnection", func() bool {
+		testsync.Until(t, 10*time.Second, "reconnection", func() bool {
 			return r.up.State().State == "connected" && r.up.State().Since.After(time.Now().Add(-5*time.Second))
 		})
 		collect(t, sub, r.ingest(10, fmt.Sprintf("after-cut-%d", i)), 10*time.Second)

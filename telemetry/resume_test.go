@@ -2,13 +2,12 @@ package telemetry_test
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"net"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/demobroker"
 )
 
@@ -59,39 +58,29 @@ func (b *demoBroker) stop() {
 func TestBrokerRestartResumesWithoutSignature(t *testing.T) {
 	var db *demoBroker
 	r := newRig(t, rigOptions{urlFor: func(r *rig) string {
-		srv, err := r.st.IssueService("demo-broker", []string{"127.0.0.1"}, true, time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, err := tls.X509KeyPair(srv.Chain, srv.Key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(r.st.TrustPEM())
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		addr := l.Addr().String()
 		l.Close()
-		db = &demoBroker{t: t, cfg: demobroker.Config{Addr: addr, Certificate: cert, ClientCAs: pool, TicketKeyFile: filepath.Join(t.TempDir(), "ticket.keys"), Revoked: r.st.CertificateRevoked}}
+		db = &demoBroker{t: t, cfg: demobroker.Config{Addr: addr, Certificate: r.st.ServiceCert(t, "demo-broker", []string{"127.0.0.1"}, true), ClientCAs: r.st.TrustPool(), TicketKeyFile: filepath.Join(t.TempDir(), "ticket.keys"), Revoked: r.st.CertificateRevoked}}
 		db.start()
 		t.Cleanup(db.stop)
 		return "mqtts://" + addr
 	}})
-	waitFor(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
 	r.ingest(10, "warmup")
-	waitFor(t, 10*time.Second, "the warm-up records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
+	testsync.Until(t, 10*time.Second, "the warm-up records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
 
 	for i := range 2 {
 		before, resumed := r.tpm.Signatures(), r.stats.Snapshot().Resumed
 		db.stop()
-		waitFor(t, 10*time.Second, "the uplink noticing the broker is gone", func() bool { return r.up.State().State != "connected" })
+		testsync.Until(t, 10*time.Second, "the uplink noticing the broker is gone", func() bool { return r.up.State().State != "connected" })
 		db.start()
-		waitFor(t, 20*time.Second, "reconnection", func() bool { return r.up.State().State == "connected" })
+		testsync.Until(t, 20*time.Second, "reconnection", func() bool { return r.up.State().State == "connected" })
 		r.ingest(10, "after-restart")
-		waitFor(t, 10*time.Second, "the records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
+		testsync.Until(t, 10*time.Second, "the records acknowledged", func() bool { return r.q.Stats().Depth == 0 })
 		if spent := r.tpm.Signatures() - before; spent != 0 {
 			t.Errorf("reconnect after broker restart %d spent %d TPM signatures, want 0", i+1, spent)
 		}
@@ -107,7 +96,7 @@ func TestBrokerRestartResumesWithoutSignature(t *testing.T) {
 	}
 	db.stop()
 	db.start()
-	waitFor(t, 20*time.Second, "the broker refusing the revoked certificate on resumption", func() bool {
+	testsync.Until(t, 20*time.Second, "the broker refusing the revoked certificate on resumption", func() bool {
 		return r.stats.Snapshot().FailedBy["peer_bad_certificate"] >= 1
 	})
 	if s := r.up.State(); s.State == "connected" {

@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"sync"
 	"testing"
 	"time"
@@ -38,18 +36,9 @@ func (s *coapSink) missing(want []uint64) int {
 func TestRunCoAPUplinkResumesAfterRestart(t *testing.T) {
 	bin := agentBinary(t)
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
-	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(st.TrustPEM())
 	sink := &coapSink{seqs: map[uint64]int{}}
-	col, err := collector.New(collector.Config{Addr: "127.0.0.1:0", Certificate: cert, ClientCAs: pool, Revoked: st.CertificateRevoked,
+	col, err := collector.New(collector.Config{Addr: "127.0.0.1:0", Certificate: st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true),
+		ClientCAs: st.TrustPool(), Revoked: st.CertificateRevoked,
 		Sink: collector.SinkFunc(func(_ context.Context, _ string, p senml.Pack) error {
 			sink.mu.Lock()
 			defer sink.mu.Unlock()

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/telemetry/senml"
@@ -49,29 +50,11 @@ func agentBinary(t testing.TB) string {
 	return buildOnce.path
 }
 
-// lockedBuffer collects a process's output while the test may print it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // agentProcess is iotagent run in its own process.
 type agentProcess struct {
 	t      testing.TB
 	cmd    *exec.Cmd
-	out    *lockedBuffer
+	out    *testsync.Buffer
 	socket string
 	exited chan struct{} // closed when the process has exited
 	err    error         // its exit status, once exited is closed
@@ -79,7 +62,7 @@ type agentProcess struct {
 
 func startAgent(t testing.TB, bin string, args ...string) *agentProcess {
 	t.Helper()
-	p := &agentProcess{t: t, out: &lockedBuffer{}, exited: make(chan struct{})}
+	p := &agentProcess{t: t, out: &testsync.Buffer{}, exited: make(chan struct{})}
 	for i, a := range args {
 		if a == "--ingest-socket" {
 			p.socket = args[i+1]

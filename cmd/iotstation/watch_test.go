@@ -8,34 +8,16 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/station/watch"
 	"iotagent.dev/iotagent/telemetry/mqtttest"
 )
-
-// lockedBuffer is a bytes.Buffer a test reads while a command writes it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // watch --dir needs nothing but the broker's address: the station's CA
 // certificates verify the broker and a fleet-reader certificate is issued
@@ -63,7 +45,7 @@ func TestWatchDir(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var out bytes.Buffer
-	var errb lockedBuffer
+	var errb testsync.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- runWith(ctx, &env{stdout: &out, stderr: &errb}, []string{"watch", "--dir", st.Dir, "--broker", br.URL, "--json", report})

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -26,6 +27,7 @@ import (
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
@@ -196,13 +198,7 @@ func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collecto
 // ("what should hold") if it does not within wait.
 func waitFor(t testing.TB, cond func() bool, format string, args ...any) {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v, still not "+format, append([]any{wait}, args...)...)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testsync.Until(t, wait, fmt.Sprintf(format, args...), cond)
 }
 
 // lines reads what a JSON-lines sink wrote.

@@ -3,7 +3,6 @@ package demobroker
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"net"
 	"os"
 	"path/filepath"
@@ -23,23 +22,13 @@ func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 // from st, admitting st's devices.
 func brokerConfig(t *testing.T, st *stationtest.Station) Config {
 	t.Helper()
-	srv, err := st.IssueService("demo-broker", []string{"127.0.0.1"}, true, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.X509KeyPair(srv.Chain, srv.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(st.TrustPEM())
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := l.Addr().String()
 	l.Close()
-	return Config{Addr: addr, Certificate: cert, ClientCAs: pool}
+	return Config{Addr: addr, Certificate: st.ServiceCert(t, "demo-broker", []string{"127.0.0.1"}, true), ClientCAs: st.TrustPool()}
 }
 
 // runBroker runs a broker made from cfg until cancel; done has Run's

@@ -5,6 +5,8 @@ package stationtest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"net"
 	"os"
 	"path/filepath"
@@ -171,4 +173,28 @@ func (s *Station) Admin() station.Admin {
 func (s *Station) shutdown() {
 	s.Stop()
 	s.Station.Close()
+}
+
+// ServiceCert issues a certificate for the service name (IssueService,
+// an hour's lifetime), ready for a TLS server (server, valid for sans) or
+// a TLS client.
+func (s *Station) ServiceCert(t testing.TB, name string, sans []string, server bool) tls.Certificate {
+	t.Helper()
+	sc, err := s.IssueService(name, sans, server, time.Hour)
+	if err != nil {
+		t.Fatalf("IssueService(%s): %v", name, err)
+	}
+	c, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TrustPool is the station's trust bundle (TrustPEM) as a pool: what
+// verifies the devices and services it issued certificates to.
+func (s *Station) TrustPool() *x509.CertPool {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(s.TrustPEM())
+	return pool
 }
