@@ -226,14 +226,15 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	}
 	code := resp.Code()
 	body, _ := resp.ReadBody()
+	ok := code == codes.Changed || code == codes.Created
 	u.mu.Lock()
 	u.fails = 0 // any answer shows the session alive
+	if ok {
+		u.state.LastAck = time.Now()
+	}
 	u.mu.Unlock()
 	switch code {
 	case codes.Changed, codes.Created:
-		u.mu.Lock()
-		u.state.LastAck = time.Now()
-		u.mu.Unlock()
 		return nil
 	case codes.BadRequest:
 		return fmt.Errorf("%w: collector answered %v: %s", telemetry.ErrRejected, code, body)
