@@ -250,7 +250,10 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 			}
 			return nil
 		}),
-		Logger: log,
+		// The windows survive restarts (upgrades): a resent batch is not
+		// written twice.
+		DedupeFile: filepath.Join(dir, "collector-dedupe.bin"),
+		Logger:     log,
 	})
 	if err != nil {
 		return nil, nil, usageError{err}

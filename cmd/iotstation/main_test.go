@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -181,6 +182,14 @@ func TestStationCLIBadInput(t *testing.T) {
 // ends and returns its HTTPS address once the admin socket is up.
 func serveCLI(t *testing.T, dir string, flags ...string) string {
 	t.Helper()
+	addr, _ := serveCLIStop(t, dir, flags...)
+	return addr
+}
+
+// serveCLIStop is serveCLI that also returns a function stopping serve
+// before the test ends; serve must exit 0.
+func serveCLIStop(t *testing.T, dir string, flags ...string) (string, func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan string, 1)
 	done := make(chan int, 1)
@@ -199,14 +208,15 @@ func serveCLI(t *testing.T, dir string, flags ...string) string {
 		cancel()
 		t.Fatal("serve did not start")
 	}
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		if code := <-done; code != 0 {
 			t.Errorf("serve exited %d: %s", code, serr.String())
 		}
 	})
+	t.Cleanup(stop)
 	waitSock(t, filepath.Join(dir, "admin.sock"))
-	return addr
+	return addr, stop
 }
 
 // tpmEnrollCLI enrolls a fresh swtpm's key through /tpmenroll at addr and

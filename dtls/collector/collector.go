@@ -32,6 +32,7 @@ const (
 	DefaultMaxHandshakes    = 256
 	DefaultDedupeWindow     = 4096
 	DefaultDedupeDevices    = 100_000
+	DefaultDedupeCheckpoint = 10 * time.Second
 )
 
 // Config configures a Collector. The zero value of a field means its
@@ -91,6 +92,16 @@ type Config struct {
 	// DefaultDedupeDevices). See the package doc.
 	DedupeDevices int
 
+	// DedupeFile keeps the de-duplication windows across restarts: read
+	// when Run starts, written every DedupeCheckpoint while they change
+	// and when Run returns (atomically, mode 0600). Empty: memory only.
+	// See the package doc.
+	DedupeFile string
+
+	// DedupeCheckpoint is how often changed windows are written to
+	// DedupeFile (default DefaultDedupeCheckpoint).
+	DedupeCheckpoint time.Duration
+
 	// Logger receives the collector's log; nil discards it.
 	Logger *slog.Logger
 
@@ -113,6 +124,9 @@ type Collector struct {
 	ready      chan struct{}
 	addr       atomic.Pointer[net.Addr]
 	handlers   gate
+
+	saveMu       sync.Mutex
+	savedChanges uint64 // dedupe.changes at the last save or load
 }
 
 // New checks cfg and returns a Collector that is not serving yet.
@@ -140,6 +154,7 @@ func New(cfg Config) (*Collector, error) {
 		{"SinkTimeout", int64(cfg.SinkTimeout)},
 		{"DedupeWindow", int64(cfg.DedupeWindow)},
 		{"DedupeDevices", int64(cfg.DedupeDevices)},
+		{"DedupeCheckpoint", int64(cfg.DedupeCheckpoint)},
 	} {
 		if f.v < 0 {
 			return nil, fmt.Errorf("collector: %s is negative", f.name)
@@ -156,6 +171,7 @@ func New(cfg Config) (*Collector, error) {
 	setDefault(&cfg.SinkTimeout, DefaultSinkTimeout)
 	setDefault(&cfg.DedupeWindow, DefaultDedupeWindow)
 	setDefault(&cfg.DedupeDevices, DefaultDedupeDevices)
+	setDefault(&cfg.DedupeCheckpoint, DefaultDedupeCheckpoint)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -220,6 +236,9 @@ func (c *Collector) Run(ctx context.Context) error {
 	readyOnce := sync.OnceFunc(func() { close(c.ready) })
 	defer readyOnce()
 
+	if err := c.loadDedupe(); err != nil {
+		return err
+	}
 	l, err := coapnet.NewDTLSListener("udp", c.cfg.Addr, coapnet.NewDTLSServerOptions(c.dtlsOptions()...))
 	if err != nil {
 		return fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
@@ -257,6 +276,9 @@ func (c *Collector) Run(ctx context.Context) error {
 			wg.Go(func() { runPeriodically(runCtx, time.Second, f) })
 		}),
 	)
+	if c.cfg.DedupeFile != "" {
+		wg.Go(func() { c.checkpointDedupe(runCtx) })
+	}
 	sl := &listener{DTLSListener: l, c: c}
 	served := make(chan error, 1)
 	wg.Go(func() { served <- srv.Serve(sl) })
@@ -272,11 +294,12 @@ func (c *Collector) Run(ctx context.Context) error {
 	cancel()
 	c.handlers.closeAndWait()
 	wg.Wait()
+	serr := c.saveDedupe() // no handler runs now: the final state
 	c.log.Info("collector stopped", "addr", addr.String())
 	if err != nil {
-		return fmt.Errorf("collector: serving: %w", err)
+		return errors.Join(fmt.Errorf("collector: serving: %w", err), serr)
 	}
-	return nil
+	return serr
 }
 
 // maxDatagram is the largest datagram pion's listener reads (its receive

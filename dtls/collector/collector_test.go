@@ -3,6 +3,9 @@ package collector_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -13,6 +16,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 
 	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -274,6 +278,108 @@ func TestDedupeBounds(t *testing.T) {
 		post(t, a, "gw-a", 1, 10, 0)
 		if s := c.Stats().Dedupe; s.Devices != 2 || s.Evictions != 2 {
 			t.Errorf("Stats().Dedupe = %+v, want 2 devices, 2 evictions", s)
+		}
+	})
+}
+
+// The de-duplication windows survive a restart of the collector: from the
+// periodic checkpoint while it runs (a crash) and from the final save when
+// it stops. A damaged file is moved aside and the collector serves anyway;
+// a file it cannot read stops it with an error naming the file.
+func TestDedupeFile(t *testing.T) {
+	checkGoroutines(t)
+	f := newFixture(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "dedupe.bin")
+	post := func(dev *client, from uint64, n int) {
+		t.Helper()
+		if code, diag := dev.post(t, "/telemetry", message.AppSenmlCbor, mustCBOR(t, batch("gw-7", from, n))); code != codes.Changed {
+			t.Fatalf("POST %d…%d = %v %q, want 2.04", from, from+uint64(n)-1, code, diag)
+		}
+	}
+
+	c1, _, stop1 := f.startStop(t, collector.Config{DedupeFile: file, DedupeCheckpoint: 20 * time.Millisecond})
+	dev := dialT(t, f, c1, "gw-7", dialOptions{})
+	post(dev, 1, 50)
+	post(dev, 61, 10) // out of order: kept in the bitmap
+
+	t.Run("checkpoint while running", func(t *testing.T) {
+		// The checkpoint after the second POST holds both (one snapshot).
+		waitFor(t, func() bool {
+			ok, _ := collector.DedupeFileSeen(file, "gw-7", 70)
+			return ok
+		}, "a checkpoint holding gw-7's 70")
+		// What a crash now would leave: restore it into another collector.
+		copyFile := filepath.Join(t.TempDir(), "dedupe.bin")
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(copyFile, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c, out, stop := f.startStop(t, collector.Config{DedupeFile: copyFile})
+		d := dialT(t, f, c, "gw-7", dialOptions{})
+		post(d, 41, 30)
+		d.close()
+		stop()
+		if got := seqs(out.read(t)); !slices.Equal(got, span(51, 60)) {
+			t.Errorf("after restoring the checkpoint, 41…70 wrote %v, want 51…60", got)
+		}
+	})
+
+	dev.close()
+	stop1()
+	fi, err := os.Stat(file)
+	if err != nil {
+		t.Fatalf("no de-duplication file after stopping: %v", err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("de-duplication file mode %v, want 0600", fi.Mode().Perm())
+	}
+
+	t.Run("restart", func(t *testing.T) {
+		c, out, _ := f.startStop(t, collector.Config{DedupeFile: file})
+		d := dialT(t, f, c, "gw-7", dialOptions{})
+		post(d, 1, 50)
+		post(d, 51, 20)
+		if got := seqs(out.read(t)); !slices.Equal(got, span(51, 60)) {
+			t.Errorf("after a restart, 1…70 wrote %v, want 51…60", got)
+		}
+		if got := c.Stats().Records.Duplicate; got != 60 {
+			t.Errorf("Stats().Records.Duplicate = %d, want 60", got)
+		}
+	})
+
+	t.Run("damaged", func(t *testing.T) {
+		bad := filepath.Join(t.TempDir(), "dedupe.bin")
+		if err := os.WriteFile(bad, []byte("iotagent-dedupe\x01 and then garbage"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var log testsync.Buffer
+		c, out, _ := f.startStop(t, collector.Config{DedupeFile: bad, Logger: slog.New(slog.NewTextHandler(&log, nil))})
+		if b, err := os.ReadFile(bad + ".damaged"); err != nil || string(b) != "iotagent-dedupe\x01 and then garbage" {
+			t.Errorf("damaged file not moved aside intact: %q, %v", b, err)
+		}
+		if !strings.Contains(log.String(), "de-duplication file damaged") || !strings.Contains(log.String(), bad) {
+			t.Errorf("log does not name the damaged file:\n%s", log.String())
+		}
+		d := dialT(t, f, c, "gw-7", dialOptions{})
+		post(d, 1, 5)
+		if got := seqs(out.read(t)); !slices.Equal(got, span(1, 5)) {
+			t.Errorf("with empty windows, 1…5 wrote %v", got)
+		}
+	})
+
+	t.Run("unreadable", func(t *testing.T) {
+		c, err := collector.New(collector.Config{Addr: "127.0.0.1:0", Certificate: f.srv, ClientCAs: f.roots,
+			Sink: collector.SinkFunc(func(context.Context, string, senml.Pack) error { return nil }), DedupeFile: t.TempDir()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = c.Run(context.Background())
+		if err == nil || !strings.Contains(err.Error(), "de-duplication file") {
+			t.Errorf("Run with a directory as DedupeFile = %v, want an error naming the de-duplication file", err)
 		}
 	})
 }

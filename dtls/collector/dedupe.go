@@ -18,6 +18,7 @@ type dedupe struct {
 
 	evictions atomic.Uint64
 	resets    atomic.Uint64
+	changes   atomic.Uint64 // batches marked or windows reset: for saving
 }
 
 func newDedupe(width, maxDevices int) *dedupe {

@@ -158,6 +158,7 @@ func (c *Collector) store(ctx context.Context, device string, p senml.Pack) answ
 	fresh := make(senml.Pack, 0, len(p))
 	var batch map[uint64]struct{} // the new numbers, which may repeat within p
 	var dup, unseq uint64
+	reset := false
 	for i := range p {
 		seq := p[i].Seq
 		if seq == 0 {
@@ -168,6 +169,7 @@ func (c *Collector) store(ctx context.Context, device string, p senml.Pack) answ
 		if w.restarted(seq) {
 			c.log.Warn("device restarted its sequence numbers: de-duplication starts afresh", "device", device, "seq", seq, "watermark", w.low)
 			w.reset()
+			reset = true
 			c.dedupe.resets.Add(1)
 		}
 		if _, again := batch[seq]; again || w.seen(seq) {
@@ -192,6 +194,9 @@ func (c *Collector) store(ctx context.Context, device string, p senml.Pack) answ
 	}
 	for seq := range batch {
 		w.mark(seq)
+	}
+	if batch != nil || reset {
+		c.dedupe.changes.Add(1)
 	}
 	c.m.accepted.Add(uint64(len(fresh)))
 	c.m.duplicate.Add(dup)

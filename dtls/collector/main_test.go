@@ -139,6 +139,14 @@ func issueCert(t testing.TB, st *stationtest.Station, name string, sans []string
 // return nil in time.
 func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collector, *lines) {
 	t.Helper()
+	c, out, _ := f.startStop(t, cfg)
+	return c, out
+}
+
+// startStop is start that also returns a function stopping the collector
+// before cleanup (Run must return nil in time).
+func (f *fixture) startStop(t testing.TB, cfg collector.Config) (*collector.Collector, *lines, func()) {
+	t.Helper()
 	cfg.Addr = "127.0.0.1:0"
 	if len(cfg.Certificate.Certificate) == 0 {
 		cfg.Certificate = f.srv
@@ -170,7 +178,7 @@ func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collecto
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		select {
 		case err := <-done:
@@ -181,6 +189,7 @@ func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collecto
 			t.Errorf("Run did not return within %v of cancellation", wait)
 		}
 	})
+	t.Cleanup(stop)
 	select {
 	case <-c.Ready():
 	case err := <-done:
@@ -191,7 +200,7 @@ func (f *fixture) start(t testing.TB, cfg collector.Config) (*collector.Collecto
 	if c.Addr() == nil {
 		t.Fatal("Addr() = nil once ready")
 	}
-	return c, out
+	return c, out, stop
 }
 
 // waitFor waits until cond holds, failing t with the message format, args
