@@ -1,9 +1,14 @@
 package station
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
@@ -18,13 +23,24 @@ func (s *Station) CRL() ([]byte, error) {
 	if p := s.crl.Load(); p != nil {
 		return *p, nil
 	}
-	return s.refreshCRL()
+	der, _, err := s.refreshCRL() // a failed hook is logged and audited
+	return der, err
 }
 
-// refreshCRL issues a new CRL signed by the issuing CA listing every
-// revoked certificate that has not expired, serves it and writes crl.pem
-// for brokers.
-func (s *Station) refreshCRL() ([]byte, error) {
+// refreshCRL issues a new CRL, writes crl.pem and runs the CRL hook. err
+// is an issuing failure (nothing changed); hookErr a failed hook (the new
+// CRL is in place, the broker may not have it).
+func (s *Station) refreshCRL() (der []byte, hookErr error, err error) {
+	if der, err = s.issueCRL(); err != nil {
+		return nil, nil, err
+	}
+	return der, s.runCRLHook(), nil
+}
+
+// issueCRL issues a new CRL signed by the issuing CA listing every revoked
+// certificate that has not expired, serves it and writes crl.pem for
+// brokers.
+func (s *Station) issueCRL() ([]byte, error) {
 	s.crlMu.Lock()
 	defer s.crlMu.Unlock()
 	now := s.now()
@@ -58,6 +74,49 @@ func (s *Station) refreshCRL() ([]byte, error) {
 	return der, nil
 }
 
+// crlHookTimeout bounds one run of the CRL hook.
+const crlHookTimeout = 30 * time.Second
+
+// runCRLHook runs the configured CRL hook (station.json crl_hook) with
+// /bin/sh -c after crl.pem changed, with IOTSTATION_CRL_FILE naming it: a
+// broker such as mosquitto reads its crlfile only when it starts or
+// reloads, and refuses every client once that CRL's nextUpdate has
+// passed. Runs are serialized; each is audited and a failure logged.
+func (s *Station) runCRLHook() error {
+	if s.crlHook == "" {
+		return nil
+	}
+	s.hookMu.Lock()
+	defer s.hookMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), crlHookTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", s.crlHook)
+	cmd.Dir = s.dir
+	cmd.Env = append(os.Environ(), "IOTSTATION_CRL_FILE="+s.path(fileCRLPEM), "IOTSTATION_DIR="+s.dir)
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	entry := AuditEntry{Time: s.now().UTC(), Event: "crl-hook", Result: "accepted"}
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("timed out after %v", crlHookTimeout)
+		}
+		msg := strings.TrimSpace(string(out))
+		if len(msg) > 300 {
+			msg = msg[:300] + "…"
+		}
+		if msg != "" {
+			err = fmt.Errorf("%w: %s", err, msg)
+		}
+		err = fmt.Errorf("CRL hook %q: %w", s.crlHook, err)
+		entry.Result, entry.Reason = "refused", err.Error()
+		s.log.Error("CRL hook failed: a broker may still use the previous CRL", "err", err)
+	}
+	if aerr := s.audit.write(entry); aerr != nil && err == nil {
+		return aerr
+	}
+	return err
+}
+
 // crlLoop reissues the CRL before it expires until stop is closed.
 func (s *Station) crlLoop(stop <-chan struct{}) {
 	t := time.NewTicker(crlValidity / 2)
@@ -67,7 +126,7 @@ func (s *Station) crlLoop(stop <-chan struct{}) {
 		case <-stop:
 			return
 		case <-t.C:
-			if _, err := s.refreshCRL(); err != nil {
+			if _, _, err := s.refreshCRL(); err != nil { // a failed hook is logged
 				s.log.Error("reissuing CRL", "err", err)
 			}
 		}
@@ -81,10 +140,17 @@ func (s *Station) Revoke(id string) error {
 		s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "refused", Device: id, Reason: err.Error()})
 		return err
 	}
-	if _, err := s.refreshCRL(); err != nil {
+	_, hookErr, err := s.refreshCRL()
+	if err != nil {
 		return errors.Join(errors.New("device revoked but the CRL could not be reissued"), err)
 	}
-	return s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "accepted", Device: id})
+	if err := s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "accepted", Device: id}); err != nil {
+		return err
+	}
+	if hookErr != nil {
+		return fmt.Errorf("device revoked and crl.pem reissued, but %w", hookErr)
+	}
+	return nil
 }
 
 // CertificateRevoked reports whether the registry knows c as revoked, or

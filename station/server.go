@@ -549,7 +549,7 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	if err != nil {
 		return err
 	}
-	if _, err := s.refreshCRL(); err != nil {
+	if _, _, err := s.refreshCRL(); err != nil { // a failed hook is logged
 		return err
 	}
 	srv := &http.Server{

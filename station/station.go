@@ -20,6 +20,7 @@ package station
 
 import (
 	"bufio"
+	"cmp"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -44,6 +45,7 @@ type fileConfigJSON struct {
 	CertLifetime string   `json:"cert_lifetime"`
 	AutoApprove  bool     `json:"auto_approve"`
 	HoldUnknown  bool     `json:"hold_unknown"`
+	CRLHook      string   `json:"crl_hook,omitempty"`
 }
 
 // InitOptions configures Init.
@@ -67,7 +69,10 @@ type InitOptions struct {
 	// is not in the manifest as pending: they are answered 202 with
 	// Retry-After until an operator runs iotstation approve.
 	HoldUnknown bool
-	Now         func() time.Time
+	// CRLHook is a shell command run after every change of crl.pem (see
+	// Config.CRLHook).
+	CRLHook string
+	Now     func() time.Time
 }
 
 // ErrInitialized: Init on a directory that already holds a station.
@@ -133,6 +138,7 @@ func Init(opts InitOptions) error {
 	}
 	cfg, err := json.MarshalIndent(fileConfigJSON{
 		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown,
+		CRLHook: opts.CRLHook,
 	}, "", "  ")
 	if err != nil {
 		return err
@@ -163,6 +169,11 @@ type Config struct {
 	HoldUnknown bool
 	// CertLifetime overrides station.json when non-zero.
 	CertLifetime time.Duration
+	// CRLHook, a shell command, is run with /bin/sh -c after every change
+	// of crl.pem (a revocation, the reissue every 12 hours, serve's
+	// start), with IOTSTATION_CRL_FILE set: e.g. "systemctl reload
+	// mosquitto". Non-empty overrides station.json's crl_hook.
+	CRLHook string
 	// FailuresBeforeSlowdown is how many failed enrollment requests a
 	// client address may make within a minute before it is answered 429
 	// (default 5).
@@ -193,6 +204,8 @@ type Station struct {
 	manifest manifestCache
 	crl      atomic.Pointer[[]byte]
 	crlMu    sync.Mutex
+	crlHook  string
+	hookMu   sync.Mutex // one CRL hook at a time
 	metrics  metrics
 }
 
@@ -212,6 +225,7 @@ func Open(cfg Config) (*Station, error) {
 	s := &Station{
 		dir: cfg.Dir, name: fc.Name, autoApprove: fc.AutoApprove || cfg.AutoApprove,
 		holdUnknown: fc.HoldUnknown || cfg.HoldUnknown,
+		crlHook:     cmp.Or(cfg.CRLHook, fc.CRLHook),
 		log:         cfg.Logger, now: cfg.Now, rand: cfg.Rand,
 	}
 	if s.log == nil {

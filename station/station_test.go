@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -26,6 +27,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm"
@@ -835,5 +837,63 @@ func TestAdminDecisionsAudited(t *testing.T) {
 				t.Errorf("audit reason = %q for a %s decision", e.Reason, tc.result)
 			}
 		})
+	}
+}
+
+// The CRL hook runs after every change of crl.pem (serve's start, each
+// revocation) with IOTSTATION_CRL_FILE naming it; a failing hook does not
+// undo the revocation but Revoke reports it, with its output, and the
+// audit log records it.
+func TestCRLHook(t *testing.T) {
+	runs := filepath.Join(t.TempDir(), "runs")
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true,
+		CRLHook: `echo "$IOTSTATION_CRL_FILE" >> ` + runs})
+	hookRuns := func() []string {
+		b, _ := os.ReadFile(runs)
+		return strings.Fields(string(b))
+	}
+	crlFile := filepath.Join(st.Dir, "crl.pem")
+	testsync.Until(t, 10*time.Second, "the hook ran at serve's start", func() bool { return len(hookRuns()) > 0 })
+	if got := hookRuns(); !slices.Equal(got, []string{crlFile}) {
+		t.Fatalf("hook runs after serve started = %q, want one naming %s", got, crlFile)
+	}
+	_, cert := enrolledClient(t, st, newTPMDevice(t, 0))
+	id := cert.Subject.CommonName
+	if err := st.Revoke(id); err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+	if got := hookRuns(); len(got) != 2 {
+		t.Errorf("hook runs after a revocation = %q, want 2", got)
+	}
+
+	failing := stationtest.Start(t, stationtest.Options{AutoApprove: true,
+		CRLHook: "echo broker unreachable >&2; exit 3"})
+	hookAudit := func() []station.AuditEntry {
+		b, _ := os.ReadFile(filepath.Join(failing.Dir, "audit.log"))
+		var out []station.AuditEntry
+		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			var e station.AuditEntry
+			if json.Unmarshal([]byte(l), &e) == nil && e.Event == "crl-hook" {
+				out = append(out, e)
+			}
+		}
+		return out
+	}
+	testsync.Until(t, 10*time.Second, "the failing hook ran at serve's start", func() bool { return len(hookAudit()) > 0 })
+	_, cert = enrolledClient(t, failing, newTPMDevice(t, 1))
+	id = cert.Subject.CommonName
+	err := failing.Revoke(id)
+	if err == nil || !strings.Contains(err.Error(), "device revoked and crl.pem reissued") ||
+		!strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "broker unreachable") {
+		t.Errorf("Revoke with a failing hook = %v, want the revocation done and the hook's failure and output", err)
+	}
+	devs, _ := failing.Devices()
+	if len(devs) != 1 || devs[0].Status != station.StatusRevoked {
+		t.Errorf("devices after Revoke = %+v, want %s revoked", devs, id)
+	}
+	// serve's start and the revocation
+	hookEntries := hookAudit()
+	if len(hookEntries) != 2 || hookEntries[1].Result != "refused" || !strings.Contains(hookEntries[1].Reason, "exit status 3") {
+		t.Errorf("crl-hook audit entries = %+v, want 2, the last refused with the exit status", hookEntries)
 	}
 }

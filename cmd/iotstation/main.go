@@ -178,6 +178,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	lifetime := fs.Duration("cert-lifetime", 168*time.Hour, "device certificate `lifetime`")
 	manifest := fs.String("manifest", "", "`FILE` of 'EK_SHA256 DEVICE_ID' lines")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	crlHook := fs.String("crl-hook", "", "shell `COMMAND` run after every change of crl.pem (revocation, 12-hourly reissue), e.g. 'systemctl reload mosquitto'")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval (202 + Retry-After) instead of refusing them")
 	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
 	if _, err := parse(fs, dir, args, 0); err != nil {
@@ -188,7 +189,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	}
 	err := station.Init(station.InitOptions{
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
-		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold,
+		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook,
 	})
 	if err != nil {
 		return err
@@ -218,6 +219,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags(e, "serve")
 	listen := fs.String("listen", ":8443", "HTTPS `ADDR`ess")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
+	crlHook := fs.String("crl-hook", "", "shell `COMMAND` run after every change of crl.pem (revocation, 12-hourly reissue), e.g. 'systemctl reload mosquitto'")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval")
 	coapListen := fs.String("coap-listen", "", "also collect telemetry over CoAP/DTLS on this UDP `ADDR`ess (e.g. :5684)")
 	coapSink := fs.String("coap-sink", "", "JSON-lines `FILE` for collected records (default DIR/telemetry.jsonl)")
@@ -228,7 +230,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
-	s, err := station.Open(station.Config{Dir: *dir, AutoApprove: *autoApprove, HoldUnknown: *hold, Logger: log})
+	s, err := station.Open(station.Config{Dir: *dir, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -29,6 +29,8 @@ type Options struct {
 	// Lenient lets a client fail many times before it is slowed down
 	// (tests that send many bad requests in a row).
 	Lenient bool
+	// CRLHook is the station's crl_hook (station.Config.CRLHook).
+	CRLHook string
 }
 
 // Station is a running test station.
@@ -95,7 +97,7 @@ func Start(t testing.TB, opts Options) *Station {
 }
 
 func (s *Station) open() {
-	cfg := station.Config{Dir: s.Dir, Now: s.opts.Now}
+	cfg := station.Config{Dir: s.Dir, Now: s.opts.Now, CRLHook: s.opts.CRLHook}
 	if s.opts.Lenient {
 		cfg.FailuresBeforeSlowdown = 1000
 	}

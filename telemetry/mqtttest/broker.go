@@ -353,6 +353,17 @@ func mqttConnect(rw io.ReadWriter) error {
 	return nil
 }
 
+// PID is the mosquitto process's ID, 0 while the broker is stopped: what
+// a station's CRL hook signals to make the broker reload its CRL.
+func (b *Broker) PID() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.proc == nil {
+		return 0
+	}
+	return b.proc.cmd.Process.Pid
+}
+
 // Stop stops the broker (SIGTERM, then SIGKILL if it lingers) and waits
 // for it to exit. Clients see their connections closed. Stopping a stopped
 // broker does nothing; Restart starts it again.

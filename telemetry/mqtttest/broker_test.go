@@ -14,6 +14,8 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +24,8 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/mqtttest"
 )
 
@@ -533,5 +537,47 @@ func TestSubscriberOverflowFailsTheTest(t *testing.T) {
 	}
 	if strings.Join(got, ",") != "0,1,2" {
 		t.Errorf("messages kept = %v, want the first 3", got)
+	}
+}
+
+// With the station's CRL hook set to signal mosquitto, a revocation
+// reaches the broker by itself: the revoked device is refused at its next
+// connection with no reload from the operator (or the test).
+func TestCRLHookReloadsMosquitto(t *testing.T) {
+	checkGoroutines(t)
+	pidFile := filepath.Join(t.TempDir(), "mosquitto.pid")
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true,
+		CRLHook: `kill -HUP "$(cat ` + pidFile + `)"`})
+	b := mqtttest.Start(t, st, mqtttest.Options{})
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(b.PID())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	id, cert := enrollDevice(t, st)
+	device := &tls.Config{RootCAs: trustPool(t, b.CAFile), Certificates: []tls.Certificate{cert}}
+	c, err := rawConnect(b.Addr, device)
+	if err != nil {
+		t.Fatalf("device connect before revocation = %v\n%s", err, b.LogTail())
+	}
+	c.Close()
+	if err := st.Revoke(id); err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+	const revoked = "remote error: tls: revoked certificate"
+	var last error
+	testsync.Until(t, wait, "mosquitto refuses the revoked device", func() bool {
+		c, last = rawConnect(b.Addr, device)
+		if c != nil {
+			c.Close()
+		}
+		return strings.Contains(errString(last), revoked)
+	})
+	if !strings.Contains(b.LogTail(), "Reloading config.") {
+		t.Errorf("mosquitto's log shows no reload:\n%s", b.LogTail())
+	}
+	other := b.ClientTLS(t, "gw-ok")
+	if c, err := rawConnect(b.Addr, other); err != nil {
+		t.Errorf("another client after the reload = %v, want accepted", err)
+	} else {
+		c.Close()
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -111,5 +112,40 @@ func TestServeCoAPCollector(t *testing.T) {
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("telemetry.jsonl seqs = %v, want 1…30 once each", got)
+	}
+}
+
+// init --crl-hook keeps the hook in station.json, where every later
+// command that changes crl.pem finds it (revoke without a running serve
+// too); serve --crl-hook overrides it for that run.
+func TestCRLHookFlags(t *testing.T) {
+	dir := shortDir(t)
+	files := t.TempDir()
+	kept, override := filepath.Join(files, "kept"), filepath.Join(files, "override")
+	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--crl-hook", "echo kept >> "+kept); code != 0 {
+		t.Fatalf("init = %d, %q, %q", code, out, errs)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "station.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		CRLHook string `json:"crl_hook"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.CRLHook != "echo kept >> "+kept {
+		t.Errorf("station.json crl_hook = %q, %v", cfg.CRLHook, err)
+	}
+	ran := func(path string) bool {
+		b, _ := os.ReadFile(path)
+		return len(b) > 0
+	}
+	_, stop := serveCLIStop(t, dir)
+	testsync.Until(t, 10*time.Second, "serve runs station.json's hook", func() bool { return ran(kept) })
+	stop()
+	os.Remove(kept)
+	serveCLI(t, dir, "--crl-hook", "echo override >> "+override)
+	testsync.Until(t, 10*time.Second, "serve runs --crl-hook", func() bool { return ran(override) })
+	if ran(kept) {
+		t.Error("serve --crl-hook ran station.json's hook too")
 	}
 }
