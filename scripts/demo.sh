@@ -89,8 +89,12 @@ say "station: CA, EST enrollment with TPM attestation (certificates live 60 s, t
 SP=$(port)
 BP=$(port)
 CP=$(port)
+# The CRL hook reloads mosquitto whenever crl.pem changes (it reads its
+# crlfile only at start and on SIGHUP); the embedded broker reads the file
+# itself.
 iotstation init --dir "$W/station" --san 127.0.0.1 --cert-lifetime 60s --auto-approve \
-	--tpm-roots "$W/mfr/ca/swtpm-localca-rootca-cert.pem" --tpm-roots "$W/mfr/ca/issuercert.pem"
+	--tpm-roots "$W/mfr/ca/swtpm-localca-rootca-cert.pem" --tpm-roots "$W/mfr/ca/issuercert.pem" \
+	--crl-hook "[ ! -s '$W/broker.pid' ] || kill -HUP \"\$(cat '$W/broker.pid')\""
 COAP_FLAGS=()
 if [ "$COAP" = 1 ]; then
 	# The collector republishes what arrives over CoAP into the broker.
@@ -133,7 +137,7 @@ max_queued_messages 100000
 log_dest file $W/mosquitto.log
 EOF
 	[ "$(id -u)" -ne 0 ] || echo "user root" >>"$W/mosquitto.conf"
-	start_broker() { mosquitto -c "$W/mosquitto.conf" 2>>"$W/mosquitto.err" & BROKER_PID=$!; PIDS+=($BROKER_PID); }
+	start_broker() { mosquitto -c "$W/mosquitto.conf" 2>>"$W/mosquitto.err" & BROKER_PID=$!; PIDS+=($BROKER_PID); echo "$BROKER_PID" >"$W/broker.pid"; }
 else
 	BROKER="iotstation demo-broker (mosquitto is not installed; the embedded broker is for the demo only)"
 	start_broker() { iotstation demo-broker --dir "$W/station" --listen "127.0.0.1:$BP" --reader-first >>"$W/broker.log" 2>&1 & BROKER_PID=$!; PIDS+=($BROKER_PID); }
