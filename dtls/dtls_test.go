@@ -57,6 +57,7 @@ type echoServer struct {
 	wg         sync.WaitGroup
 	mu         sync.Mutex
 	conns      []net.Conn
+	closed     bool
 }
 
 func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
@@ -80,6 +81,11 @@ func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
 				return
 			}
 			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				c.Close()
+				continue
+			}
 			s.conns = append(s.conns, c)
 			s.mu.Unlock()
 			s.wg.Add(1)
@@ -110,6 +116,7 @@ func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
 		// A client that stopped without close_notify (a failed test)
 		// would leave its server connection reading forever.
 		s.mu.Lock()
+		s.closed = true
 		for _, c := range s.conns {
 			c.Close()
 		}

@@ -8,33 +8,47 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
 )
 
-// crlValidity is how long a CRL is valid; it is reissued at half that, and
-// on every revocation.
-const crlValidity = 24 * time.Hour
+const (
+	// crlValidity is how long a CRL is valid: well past its reissue, so a
+	// broker that missed a reload (a failed CRL hook) still holds a valid
+	// CRL for days; it is reissued every crlReissue and on every
+	// revocation.
+	crlValidity = 7 * 24 * time.Hour
+	crlReissue  = 12 * time.Hour
+
+	// crlHookTimeout bounds one run of the CRL hook; a failed run is
+	// retried from Config.CRLHookRetry (default hookRetryMin), doubling up
+	// to hookRetryMax, until one succeeds.
+	crlHookTimeout = 30 * time.Second
+	hookRetryMin   = 10 * time.Second
+	hookRetryMax   = 10 * time.Minute
+)
 
 // CRL returns the current CRL (DER), issuing one if none exists yet.
 func (s *Station) CRL() ([]byte, error) {
 	if p := s.crl.Load(); p != nil {
 		return *p, nil
 	}
-	der, _, err := s.refreshCRL() // a failed hook is logged and audited
+	der, _, err := s.refreshCRL(context.Background()) // a failed hook is logged, audited, retried by serve
 	return der, err
 }
 
 // refreshCRL issues a new CRL, writes crl.pem and runs the CRL hook. err
 // is an issuing failure (nothing changed); hookErr a failed hook (the new
-// CRL is in place, the broker may not have it).
-func (s *Station) refreshCRL() (der []byte, hookErr error, err error) {
+// CRL is in place, the broker may not have it yet).
+func (s *Station) refreshCRL(ctx context.Context) (der []byte, hookErr error, err error) {
 	if der, err = s.issueCRL(); err != nil {
 		return nil, nil, err
 	}
-	return der, s.runCRLHook(), nil
+	return der, s.runCRLHook(ctx), nil
 }
 
 // issueCRL issues a new CRL signed by the issuing CA listing every revoked
@@ -74,31 +88,39 @@ func (s *Station) issueCRL() ([]byte, error) {
 	return der, nil
 }
 
-// crlHookTimeout bounds one run of the CRL hook.
-const crlHookTimeout = 30 * time.Second
-
 // runCRLHook runs the configured CRL hook (station.json crl_hook) with
-// /bin/sh -c after crl.pem changed, with IOTSTATION_CRL_FILE naming it: a
-// broker such as mosquitto reads its crlfile only when it starts or
-// reloads, and refuses every client once that CRL's nextUpdate has
-// passed. Runs are serialized; each is audited and a failure logged.
-func (s *Station) runCRLHook() error {
+// /bin/sh -c after crl.pem changed, in the station directory, with
+// IOTSTATION_CRL_FILE and IOTSTATION_DIR as absolute paths: a broker such
+// as mosquitto reads its crlfile only when it starts or reloads, and
+// refuses every client once that CRL's nextUpdate has passed. The hook
+// runs in its own process group, killed whole at the timeout or when ctx
+// ends; a hook that exits 0 but leaves a child holding its output is a
+// success. Runs are serialized; each is audited, a failure logged and
+// marked for serve's retry.
+func (s *Station) runCRLHook(ctx context.Context) error {
 	if s.crlHook == "" {
 		return nil
 	}
 	s.hookMu.Lock()
 	defer s.hookMu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), crlHookTimeout)
+	ctx, cancel := context.WithTimeout(ctx, crlHookTimeout)
 	defer cancel()
+	crlFile, _ := filepath.Abs(s.path(fileCRLPEM))
+	dir, _ := filepath.Abs(s.dir)
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", s.crlHook)
-	cmd.Dir = s.dir
-	cmd.Env = append(os.Environ(), "IOTSTATION_CRL_FILE="+s.path(fileCRLPEM), "IOTSTATION_DIR="+s.dir)
-	cmd.WaitDelay = 5 * time.Second
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "IOTSTATION_CRL_FILE="+crlFile, "IOTSTATION_DIR="+dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 2 * time.Second
 	out, err := cmd.CombinedOutput()
+	if errors.Is(err, exec.ErrWaitDelay) && cmd.ProcessState != nil && cmd.ProcessState.Success() {
+		err = nil // exited 0; a background child kept its output open
+	}
 	entry := AuditEntry{Time: s.now().UTC(), Event: "crl-hook", Result: "accepted"}
 	if err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("timed out after %v", crlHookTimeout)
+			err = fmt.Errorf("stopped after %v: %w", crlHookTimeout, ctx.Err())
 		}
 		msg := strings.TrimSpace(string(out))
 		if len(msg) > 300 {
@@ -109,7 +131,14 @@ func (s *Station) runCRLHook() error {
 		}
 		err = fmt.Errorf("CRL hook %q: %w", s.crlHook, err)
 		entry.Result, entry.Reason = "refused", err.Error()
-		s.log.Error("CRL hook failed: a broker may still use the previous CRL", "err", err)
+		s.log.Error("CRL hook failed: a broker may still use the previous CRL; serve retries it", "err", err)
+		s.hookPending.Store(true)
+		select {
+		case s.hookFailed <- struct{}{}:
+		default:
+		}
+	} else {
+		s.hookPending.Store(false)
 	}
 	if aerr := s.audit.write(entry); aerr != nil && err == nil {
 		return aerr
@@ -117,19 +146,42 @@ func (s *Station) runCRLHook() error {
 	return err
 }
 
-// crlLoop reissues the CRL before it expires until stop is closed.
-func (s *Station) crlLoop(stop <-chan struct{}) {
-	t := time.NewTicker(crlValidity / 2)
+// crlLoop runs the CRL hook at once (serve's start), reissues the CRL
+// every crlReissue, and retries a failed hook with backoff, until ctx
+// ends.
+func (s *Station) crlLoop(ctx context.Context) {
+	t := time.NewTicker(crlReissue)
 	defer t.Stop()
+	var retry <-chan time.Time
+	backoff := s.hookRetry
+	arm := func() {
+		if !s.hookPending.Load() {
+			retry, backoff = nil, s.hookRetry
+			return
+		}
+		if retry == nil {
+			retry = time.After(backoff)
+			backoff = min(2*backoff, hookRetryMax)
+		}
+	}
+	s.runCRLHook(ctx)
+	arm()
 	for {
 		select {
-		case <-stop:
+		case <-ctx.Done():
 			return
 		case <-t.C:
-			if _, _, err := s.refreshCRL(); err != nil { // a failed hook is logged
+			if _, _, err := s.refreshCRL(ctx); err != nil { // a failed hook is logged
 				s.log.Error("reissuing CRL", "err", err)
 			}
+		case <-s.hookFailed: // a run elsewhere (a revocation) failed
+		case <-retry:
+			retry = nil
+			if s.hookPending.Load() {
+				s.runCRLHook(ctx)
+			}
 		}
+		arm()
 	}
 }
 
@@ -140,7 +192,7 @@ func (s *Station) Revoke(id string) error {
 		s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "refused", Device: id, Reason: err.Error()})
 		return err
 	}
-	_, hookErr, err := s.refreshCRL()
+	_, hookErr, err := s.refreshCRL(context.Background())
 	if err != nil {
 		return errors.Join(errors.New("device revoked but the CRL could not be reissued"), err)
 	}

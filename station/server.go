@@ -549,7 +549,8 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	if err != nil {
 		return err
 	}
-	if _, _, err := s.refreshCRL(); err != nil { // a failed hook is logged
+	// A fresh CRL; the CRL loop runs the hook (and retries it).
+	if _, err := s.issueCRL(); err != nil {
 		return err
 	}
 	srv := &http.Server{
@@ -569,18 +570,19 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	errc := make(chan error, 3)
 	go func() { errc <- srv.ServeTLS(l, "", "") }()
 	go func() { errc <- admin.serve() }()
-	stopCRL := make(chan struct{})
+	crlCtx, stopCRL := context.WithCancel(context.Background())
+	defer stopCRL()
 	crlDone := make(chan struct{})
 	go func() {
 		defer close(crlDone)
-		s.crlLoop(stopCRL)
+		s.crlLoop(crlCtx)
 	}()
 	var runErr error
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
 	}
-	close(stopCRL)
+	stopCRL() // ends a hook run too
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err = errors.Join(srv.Shutdown(sctx), admin.close())

@@ -174,6 +174,9 @@ type Config struct {
 	// start), with IOTSTATION_CRL_FILE set: e.g. "systemctl reload
 	// mosquitto". Non-empty overrides station.json's crl_hook.
 	CRLHook string
+	// CRLHookRetry is the first delay before serve retries a failed CRL
+	// hook; it doubles up to 10 minutes (default 10s).
+	CRLHookRetry time.Duration
 	// FailuresBeforeSlowdown is how many failed enrollment requests a
 	// client address may make within a minute before it is answered 429
 	// (default 5).
@@ -206,7 +209,12 @@ type Station struct {
 	crlMu    sync.Mutex
 	crlHook  string
 	hookMu   sync.Mutex // one CRL hook at a time
-	metrics  metrics
+	// hookPending: the last hook run failed; hookFailed tells serve's
+	// CRL loop to schedule a retry.
+	hookPending atomic.Bool
+	hookFailed  chan struct{}
+	hookRetry   time.Duration
+	metrics     metrics
 }
 
 // Open opens the station in cfg.Dir.
@@ -226,6 +234,8 @@ func Open(cfg Config) (*Station, error) {
 		dir: cfg.Dir, name: fc.Name, autoApprove: fc.AutoApprove || cfg.AutoApprove,
 		holdUnknown: fc.HoldUnknown || cfg.HoldUnknown,
 		crlHook:     cmp.Or(cfg.CRLHook, fc.CRLHook),
+		hookFailed:  make(chan struct{}, 1),
+		hookRetry:   cmp.Or(cfg.CRLHookRetry, hookRetryMin),
 		log:         cfg.Logger, now: cfg.Now, rand: cfg.Rand,
 	}
 	if s.log == nil {

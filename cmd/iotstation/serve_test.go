@@ -116,13 +116,17 @@ func TestServeCoAPCollector(t *testing.T) {
 }
 
 // init --crl-hook keeps the hook in station.json, where every later
-// command that changes crl.pem finds it (revoke without a running serve
-// too); serve --crl-hook overrides it for that run.
+// command that changes crl.pem finds it; serve --crl-hook overrides it for
+// that run. With a relative --dir the hook still finds crl.pem through
+// IOTSTATION_CRL_FILE (it runs in the station directory).
 func TestCRLHookFlags(t *testing.T) {
-	dir := shortDir(t)
+	abs := shortDir(t)
+	t.Chdir(filepath.Dir(abs))
+	dir := filepath.Base(abs) // relative
 	files := t.TempDir()
 	kept, override := filepath.Join(files, "kept"), filepath.Join(files, "override")
-	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--crl-hook", "echo kept >> "+kept); code != 0 {
+	hook := func(out string) string { return `test -f "$IOTSTATION_CRL_FILE" && echo ran >> ` + out }
+	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--crl-hook", hook(kept)); code != 0 {
 		t.Fatalf("init = %d, %q, %q", code, out, errs)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "station.json"))
@@ -132,7 +136,7 @@ func TestCRLHookFlags(t *testing.T) {
 	var cfg struct {
 		CRLHook string `json:"crl_hook"`
 	}
-	if err := json.Unmarshal(b, &cfg); err != nil || cfg.CRLHook != "echo kept >> "+kept {
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.CRLHook != hook(kept) {
 		t.Errorf("station.json crl_hook = %q, %v", cfg.CRLHook, err)
 	}
 	ran := func(path string) bool {
@@ -143,7 +147,7 @@ func TestCRLHookFlags(t *testing.T) {
 	testsync.Until(t, 10*time.Second, "serve runs station.json's hook", func() bool { return ran(kept) })
 	stop()
 	os.Remove(kept)
-	serveCLI(t, dir, "--crl-hook", "echo override >> "+override)
+	serveCLI(t, dir, "--crl-hook", hook(override))
 	testsync.Until(t, 10*time.Second, "serve runs --crl-hook", func() bool { return ran(override) })
 	if ran(kept) {
 		t.Error("serve --crl-hook ran station.json's hook too")

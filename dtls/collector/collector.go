@@ -160,6 +160,9 @@ func New(cfg Config) (*Collector, error) {
 			return nil, fmt.Errorf("collector: %s is negative", f.name)
 		}
 	}
+	if cfg.DedupeWindow > maxDedupeWidth {
+		return nil, fmt.Errorf("collector: DedupeWindow %d is more than %d", cfg.DedupeWindow, maxDedupeWidth)
+	}
 	if cfg.MaxPayload > maxPayloadLimit {
 		return nil, fmt.Errorf("collector: MaxPayload %d is more than %d", cfg.MaxPayload, maxPayloadLimit)
 	}
@@ -227,8 +230,10 @@ func (c *Collector) Addr() net.Addr {
 func (c *Collector) Ready() <-chan struct{} { return c.ready }
 
 // Run serves until ctx ends, then closes the listener and every session,
-// waits for every goroutine it started and returns nil. It returns an
-// error if it cannot listen or serving fails. A Collector runs once.
+// waits for every goroutine it started, saves the de-duplication windows
+// (Config.DedupeFile) and returns nil. It returns an error if it cannot
+// read the de-duplication file, cannot listen, serving fails, or the final
+// save fails. A Collector runs once.
 func (c *Collector) Run(ctx context.Context) error {
 	if !c.started.CompareAndSwap(false, true) {
 		return errors.New("collector: Run called twice")

@@ -358,7 +358,11 @@ func TestDedupeFile(t *testing.T) {
 		}
 		var log testsync.Buffer
 		c, out, _ := f.startStop(t, collector.Config{DedupeFile: bad, Logger: slog.New(slog.NewTextHandler(&log, nil))})
-		if b, err := os.ReadFile(bad + ".damaged"); err != nil || string(b) != "iotagent-dedupe\x01 and then garbage" {
+		aside, _ := filepath.Glob(bad + ".damaged-*")
+		if len(aside) != 1 {
+			t.Fatalf("damaged file moved aside as %q, want one %s.damaged-TIME", aside, bad)
+		}
+		if b, err := os.ReadFile(aside[0]); err != nil || string(b) != "iotagent-dedupe\x01 and then garbage" {
 			t.Errorf("damaged file not moved aside intact: %q, %v", b, err)
 		}
 		if !strings.Contains(log.String(), "de-duplication file damaged") || !strings.Contains(log.String(), bad) {

@@ -203,7 +203,7 @@ func setNumbers(low, width uint64, words []uint64) []uint64 {
 
 // loadDedupe restores the windows from Config.DedupeFile. A missing file
 // is a first start. A damaged one is moved aside (its name plus
-// ".damaged"), logged, and the collector starts with empty windows rather
+// ".damaged-" and the time), logged, and the collector starts with empty windows rather
 // than not at all; a file it cannot read is an error.
 func (c *Collector) loadDedupe() error {
 	path := c.cfg.DedupeFile
@@ -219,7 +219,7 @@ func (c *Collector) loadDedupe() error {
 	}
 	width, ws, err := decodeDedupe(data)
 	if err != nil {
-		aside := path + ".damaged"
+		aside := path + ".damaged-" + time.Now().UTC().Format("20060102T150405Z")
 		if rerr := os.Rename(path, aside); rerr != nil {
 			return fmt.Errorf("collector: de-duplication file %s: %v; moving it aside: %w", path, err, rerr)
 		}

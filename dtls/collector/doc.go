@@ -97,11 +97,13 @@
 //     file, fsync, rename). After a clean stop nothing passes twice; after a
 //     crash, a duplicate of a record written since the last checkpoint may
 //     be written once more (the file never claims a record the sink did not
-//     take: marks follow the sink's write). The file holds about 30 bytes
-//     per device plus DedupeWindow/8 per bitmap (3 MB for 100 000 devices
-//     in order). A damaged file is moved aside (".damaged") and logged, and
-//     the collector starts with empty windows; an unreadable one is an
-//     error. Without DedupeFile the windows live in memory only. A sink
+//     take: marks follow the sink's write). The file holds 11 bytes plus
+//     the device ID per device, plus DedupeWindow/8 bytes for a device whose
+//     numbers arrive out of order (100 000 devices with 20-byte IDs: 3.1 MB
+//     in order, up to 54 MB with every bitmap); each checkpoint writes it
+//     whole. A damaged file is moved aside (".damaged-" and the time) and
+//     logged, and the collector starts with empty windows; an unreadable
+//     one is an error. Without DedupeFile the windows live in memory only. A sink
 //     that must be exact even across crashes can drop (device, seq) pairs
 //     it holds.
 //

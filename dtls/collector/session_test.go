@@ -251,6 +251,8 @@ func TestNewRejects(t *testing.T) {
 		{"huge MaxPayload", func(c *collector.Config) { c.MaxPayload = 1 << 30 }, "MaxPayload"},
 		{"negative timeout", func(c *collector.Config) { c.HandshakeTimeout = -time.Second }, "HandshakeTimeout is negative"},
 		{"negative window", func(c *collector.Config) { c.DedupeWindow = -1 }, "DedupeWindow is negative"},
+		{"huge window", func(c *collector.Config) { c.DedupeWindow = 1<<24 + 1 }, "DedupeWindow 16777217 is more than"},
+		{"negative checkpoint", func(c *collector.Config) { c.DedupeCheckpoint = -time.Second }, "DedupeCheckpoint is negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := good

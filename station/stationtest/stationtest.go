@@ -29,8 +29,10 @@ type Options struct {
 	// Lenient lets a client fail many times before it is slowed down
 	// (tests that send many bad requests in a row).
 	Lenient bool
-	// CRLHook is the station's crl_hook (station.Config.CRLHook).
-	CRLHook string
+	// CRLHook is the station's crl_hook (station.Config.CRLHook), and
+	// CRLHookRetry its first retry delay.
+	CRLHook      string
+	CRLHookRetry time.Duration
 }
 
 // Station is a running test station.
@@ -97,7 +99,7 @@ func Start(t testing.TB, opts Options) *Station {
 }
 
 func (s *Station) open() {
-	cfg := station.Config{Dir: s.Dir, Now: s.opts.Now, CRLHook: s.opts.CRLHook}
+	cfg := station.Config{Dir: s.Dir, Now: s.opts.Now, CRLHook: s.opts.CRLHook, CRLHookRetry: s.opts.CRLHookRetry}
 	if s.opts.Lenient {
 		cfg.FailuresBeforeSlowdown = 1000
 	}
