@@ -69,6 +69,13 @@ func (s *Station) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	if !crlAt.IsZero() {
 		fmt.Fprintf(&b, "# HELP iotstation_crl_age_seconds Age of the current CRL.\n# TYPE iotstation_crl_age_seconds gauge\niotstation_crl_age_seconds %.0f\n", now.Sub(crlAt).Seconds())
 	}
+	if s.crlHook != "" {
+		failing := 0
+		if s.hookPending.Load() {
+			failing = 1
+		}
+		fmt.Fprintf(&b, "# HELP iotstation_crl_hook_failing 1 while the last CRL hook run failed (serve retries it): a broker may hold an old CRL.\n# TYPE iotstation_crl_hook_failing gauge\niotstation_crl_hook_failing %d\n", failing)
+	}
 	if devs, err := s.reg.devices(); err == nil {
 		var enrolled, revoked, soon int
 		for _, d := range devs {

@@ -925,12 +925,32 @@ func TestCRLHookRetry(t *testing.T) {
 		return refused, accepted
 	}
 	testsync.Until(t, 10*time.Second, "the failing hook retried", func() bool { r, _ := hookAudit(); return r >= 3 })
+	metric := func() string {
+		resp, err := client(t, st, nil).Get(st.URL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "iotstation_crl_hook_failing ") {
+				return l
+			}
+		}
+		return ""
+	}
+	if m := metric(); m != "iotstation_crl_hook_failing 1" {
+		t.Errorf("/metrics while the hook fails: %q, want iotstation_crl_hook_failing 1", m)
+	}
 	os.Remove(broken)
 	testsync.Until(t, 10*time.Second, "a retry succeeds once the broker is back", func() bool { _, a := hookAudit(); return a == 1 })
 	// No more runs once one succeeded: wait longer than the backoff reached.
 	time.Sleep(500 * time.Millisecond)
 	if b, _ := os.ReadFile(runs); string(b) != "ok\n" {
 		t.Errorf("hook output after success = %q, want exactly one run", b)
+	}
+	if m := metric(); m != "iotstation_crl_hook_failing 0" {
+		t.Errorf("/metrics once the hook succeeded: %q, want iotstation_crl_hook_failing 0", m)
 	}
 
 	bg := stationtest.Start(t, stationtest.Options{AutoApprove: true, CRLHook: `sleep 3 & echo reloading`})
