@@ -30,6 +30,7 @@ const (
 	fileRootKey    = "root.key"
 	fileCACert     = "ca.crt"
 	fileCAKey      = "ca.key"
+	fileCATPMKey   = "ca.tpmkey" // the issuing CA key's TPM blobs, with init --ca-tpm
 	fileTLSCert    = "tls.crt"
 	fileTLSKey     = "tls.key"
 	fileTPMRoots   = "tpm-roots.pem"
@@ -162,8 +163,9 @@ func createCert(r io.Reader, tmpl, parent *x509.Certificate, pub crypto.PublicKe
 }
 
 // initCA creates the root, the issuing CA and the station TLS certificate
-// for sans in dir.
-func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
+// for sans in dir. caKey, when not nil, is the issuing CA's key (held in a
+// TPM); otherwise one is generated and written to ca.key.
+func initCA(dir, name string, sans []string, now time.Time, caKey crypto.Signer) (*ca, error) {
 	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -180,9 +182,12 @@ func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
 	if err != nil {
 		return nil, err
 	}
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
+	var caFileKey *ecdsa.PrivateKey
+	if caKey == nil {
+		if caFileKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+			return nil, err
+		}
+		caKey = caFileKey
 	}
 	issuer, err := createCert(rand.Reader, &x509.Certificate{
 		Subject:               pkix.Name{CommonName: name + " Issuing CA"},
@@ -192,7 +197,7 @@ func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        true,
-	}, root, &caKey.PublicKey, rootKey)
+	}, root, caKey.Public(), rootKey)
 	if err != nil {
 		return nil, err
 	}
@@ -220,7 +225,12 @@ func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
 	}
 	for _, w := range []func() error{
 		func() error { return writeKey(filepath.Join(dir, fileRootKey), rootKey) },
-		func() error { return writeKey(filepath.Join(dir, fileCAKey), caKey) },
+		func() error {
+			if caFileKey == nil {
+				return nil // in the TPM
+			}
+			return writeKey(filepath.Join(dir, fileCAKey), caFileKey)
+		},
 		func() error { return writeKey(filepath.Join(dir, fileTLSKey), tlsKey) },
 		func() error { return writeCerts(filepath.Join(dir, fileRootCert), root) },
 		func() error { return writeCerts(filepath.Join(dir, fileCACert), issuer) },
@@ -235,8 +245,10 @@ func initCA(dir, name string, sans []string, now time.Time) (*ca, error) {
 	return &ca{root: root, issuer: issuer, issuerKey: caKey}, nil
 }
 
-// loadCA reads the CA from dir. The root key is not needed to run.
-func loadCA(dir string) (*ca, error) {
+// loadCA reads the CA from dir, with the issuing CA's key from ca.key, or
+// key when not nil (held in a TPM), which must match the issuing CA
+// certificate. The root key is not needed to run.
+func loadCA(dir string, key crypto.Signer) (*ca, error) {
 	roots, err := ReadCertificates(filepath.Join(dir, fileRootCert))
 	if err != nil {
 		return nil, err
@@ -245,9 +257,14 @@ func loadCA(dir string) (*ca, error) {
 	if err != nil {
 		return nil, err
 	}
-	key, err := readKey(filepath.Join(dir, fileCAKey))
-	if err != nil {
-		return nil, err
+	if key == nil {
+		if key, err = readKey(filepath.Join(dir, fileCAKey)); err != nil {
+			return nil, err
+		}
+	}
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !pub.Equal(issuers[0].PublicKey) {
+		return nil, fmt.Errorf("the issuing CA key does not match %s", fileCACert)
 	}
 	c := &ca{root: roots[0], issuer: issuers[0], issuerKey: key}
 	if err := c.issuer.CheckSignatureFrom(c.root); err != nil {

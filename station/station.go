@@ -21,6 +21,7 @@ package station
 import (
 	"bufio"
 	"cmp"
+	"crypto"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -36,6 +37,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/tpm"
 )
 
 // fileConfigJSON is station.json.
@@ -46,6 +48,7 @@ type fileConfigJSON struct {
 	AutoApprove  bool     `json:"auto_approve"`
 	HoldUnknown  bool     `json:"hold_unknown"`
 	CRLHook      string   `json:"crl_hook,omitempty"`
+	CATPM        string   `json:"ca_tpm,omitempty"`
 }
 
 // InitOptions configures Init.
@@ -72,7 +75,12 @@ type InitOptions struct {
 	// CRLHook is a shell command run after every change of crl.pem (see
 	// Config.CRLHook).
 	CRLHook string
-	Now     func() time.Time
+	// CATPM, a TPM spec (tpm.Open), creates the issuing CA's key in that
+	// TPM (ca.tpmkey holds its wrapped blobs; no ca.key is written): every
+	// device certificate and CRL is then signed by a key that cannot leave
+	// the station's TPM. Kept in station.json as ca_tpm.
+	CATPM string
+	Now   func() time.Time
 }
 
 // ErrInitialized: Init on a directory that already holds a station.
@@ -124,10 +132,34 @@ func Init(opts InitOptions) error {
 		}
 		manifest = b
 	}
+	// The TPM comes before anything is written: a bad spec changes nothing.
+	var caKey crypto.Signer
+	var caKeyFile *tpm.KeyFile
+	if opts.CATPM != "" {
+		tp, err := tpm.Open(opts.CATPM)
+		if err != nil {
+			return fmt.Errorf("--ca-tpm: %w", err)
+		}
+		defer tp.Close()
+		if caKeyFile, err = tp.CreateKey(); err != nil {
+			return fmt.Errorf("--ca-tpm: creating the issuing CA key: %w", err)
+		}
+		k, err := tp.LoadKey(caKeyFile)
+		if err != nil {
+			return fmt.Errorf("--ca-tpm: %w", err)
+		}
+		defer k.Close()
+		caKey = k
+	}
 	if err := atomicfile.MkdirPrivate(opts.Dir); err != nil {
 		return err
 	}
-	if _, err := initCA(opts.Dir, opts.Name, opts.SANs, opts.Now()); err != nil {
+	if caKeyFile != nil {
+		if err := tpm.WriteKeyFile(filepath.Join(opts.Dir, fileCATPMKey), caKeyFile); err != nil {
+			return err
+		}
+	}
+	if _, err := initCA(opts.Dir, opts.Name, opts.SANs, opts.Now(), caKey); err != nil {
 		return err
 	}
 	if err := atomicfile.Write(filepath.Join(opts.Dir, fileTPMRoots), roots, 0o644); err != nil {
@@ -138,7 +170,7 @@ func Init(opts InitOptions) error {
 	}
 	cfg, err := json.MarshalIndent(fileConfigJSON{
 		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown,
-		CRLHook: opts.CRLHook,
+		CRLHook: opts.CRLHook, CATPM: opts.CATPM,
 	}, "", "  ")
 	if err != nil {
 		return err
@@ -208,6 +240,8 @@ type Station struct {
 	crl      atomic.Pointer[[]byte]
 	crlMu    sync.Mutex
 	crlHook  string
+	caTPM    *tpm.TPM // with ca_tpm: the TPM holding the issuing CA key
+	caTPMKey *tpm.Key
 	hookMu   sync.Mutex // one CRL hook at a time
 	// hookPending: the last hook run failed; hookFailed tells serve's
 	// CRL loop to schedule a retry.
@@ -257,7 +291,19 @@ func Open(cfg Config) (*Station, error) {
 			return nil, fmt.Errorf("%s: cert_lifetime: %w", fileConfig, err)
 		}
 	}
-	if s.ca, err = loadCA(cfg.Dir); err != nil {
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeTPM()
+		}
+	}()
+	var caKey crypto.Signer
+	if fc.CATPM != "" {
+		if caKey, err = s.openCAKey(fc.CATPM); err != nil {
+			return nil, err
+		}
+	}
+	if s.ca, err = loadCA(cfg.Dir, caKey); err != nil {
 		return nil, err
 	}
 	s.tpmRoots, s.tpmInter = x509.NewCertPool(), x509.NewCertPool()
@@ -285,12 +331,44 @@ func Open(cfg Config) (*Station, error) {
 		s.reg.close()
 		return nil, err
 	}
+	ok = true
 	return s, nil
+}
+
+// openCAKey loads the issuing CA's key from the TPM at spec (station.json
+// ca_tpm) and ca.tpmkey; the station keeps both open until Close.
+func (s *Station) openCAKey(spec string) (crypto.Signer, error) {
+	tp, err := tpm.Open(spec)
+	if err != nil {
+		return nil, fmt.Errorf("%s: ca_tpm: %w", fileConfig, err)
+	}
+	s.caTPM = tp
+	kf, err := tpm.ReadKeyFile(filepath.Join(s.dir, fileCATPMKey))
+	if err != nil {
+		return nil, fmt.Errorf("issuing CA key: %w", err)
+	}
+	if s.caTPMKey, err = tp.LoadKey(kf); err != nil {
+		return nil, fmt.Errorf("issuing CA key in %s: %w", spec, err)
+	}
+	return s.caTPMKey, nil
+}
+
+// closeTPM releases the issuing CA key's TPM, if it has one.
+func (s *Station) closeTPM() error {
+	var errs []error
+	if s.caTPMKey != nil {
+		errs = append(errs, s.caTPMKey.Close())
+	}
+	if s.caTPM != nil {
+		errs = append(errs, s.caTPM.Close())
+	}
+	s.caTPMKey, s.caTPM = nil, nil
+	return errors.Join(errs...)
 }
 
 // Close releases the registry and the audit log.
 func (s *Station) Close() error {
-	return errors.Join(s.reg.close(), s.audit.close())
+	return errors.Join(s.reg.close(), s.audit.close(), s.closeTPM())
 }
 
 // Root returns the station's root certificate.

@@ -13,6 +13,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"io"
 	"math/big"
 	"net/http"
@@ -957,5 +958,65 @@ func TestCRLHookRetry(t *testing.T) {
 	_, cert := enrolledClient(t, bg, newTPMDevice(t, 2))
 	if err := bg.Revoke(cert.Subject.CommonName); err != nil {
 		t.Errorf("Revoke with a hook that leaves a child running = %v, want nil", err)
+	}
+}
+
+// init --ca-tpm: the issuing CA's key is created in the station's TPM and
+// never written to disk; device certificates and CRLs are signed by it,
+// and the key's blobs load in no other TPM.
+func TestIssuingCAKeyInTPM(t *testing.T) {
+	caTPM := tpmtest.Start(t, tpmtest.Options{Identity: 1})
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CATPM: caTPM.Spec})
+	if _, err := os.Stat(filepath.Join(st.Dir, "ca.key")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("ca.key with --ca-tpm: %v, want no such file", err)
+	}
+	blobs := filepath.Join(st.Dir, "ca.tpmkey")
+	if fi, err := os.Stat(blobs); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("ca.tpmkey: %v, %v; want mode 0600", fi, err)
+	}
+	kf, err := tpm.ReadKeyFile(blobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := kf.PublicKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuer := st.CACerts()[0]
+	if !issuer.PublicKey.(*ecdsa.PublicKey).Equal(pub) {
+		t.Fatal("the issuing CA certificate is not for the TPM key")
+	}
+
+	_, cert := enrolledClient(t, st, newTPMDevice(t, 0))
+	if err := cert.CheckSignatureFrom(issuer); err != nil {
+		t.Errorf("device certificate: %v", err)
+	}
+	if err := st.Revoke(cert.Subject.CommonName); err != nil {
+		t.Fatal(err)
+	}
+	der, err := st.CRL()
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil || crl.CheckSignatureFrom(issuer) != nil || len(crl.RevokedCertificateEntries) != 1 {
+		t.Errorf("CRL after revocation: %v; want one entry signed by the TPM-held issuing CA", err)
+	}
+
+	// The same directory pointed at another TPM does not open.
+	other := tpmtest.Start(t, tpmtest.Options{Identity: 2})
+	cfgPath := filepath.Join(st.Dir, "station.json")
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPath, bytes.ReplaceAll(b, []byte(caTPM.Spec), []byte(other.Spec)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := station.Open(station.Config{Dir: st.Dir}); err == nil {
+		s.Close()
+		t.Error("Open with another TPM's ca_tpm succeeded")
+	} else if !strings.Contains(err.Error(), "issuing CA key") {
+		t.Errorf("Open with another TPM = %v, want an error naming the issuing CA key", err)
 	}
 }

@@ -181,6 +181,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	crlHook := fs.String("crl-hook", "", "shell `COMMAND` run after every change of crl.pem (revocation, 12-hourly reissue), e.g. 'systemctl reload mosquitto'")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval (202 + Retry-After) instead of refusing them")
 	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
+	caTPM := fs.String("ca-tpm", "", "create the issuing CA key in the TPM at `SPEC` (/dev/tpmrm0, unix:PATH, tcp:HOST:PORT) instead of ca.key")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
@@ -190,6 +191,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	err := station.Init(station.InitOptions{
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
 		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook,
+		CATPM: *caTPM,
 	})
 	if err != nil {
 		return err

@@ -4,17 +4,21 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/telemetry/senml"
+	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
 // iotstation serve --coap-listen: a device (libcoap's client, with a
@@ -151,5 +155,43 @@ func TestCRLHookFlags(t *testing.T) {
 	testsync.Until(t, 10*time.Second, "serve runs --crl-hook", func() bool { return ran(override) })
 	if ran(kept) {
 		t.Error("serve --crl-hook ran station.json's hook too")
+	}
+}
+
+// init --ca-tpm: a spec that reaches no TPM is refused with nothing
+// written; a real one holds the issuing CA key (no ca.key), and serve
+// issues with it.
+func TestInitCATPM(t *testing.T) {
+	dir := shortDir(t)
+	code, _, errs := stationCLI(t, "init", "--dir", dir, "--ca-tpm", "unix:"+filepath.Join(t.TempDir(), "none.sock"))
+	if code != 1 || !strings.HasPrefix(errs, "iotstation: --ca-tpm: ") || strings.Count(errs, "\n") != 1 {
+		t.Errorf("init --ca-tpm with no TPM there = %d, %q; want 1 and one line naming --ca-tpm", code, errs)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the failed init left %s behind: %v", dir, err)
+	}
+
+	sim := tpmtest.Start(t, tpmtest.Options{Identity: 1})
+	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--ca-tpm", sim.Spec); code != 0 {
+		t.Fatalf("init --ca-tpm = %d, %q, %q", code, out, errs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ca.key")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("ca.key after init --ca-tpm: %v, want none", err)
+	}
+	serveCLI(t, dir)
+	prefix := filepath.Join(t.TempDir(), "svc")
+	if code, out, errs := stationCLI(t, "issue", "--dir", dir, "--name", "svc", "--out", prefix); code != 0 {
+		t.Fatalf("issue through the TPM-held CA = %d, %q, %q", code, out, errs)
+	}
+	certs, err := station.ReadCertificates(prefix + ".crt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuers, err := station.ReadCertificates(filepath.Join(dir, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := certs[0].CheckSignatureFrom(issuers[0]); err != nil {
+		t.Errorf("issued certificate: %v", err)
 	}
 }

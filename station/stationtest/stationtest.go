@@ -33,6 +33,9 @@ type Options struct {
 	// CRLHookRetry its first retry delay.
 	CRLHook      string
 	CRLHookRetry time.Duration
+	// CATPM, a TPM spec, holds the issuing CA's key in that TPM
+	// (station.InitOptions.CATPM).
+	CATPM string
 }
 
 // Station is a running test station.
@@ -78,6 +81,7 @@ func Start(t testing.TB, opts Options) *Station {
 	if err := station.Init(station.InitOptions{
 		Dir: sdir, TPMRoots: []string{rootsFile}, Manifest: manifest,
 		CertLifetime: opts.CertLifetime, AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown, Now: opts.Now,
+		CATPM: opts.CATPM,
 	}); err != nil {
 		t.Fatalf("station.Init: %v", err)
 	}
