@@ -135,6 +135,14 @@ func Init(opts InitOptions) error {
 	// The TPM comes before anything is written: a bad spec changes nothing.
 	var caKey crypto.Signer
 	var caKeyFile *tpm.KeyFile
+	if path, ok := strings.CutPrefix(opts.CATPM, "unix:"); ok && !filepath.IsAbs(path) {
+		// Kept in station.json: serve may start in another directory.
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return fmt.Errorf("--ca-tpm: %w", err)
+		}
+		opts.CATPM = "unix:" + abs
+	}
 	if opts.CATPM != "" {
 		tp, err := tpm.Open(opts.CATPM)
 		if err != nil {
@@ -240,8 +248,7 @@ type Station struct {
 	crl      atomic.Pointer[[]byte]
 	crlMu    sync.Mutex
 	crlHook  string
-	caTPM    *tpm.TPM // with ca_tpm: the TPM holding the issuing CA key
-	caTPMKey *tpm.Key
+	caTPMKey *tpmCAKey  // with ca_tpm: the issuing CA key, in the TPM
 	hookMu   sync.Mutex // one CRL hook at a time
 	// hookPending: the last hook run failed; hookFailed tells serve's
 	// CRL loop to schedule a retry.
@@ -291,17 +298,14 @@ func Open(cfg Config) (*Station, error) {
 			return nil, fmt.Errorf("%s: cert_lifetime: %w", fileConfig, err)
 		}
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			s.closeTPM()
-		}
-	}()
 	var caKey crypto.Signer
 	if fc.CATPM != "" {
-		if caKey, err = s.openCAKey(fc.CATPM); err != nil {
+		issuers, err := ReadCertificates(filepath.Join(cfg.Dir, fileCACert))
+		if err != nil {
 			return nil, err
 		}
+		s.caTPMKey = &tpmCAKey{spec: fc.CATPM, path: filepath.Join(cfg.Dir, fileCATPMKey), pub: issuers[0].PublicKey}
+		caKey = s.caTPMKey
 	}
 	if s.ca, err = loadCA(cfg.Dir, caKey); err != nil {
 		return nil, err
@@ -331,44 +335,16 @@ func Open(cfg Config) (*Station, error) {
 		s.reg.close()
 		return nil, err
 	}
-	ok = true
 	return s, nil
-}
-
-// openCAKey loads the issuing CA's key from the TPM at spec (station.json
-// ca_tpm) and ca.tpmkey; the station keeps both open until Close.
-func (s *Station) openCAKey(spec string) (crypto.Signer, error) {
-	tp, err := tpm.Open(spec)
-	if err != nil {
-		return nil, fmt.Errorf("%s: ca_tpm: %w", fileConfig, err)
-	}
-	s.caTPM = tp
-	kf, err := tpm.ReadKeyFile(filepath.Join(s.dir, fileCATPMKey))
-	if err != nil {
-		return nil, fmt.Errorf("issuing CA key: %w", err)
-	}
-	if s.caTPMKey, err = tp.LoadKey(kf); err != nil {
-		return nil, fmt.Errorf("issuing CA key in %s: %w", spec, err)
-	}
-	return s.caTPMKey, nil
-}
-
-// closeTPM releases the issuing CA key's TPM, if it has one.
-func (s *Station) closeTPM() error {
-	var errs []error
-	if s.caTPMKey != nil {
-		errs = append(errs, s.caTPMKey.Close())
-	}
-	if s.caTPM != nil {
-		errs = append(errs, s.caTPM.Close())
-	}
-	s.caTPMKey, s.caTPM = nil, nil
-	return errors.Join(errs...)
 }
 
 // Close releases the registry and the audit log.
 func (s *Station) Close() error {
-	return errors.Join(s.reg.close(), s.audit.close(), s.closeTPM())
+	var errTPM error
+	if s.caTPMKey != nil {
+		errTPM = s.caTPMKey.Close()
+	}
+	return errors.Join(s.reg.close(), s.audit.close(), errTPM)
 }
 
 // Root returns the station's root certificate.

@@ -252,7 +252,13 @@ func (k *Key) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, 
 		return nil, fmt.Errorf("tpm sign: %w", err)
 	}
 	// The transient object may be gone (TPM restarted) or replaced: reload
-	// from the blobs once and retry.
+	// from the blobs once and retry. If the old handle still holds this
+	// key (the failure was something else, a timeout say), flush it first
+	// so that a long-running signer does not fill the TPM with copies; a
+	// handle now holding another object is left alone.
+	if rsp, rerr := (tpm2.ReadPublic{ObjectHandle: k.handle}).Execute(k.t.tr); rerr == nil && bytes.Equal(rsp.Name.Buffer, k.name.Buffer) {
+		k.t.flush(k.handle)
+	}
 	if rerr := k.loadBlobs(); rerr != nil {
 		return nil, fmt.Errorf("tpm sign: %w; reloading key: %w", orElse(err, "signature did not verify"), rerr)
 	}

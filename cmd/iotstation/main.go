@@ -196,6 +196,11 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if *caTPM != "" && *caTPM != "/dev/tpmrm0" {
+		// Without the kernel's resource manager the loaded key is a global
+		// handle: anyone who can reach this TPM can sign with it.
+		fmt.Fprintf(e.stderr, "warning: --ca-tpm %s has no resource manager: while serve runs, whoever can reach that TPM can sign with the CA key; use /dev/tpmrm0 in production\n", *caTPM)
+	}
 	fp, err := station.RootFingerprint(*dir)
 	if err != nil {
 		return err

@@ -163,18 +163,35 @@ func TestCRLHookFlags(t *testing.T) {
 // issues with it.
 func TestInitCATPM(t *testing.T) {
 	dir := shortDir(t)
-	code, _, errs := stationCLI(t, "init", "--dir", dir, "--ca-tpm", "unix:"+filepath.Join(t.TempDir(), "none.sock"))
-	if code != 1 || !strings.HasPrefix(errs, "iotstation: --ca-tpm: ") || strings.Count(errs, "\n") != 1 {
-		t.Errorf("init --ca-tpm with no TPM there = %d, %q; want 1 and one line naming --ca-tpm", code, errs)
+	code, out, errs := stationCLI(t, "init", "--dir", dir, "--ca-tpm", "unix:"+filepath.Join(t.TempDir(), "none.sock"))
+	if code != 1 || out != "" || !strings.HasPrefix(errs, "iotstation: --ca-tpm: ") || strings.Count(errs, "\n") != 1 {
+		t.Errorf("init --ca-tpm with no TPM there = %d, %q, %q; want 1, nothing on stdout and one line naming --ca-tpm", code, out, errs)
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the failed init left %s behind: %v", dir, err)
 	}
 
 	sim := tpmtest.Start(t, tpmtest.Options{Identity: 1})
-	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--ca-tpm", sim.Spec); code != 0 {
+	// A relative socket path is kept absolute: serve may run elsewhere.
+	t.Chdir(filepath.Dir(sim.Socket))
+	code, out, errs = stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1", "--ca-tpm", "unix:"+filepath.Base(sim.Socket))
+	if code != 0 {
 		t.Fatalf("init --ca-tpm = %d, %q, %q", code, out, errs)
 	}
+	if !strings.Contains(errs, "warning:") {
+		t.Errorf("init --ca-tpm with swtpm's socket printed %q, want a warning that the loaded key is reachable by whoever reaches the socket", errs)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "station.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		CATPM string `json:"ca_tpm"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.CATPM != "unix:"+sim.Socket {
+		t.Errorf("station.json ca_tpm = %q, %v; want unix:%s", cfg.CATPM, err, sim.Socket)
+	}
+	t.Chdir(t.TempDir())
 	if _, err := os.Stat(filepath.Join(dir, "ca.key")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("ca.key after init --ca-tpm: %v, want none", err)
 	}
