@@ -158,18 +158,32 @@ func registryJSON(t testing.TB, st *stationtest.Station) string {
 	return string(b)
 }
 
-func lastAudit(t testing.TB, st *stationtest.Station) station.AuditEntry {
+// auditEntries returns the audit log's entries for event, or all of
+// them when event is "". The file is appended while the test reads it: a
+// torn last line is left out.
+func auditEntries(t testing.TB, st *stationtest.Station, event string) []station.AuditEntry {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(st.Dir, "audit.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	var e station.AuditEntry
-	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &e); err != nil {
-		t.Fatalf("audit line %q: %v", lines[len(lines)-1], err)
+	var out []station.AuditEntry
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var e station.AuditEntry
+		if json.Unmarshal([]byte(l), &e) == nil && (event == "" || e.Event == event) {
+			out = append(out, e)
+		}
 	}
-	return e
+	return out
+}
+
+func lastAudit(t testing.TB, st *stationtest.Station) station.AuditEntry {
+	t.Helper()
+	all := auditEntries(t, st, "")
+	if len(all) == 0 {
+		t.Fatal("audit log is empty")
+	}
+	return all[len(all)-1]
 }
 
 func TestTPMEnrollIssuesOnlyToTheTPM(t *testing.T) {
@@ -869,17 +883,7 @@ func TestCRLHook(t *testing.T) {
 
 	failing := stationtest.Start(t, stationtest.Options{AutoApprove: true,
 		CRLHook: "echo broker unreachable >&2; exit 3"})
-	hookAudit := func() []station.AuditEntry {
-		b, _ := os.ReadFile(filepath.Join(failing.Dir, "audit.log"))
-		var out []station.AuditEntry
-		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-			var e station.AuditEntry
-			if json.Unmarshal([]byte(l), &e) == nil && e.Event == "crl-hook" {
-				out = append(out, e)
-			}
-		}
-		return out
-	}
+	hookAudit := func() []station.AuditEntry { return auditEntries(t, failing, "crl-hook") }
 	testsync.Until(t, 10*time.Second, "the failing hook ran at serve's start", func() bool { return len(hookAudit()) > 0 })
 	_, cert = enrolledClient(t, failing, newTPMDevice(t, 1))
 	id = cert.Subject.CommonName
@@ -912,15 +916,11 @@ func TestCRLHookRetry(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CRLHookRetry: 20 * time.Millisecond,
 		CRLHook: `if [ -e ` + broken + ` ]; then echo broker down >&2; exit 1; fi; echo ok >> ` + runs})
 	hookAudit := func() (refused, accepted int) {
-		b, _ := os.ReadFile(filepath.Join(st.Dir, "audit.log"))
-		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-			var e station.AuditEntry
-			if json.Unmarshal([]byte(l), &e) == nil && e.Event == "crl-hook" {
-				if e.Result == "refused" {
-					refused++
-				} else {
-					accepted++
-				}
+		for _, e := range auditEntries(t, st, "crl-hook") {
+			if e.Result == "refused" {
+				refused++
+			} else {
+				accepted++
 			}
 		}
 		return refused, accepted
