@@ -6,8 +6,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -479,5 +481,101 @@ func TestManifestNamesDevicesAndBindsEK(t *testing.T) {
 	var se *enroll.StatusError
 	if !errors.As(err, &se) || se.Code != 403 || !strings.Contains(se.Message, "bound to another EK") {
 		t.Fatalf("enrolling TPM B under A's device ID = %v, want 403 bound to another EK", err)
+	}
+}
+
+// blackHole accepts TCP connections on loopback and never answers: a
+// station whose process hangs, or a link that swallows everything after
+// the SYN. It returns the address and a channel that receives each
+// accepted connection.
+func blackHole(t *testing.T) (string, <-chan net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 16)
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			select {
+			case accepted <- c:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return l.Addr().String(), accepted
+}
+
+// setStation points an enrolled state dir at another station URL.
+func setStation(t *testing.T, dir, url string) {
+	t.Helper()
+	p := filepath.Join(dir, "enrollment.json")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var en map[string]any
+	if err := json.Unmarshal(b, &en); err != nil {
+		t.Fatal(err)
+	}
+	en["station"] = url
+	if b, err = json.Marshal(en); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Status never waits on the network: while an attempt hangs on a station
+// that accepts the connection and never answers, Status (what the agent's
+// health telemetry reads every interval) answers at once.
+func TestStatusDoesNotWaitOnTheStation(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newDevice(t, tpmtest.Options{})
+	d.mustEnroll(t, st)
+	addr, accepted := blackHole(t)
+	setStation(t, d.dir, "https://"+addr)
+	r := newRenewer(t, d, enroll.RenewerConfig{})
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.RenewNow(ctx) }()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Error("RenewNow did not return after its context ended")
+		}
+	}()
+	select {
+	case <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the renewal attempt never reached the station")
+	}
+	got := make(chan enroll.RenewalStatus, 1)
+	go func() { got <- r.Status() }()
+	select {
+	case <-got:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Status() is still waiting 2s into an attempt that hangs on the network")
 	}
 }

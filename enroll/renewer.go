@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -67,18 +68,42 @@ type Renewer struct {
 	clock *Clock
 	id    *Identity
 
-	mu        sync.Mutex // serializes attempts (Run and RenewNow)
+	// mu serializes attempts (Run and RenewNow) and guards the attempt's
+	// state. An attempt holds it across the network, up to a minute per
+	// request: nothing that reports (Status) may wait on it.
+	mu        sync.Mutex
 	st        *State
 	jitter    time.Duration // chosen once per certificate
-	failures  int
-	retryAt   time.Time // zero: none scheduled
-	reattest  bool      // the station refused the current certificate
-	status    RenewalStatus
+	backoff   *backoff.Backoff
+	retryAt   time.Time                   // zero: none scheduled
+	reattest  bool                        // the station refused the current certificate
 	attemptFn func(context.Context) error // replaced in schedule tests
+
+	// statusMu guards status, which attempts update (with mu held) and
+	// Status reads at any time.
+	statusMu sync.Mutex
+	status   RenewalStatus
 }
 
 // NewRenewer loads the enrolled state from cfg.Dir and the current key.
 func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
+	st, err := LoadState(cfg.Dir)
+	if err != nil {
+		return nil, err
+	}
+	key, err := cfg.TPM.LoadKey(st.Key)
+	if err != nil {
+		return nil, fmt.Errorf("loading device key: %w", err)
+	}
+	r := newRenewer(cfg, st, newIdentity(st.Chain, key))
+	r.clock.Learn(st.Leaf().NotBefore)
+	r.clock.PersistTo(cfg.Dir)
+	r.status, _ = LoadRenewalStatus(cfg.Dir)
+	return r, nil
+}
+
+// newRenewer fills cfg's defaults and returns a renewer of st and id.
+func newRenewer(cfg RenewerConfig, st *State, id *Identity) *Renewer {
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 10 * time.Second
 	}
@@ -94,26 +119,14 @@ func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = NewClock(nil)
 	}
-	r := &Renewer{cfg: cfg, log: cfg.Logger, clock: cfg.Clock}
+	r := &Renewer{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, st: st, id: id,
+		backoff: backoff.New(backoff.Config{Base: cfg.BackoffBase, Cap: cfg.BackoffCap, Rand: cfg.Rand})}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
-	st, err := LoadState(cfg.Dir)
-	if err != nil {
-		return nil, err
-	}
-	key, err := cfg.TPM.LoadKey(st.Key)
-	if err != nil {
-		return nil, fmt.Errorf("loading device key: %w", err)
-	}
-	r.clock.Learn(st.Leaf().NotBefore)
-	r.clock.PersistTo(cfg.Dir)
-	r.st = st
-	r.id = newIdentity(st.Chain, key)
-	r.status, _ = LoadRenewalStatus(cfg.Dir)
 	r.pickJitter()
 	r.attemptFn = r.attempt
-	return r, nil
+	return r
 }
 
 // Identity returns the live credential.
@@ -122,11 +135,22 @@ func (r *Renewer) Identity() *Identity { return r.id }
 // Close releases the device key.
 func (r *Renewer) Close() error { return r.id.close() }
 
-// Status returns what the renewer last did.
+// Status returns what the renewer last did. It never waits for an
+// attempt in progress.
 func (r *Renewer) Status() RenewalStatus {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.statusMu.Lock()
+	defer r.statusMu.Unlock()
 	return r.status
+}
+
+// setStatus replaces the status and saves it. r.mu held.
+func (r *Renewer) setStatus(rs RenewalStatus) {
+	r.statusMu.Lock()
+	r.status = rs
+	r.statusMu.Unlock()
+	if err := saveRenewalStatus(r.cfg.Dir, rs); err != nil {
+		r.log.Warn("saving renewal status", "err", err)
+	}
 }
 
 func (r *Renewer) pickJitter() {
@@ -146,7 +170,10 @@ func RenewalTime(notBefore, notAfter time.Time, jitter time.Duration) time.Time 
 }
 
 // nextAttempt is when the next attempt is due. r.mu held.
-func (r *Renewer) nextAttempt() time.Time {
+func (r *Renewer) nextAttempt() time.Time { return r.nextAttemptAfter(r.Status().LastRenewal) }
+
+// nextAttemptAfter is nextAttempt for a last renewal at last. r.mu held.
+func (r *Renewer) nextAttemptAfter(last time.Time) time.Time {
 	if !r.retryAt.IsZero() {
 		return r.retryAt
 	}
@@ -156,7 +183,7 @@ func (r *Renewer) nextAttempt() time.Time {
 	// window (heavy backdating, a lifetime cut by its CA's expiry) must not
 	// make the agent renew in a tight loop: wait a tenth of the lifetime
 	// after a renewal, but never past expiry.
-	if last := r.status.LastRenewal; !last.IsZero() {
+	if !last.IsZero() {
 		floor := last.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 10)
 		if due.Before(floor) {
 			due = floor
@@ -171,8 +198,9 @@ func (r *Renewer) nextAttempt() time.Time {
 // Run renews until ctx is done; it returns nil then.
 func (r *Renewer) Run(ctx context.Context) error {
 	r.mu.Lock()
-	r.status.NextRenewal = r.nextAttempt().UTC()
-	r.saveStatus()
+	st := r.Status()
+	st.NextRenewal = r.nextAttempt().UTC()
+	r.setStatus(st)
 	r.mu.Unlock()
 	for {
 		r.mu.Lock()
@@ -211,38 +239,28 @@ func (r *Renewer) RenewNow(ctx context.Context) error {
 		// Interrupted by shutdown: not a failure of the station or TPM.
 		return err
 	}
-	r.status.LastAttempt = now.UTC()
+	st := r.Status()
+	st.LastAttempt, st.Failures = now.UTC(), 0
 	if err != nil {
-		r.failures++
-		ceiling := r.cfg.BackoffBase << min(r.failures-1, 30)
-		if ceiling <= 0 || ceiling > r.cfg.BackoffCap {
-			ceiling = r.cfg.BackoffCap
+		var retryAfter time.Duration
+		if se := (*StatusError)(nil); errors.As(err, &se) {
+			retryAfter = se.RetryAfter
 		}
-		wait := time.Duration(r.cfg.Rand.Int64N(int64(ceiling)) + 1)
-		var se *StatusError
-		if errors.As(err, &se) && se.RetryAfter > wait {
-			wait = min(se.RetryAfter, r.cfg.BackoffCap)
-		}
+		wait := r.backoff.FailAfter(retryAfter)
 		r.retryAt = r.clock.Now().Add(wait)
-		r.status.LastError, r.status.Failures = err.Error(), r.failures
-		r.log.Warn("certificate renewal failed", "err", err, "failures", r.failures, "retry_in", wait.Round(time.Millisecond))
+		st.LastError, st.Failures = err.Error(), r.backoff.Failures()
+		r.log.Warn("certificate renewal failed", "err", err, "failures", st.Failures, "retry_in", wait.Round(time.Millisecond))
 	} else {
-		r.failures, r.retryAt = 0, time.Time{}
-		r.status.LastError, r.status.Failures = "", 0
-		r.status.LastRenewal = r.clock.Now().UTC()
-		r.status.Renewals++
+		r.backoff.Reset()
+		r.retryAt = time.Time{}
+		st.LastError, st.LastRenewal = "", r.clock.Now().UTC()
+		st.Renewals++
 		leaf := r.st.Leaf()
 		r.log.Info("certificate renewed", "device", r.id.DeviceID(), "serial", leaf.SerialNumber.Text(16), "not_after", leaf.NotAfter.UTC())
 	}
-	r.status.NextRenewal = r.nextAttempt().UTC()
-	r.saveStatus()
+	st.NextRenewal = r.nextAttemptAfter(st.LastRenewal).UTC()
+	r.setStatus(st)
 	return err
-}
-
-func (r *Renewer) saveStatus() {
-	if err := saveRenewalStatus(r.cfg.Dir, r.status); err != nil {
-		r.log.Warn("saving renewal status", "err", err)
-	}
 }
 
 // attempt is one renewal. r.mu held.

@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
-	"log/slog"
 	"math/big"
 	mrand "math/rand/v2"
 	"sync"
@@ -38,19 +37,7 @@ func scheduleRenewer(t *testing.T, clock *Clock, leaf *x509.Certificate, cfg Ren
 	if cfg.Rand == nil {
 		cfg.Rand = mrand.New(mrand.NewPCG(1, 2))
 	}
-	if cfg.BackoffBase == 0 {
-		cfg.BackoffBase = 10 * time.Second
-	}
-	if cfg.BackoffCap == 0 {
-		cfg.BackoffCap = time.Hour
-	}
-	if cfg.Recheck == 0 {
-		cfg.Recheck = time.Minute
-	}
-	r := &Renewer{cfg: cfg, log: slog.New(slog.DiscardHandler), clock: clock, st: &State{Chain: []*x509.Certificate{leaf}}}
-	r.id = &Identity{cert: tlsCert(r.st.Chain, nil), changed: make(chan struct{})}
-	r.pickJitter()
-	return r
+	return newRenewer(cfg, &State{Chain: []*x509.Certificate{leaf}}, &Identity{cert: tlsCert([]*x509.Certificate{leaf}, nil), changed: make(chan struct{})})
 }
 
 // A gateway whose wall clock reads 1970 schedules its renewal from the
