@@ -255,13 +255,14 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		defer closeSinks()
+		// Bound before anything serves: a taken port is one clear error.
+		if err := c.Listen(); err != nil {
+			l.Close()
+			return err
+		}
 		s.AddMetrics(c.Metrics)
 		parts = append(parts, c.Run)
-		go func() {
-			<-c.Ready()
-			log.Info("CoAP/DTLS collector serving", "addr", c.Addr().String())
-		}()
-		coapAddr = *coapListen
+		coapAddr = c.Addr().String()
 	}
 	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()), "coap", coapAddr)
 	if e.ready != nil {

@@ -212,3 +212,29 @@ func TestInitCATPM(t *testing.T) {
 		t.Errorf("issued certificate: %v", err)
 	}
 }
+
+// serve --coap-listen on a UDP port another process holds fails at once
+// with one line naming the address, before it serves anything.
+func TestServeCoAPPortTaken(t *testing.T) {
+	dir := shortDir(t)
+	if code, out, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1"); code != 0 {
+		t.Fatalf("init = %d, %q, %q", code, out, errs)
+	}
+	taken, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var out, errb strings.Builder
+	code := run(ctx, []string{"serve", "--dir", dir, "--listen", "127.0.0.1:0", "--coap-listen", taken.LocalAddr().String()}, &out, &errb)
+	if ctx.Err() != nil {
+		t.Fatal("serve kept running with its CoAP port taken")
+	}
+	lines := strings.Split(strings.TrimSpace(errb.String()), "\n")
+	if code != 1 || len(lines) != 1 || !strings.HasPrefix(lines[0], "iotstation: ") ||
+		!strings.Contains(lines[0], taken.LocalAddr().String()) || !strings.Contains(lines[0], "address already in use") {
+		t.Errorf("serve = %d, stderr %q; want 1 and one line naming %s, address already in use", code, errb.String(), taken.LocalAddr())
+	}
+}

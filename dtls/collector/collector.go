@@ -125,6 +125,9 @@ type Collector struct {
 	addr       atomic.Pointer[net.Addr]
 	handlers   gate
 
+	listenMu sync.Mutex
+	listener *coapnet.DTLSListener // set by Listen, served by Run
+
 	saveMu       sync.Mutex
 	savedChanges uint64 // dedupe.changes at the last save or load
 }
@@ -225,9 +228,36 @@ func (c *Collector) Addr() net.Addr {
 	return nil
 }
 
-// Ready is closed once the collector listens (Addr is then set), or once
-// Run failed to listen.
+// Ready is closed once the collector listens (Addr is then set). It is
+// never closed if listening fails: wait for Run's error too.
 func (c *Collector) Ready() <-chan struct{} { return c.ready }
+
+// Listen binds Config.Addr, so that a caller can report a taken port
+// before it starts anything else; Run serves on that socket. Run listens
+// itself if Listen was not called. Listening twice is an error.
+func (c *Collector) Listen() error {
+	c.listenMu.Lock()
+	defer c.listenMu.Unlock()
+	if c.listener != nil {
+		return errors.New("collector: Listen called twice")
+	}
+	_, err := c.listenLocked()
+	return err
+}
+
+// listenLocked binds the socket. c.listenMu held.
+func (c *Collector) listenLocked() (*coapnet.DTLSListener, error) {
+	l, err := coapnet.NewDTLSListener("udp", c.cfg.Addr, coapnet.NewDTLSServerOptions(c.dtlsOptions()...))
+	if err != nil {
+		return nil, fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
+	}
+	addr := l.Addr()
+	c.addr.Store(&addr)
+	c.listener = l
+	c.log.Info("collector listening", "addr", addr.String())
+	close(c.ready)
+	return l, nil
+}
 
 // Run serves until ctx ends, then closes the listener and every session,
 // waits for every goroutine it started, saves the de-duplication windows
@@ -238,20 +268,20 @@ func (c *Collector) Run(ctx context.Context) error {
 	if !c.started.CompareAndSwap(false, true) {
 		return errors.New("collector: Run called twice")
 	}
-	readyOnce := sync.OnceFunc(func() { close(c.ready) })
-	defer readyOnce()
-
-	if err := c.loadDedupe(); err != nil {
+	c.listenMu.Lock()
+	l, err := c.listener, error(nil)
+	if l == nil {
+		l, err = c.listenLocked()
+	}
+	c.listenMu.Unlock()
+	if err != nil {
 		return err
 	}
-	l, err := coapnet.NewDTLSListener("udp", c.cfg.Addr, coapnet.NewDTLSServerOptions(c.dtlsOptions()...))
-	if err != nil {
-		return fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
+	if err := c.loadDedupe(); err != nil {
+		l.Close()
+		return err
 	}
 	addr := l.Addr()
-	c.addr.Store(&addr)
-	c.log.Info("collector listening", "addr", addr.String())
-	readyOnce()
 
 	// runCtx scopes handlers and sink writes: it ends with ctx, or when
 	// serving fails.

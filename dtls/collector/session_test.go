@@ -213,13 +213,18 @@ func TestRunCannotListen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := c.Listen(); err == nil || !strings.Contains(err.Error(), pc.LocalAddr().String()) {
+		t.Errorf("Listen on a port in use = %v, want an error naming %s", err, pc.LocalAddr())
+	}
 	if err := c.Run(context.Background()); err == nil {
 		t.Error("Run on a port in use = nil, want an error")
 	}
+	// Ready means listening: a caller waiting for it must not go on to
+	// use Addr (iotstation serve once did, and panicked on the nil).
 	select {
 	case <-c.Ready():
+		t.Error("Ready() closed although the collector never listened")
 	default:
-		t.Error("Ready() not closed after Run failed")
 	}
 	if c.Addr() != nil {
 		t.Errorf("Addr() = %v after Run failed, want nil", c.Addr())
