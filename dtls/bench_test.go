@@ -12,8 +12,8 @@ import (
 
 	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/internal/udpproxy"
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/telemetry"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 )
 
 const benchRecords = 1000

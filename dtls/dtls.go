@@ -24,7 +24,7 @@
 // and saves it only on a clean shutdown: after a crash it handshakes.
 //
 // The collector that receives this uplink is station code, in
-// dtls/collector; the agent does not link it.
+// station/collector; the agent does not link it.
 package dtls
 
 import (

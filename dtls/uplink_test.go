@@ -15,9 +15,9 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/dtls"
-	"iotagent.dev/iotagent/dtls/collector"
 	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/internal/udpproxy"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"

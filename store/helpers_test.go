@@ -4,13 +4,12 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.etcd.io/bbolt"
+	"iotagent.dev/iotagent/internal/leakcheck"
 )
 
 // testTimeout bounds every test that waits on goroutines or the disk.
@@ -27,37 +26,7 @@ func testCtx(t testing.TB) context.Context {
 // committer or a goroutine started by a test function is still running.
 // Call it first in a top-level test so its cleanup runs last.
 func leakCheck(t testing.TB) {
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			leaked := leakedGoroutines()
-			if leaked == "" {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("goroutines still running after the test:\n%s", leaked)
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
-
-func leakedGoroutines() string {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var leaked []string
-	for g := range strings.SplitSeq(string(buf), "\n\n") {
-		if strings.Contains(g, "leakedGoroutines") {
-			continue
-		}
-		ours := strings.Contains(g, "iotagent/store.(*Store)") ||
-			(strings.Contains(g, "iotagent/store.Test") && !strings.Contains(g, "testing.(*T).Run("))
-		if ours {
-			leaked = append(leaked, g)
-		}
-	}
-	return strings.Join(leaked, "\n\n")
+	leakcheck.Check(t, 5*time.Second, "iotagent/store.(*Store)", "iotagent/store.Test")
 }
 
 // waitGroup waits for wg, failing t after testTimeout.

@@ -7,7 +7,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"iotagent.dev/iotagent/telemetry/mqtttest"
+	"iotagent.dev/iotagent/station/mqtttest"
 )
 
 const benchBatch = 1000

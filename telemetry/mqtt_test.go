@@ -17,10 +17,10 @@ import (
 
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm"
 	"iotagent.dev/iotagent/tpm/tpmtest"

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/senml"
 )

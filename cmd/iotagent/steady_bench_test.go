@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 

@@ -13,8 +13,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"iotagent.dev/iotagent/dtls/collector"
 	"iotagent.dev/iotagent/station"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/demobroker"
 	"iotagent.dev/iotagent/station/republish"
 	"iotagent.dev/iotagent/station/watch"

@@ -14,9 +14,9 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/station/watch"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 )
 
 // watch --dir needs nothing but the broker's address: the station's CA

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/republish"
 	"iotagent.dev/iotagent/station/stationtest"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )

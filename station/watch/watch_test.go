@@ -11,9 +11,9 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/station/watch"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 

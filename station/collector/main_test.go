@@ -12,7 +12,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -26,8 +25,9 @@ import (
 	"github.com/plgd-dev/go-coap/v3/udp"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/internal/leakcheck"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
@@ -47,45 +47,7 @@ const wait = 15 * time.Second
 // runs last.
 func checkGoroutines(t testing.TB) {
 	t.Helper()
-	t.Cleanup(func() {
-		// pion's and go-coap's goroutines may take a moment to see a close.
-		deadline := time.Now().Add(wait)
-		for {
-			left := goroutines("iotagent/dtls/collector.", "pion/dtls", "plgd-dev/go-coap")
-			if len(left) == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("goroutines left running after %v:\n%s", wait, strings.Join(left, "\n\n"))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
-
-// goroutines returns the stacks of goroutines that mention any of
-// substrings.
-func goroutines(substrings ...string) []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-	var out []string
-	for g := range strings.SplitSeq(string(buf), "\n\n") {
-		for _, s := range substrings {
-			if strings.Contains(g, s) {
-				out = append(out, g)
-				break
-			}
-		}
-	}
-	return out
+	leakcheck.Check(t, wait, "iotagent/station/collector.", "pion/dtls", "plgd-dev/go-coap")
 }
 
 // fixture is a station, the collector's certificate and the pool that

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 

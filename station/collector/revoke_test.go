@@ -10,8 +10,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 
-	"iotagent.dev/iotagent/dtls/collector"
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )

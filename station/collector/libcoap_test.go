@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/station/collector"
 )
 
 // libcoap's clients (Debian's libcoap3-bin: OpenSSL and GnuTLS builds) are

@@ -21,7 +21,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/udp"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/station/collector"
 )
 
 // foreignCert is a client certificate for cn from a CA the station never

@@ -6,7 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"iotagent.dev/iotagent/telemetry/mqtttest"
+	"iotagent.dev/iotagent/internal/leakcheck"
+	"iotagent.dev/iotagent/station/mqtttest"
 )
 
 // waitStats polls p.Stats until ok accepts them, failing t after wait.
@@ -170,7 +171,7 @@ func TestProxyStops(t *testing.T) {
 	checkGoroutines(t)
 	_, b := start(t, mqtttest.Options{})
 	device := b.ClientTLS(t, "gw-1")
-	proxyGoroutines := func() []string { return goroutines("mqtttest.(*Proxy)") }
+	proxyGoroutines := func() []string { return leakcheck.Goroutines("mqtttest.(*Proxy)") }
 	// stopped fails t if proxy goroutines remain. Close has waited for
 	// them, but one may still be returning from its deferred wg.Done:
 	// allow it a moment.

@@ -25,8 +25,8 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 )
 
 func TestStart(t *testing.T) {

@@ -17,7 +17,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/udp"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 

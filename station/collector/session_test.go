@@ -18,7 +18,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 
-	"iotagent.dev/iotagent/dtls/collector"
+	"iotagent.dev/iotagent/internal/leakcheck"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -197,7 +198,7 @@ func TestRunStops(t *testing.T) {
 	case <-time.After(wait):
 		t.Fatalf("Run did not return within %v", wait)
 	}
-	if left := goroutines("iotagent/dtls/collector."); len(left) > 0 {
+	if left := leakcheck.Goroutines("iotagent/station/collector."); len(left) > 0 {
 		t.Errorf("collector goroutines left after Run returned:\n%s", strings.Join(left, "\n\n"))
 	}
 }

@@ -15,8 +15,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 
-	"iotagent.dev/iotagent/dtls/collector"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 

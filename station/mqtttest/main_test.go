@@ -4,15 +4,14 @@ import (
 	"crypto/tls"
 	"fmt"
 	"os"
-	"runtime"
-	"strings"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/internal/leakcheck"
+	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
-	"iotagent.dev/iotagent/telemetry/mqtttest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
@@ -24,50 +23,12 @@ func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 const wait = 5 * time.Second
 
 // checkGoroutines fails t if, once every later cleanup has run, goroutines
-// of this package or paho are still running. Call it first in a test, so
-// that its cleanup runs last.
+// of this package or paho are still running (paho's Disconnect may return
+// while its last goroutines finish). Call it first in a test, so that its
+// cleanup runs last.
 func checkGoroutines(t *testing.T) {
 	t.Helper()
-	t.Cleanup(func() {
-		// paho's Disconnect may return while its last goroutines finish.
-		deadline := time.Now().Add(wait)
-		for {
-			left := goroutines("telemetry/mqtttest.", "eclipse/paho.mqtt.golang")
-			if len(left) == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("goroutines left running after %v:\n%s", wait, strings.Join(left, "\n\n"))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
-
-// goroutines returns the stacks of goroutines that mention any of
-// substrings (the test package is telemetry/mqtttest_test: it does not
-// match "telemetry/mqtttest.").
-func goroutines(substrings ...string) []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-	var out []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
-		for _, s := range substrings {
-			if strings.Contains(g, s) {
-				out = append(out, g)
-				break
-			}
-		}
-	}
-	return out
+	leakcheck.Check(t, wait, "station/mqtttest.", "eclipse/paho.mqtt.golang")
 }
 
 // start starts a station and a broker with opts.
