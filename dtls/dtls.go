@@ -1,13 +1,15 @@
-// Package dtls is the agent's DTLS 1.2 (pion/dtls v3) with its TPM-held
-// key, and the CoAP-over-DTLS telemetry uplink built on it (go-coap v3 on
-// our own *piondtls.Conn).
+// Package dtls is DTLS 1.2 (pion/dtls v3) as both sides of the project
+// speak it: the agent's client with its TPM-held key, and the station's
+// server (the collector). It holds what the two must agree on, in one
+// place: the cipher suites, extended master secret, Connection IDs
+// (RFC 9146), handshake failure reasons, and the sealed session state that
+// lets a restarted agent resume without a handshake. It knows nothing of
+// CoAP or telemetry: the agent's CoAP uplink is telemetry/coap, the
+// station's collector station/collector.
 //
-// The uplink is for lossy, NATed, metered links: records are SenML CBOR
-// batches in confirmable CoAP POSTs sized to one datagram; the Connection
-// ID (RFC 9146) keeps the session when a NAT rebinds the gateway's port;
-// and the session state is sealed with a key kept in the TPM and stored,
-// so a restarted agent resumes without a handshake and without a TPM
-// signature.
+// The types a user of pion needs (Conn, the option types, HandshakeError)
+// are re-exported, so that code on either side imports this package only,
+// not pion's package of the same name.
 //
 // # Why pion/dtls v3
 //
@@ -19,15 +21,14 @@
 //
 // Resuming exported state is only safe if the exported connection never
 // sends another record and the state is restored at most once (pion's
-// ResumeWithOptions documentation). The uplink closes its socket before
-// exporting, deletes the sealed state from the store before resuming it,
-// and saves it only on a clean shutdown: after a crash it handshakes.
-//
-// The collector that receives this uplink is station code, in
-// station/collector; the agent does not link it.
+// ResumeWithOptions documentation). The CoAP uplink closes its socket
+// before exporting, deletes the sealed state from the store before
+// resuming it, and saves it only on a clean shutdown: after a crash it
+// handshakes.
 package dtls
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/tls"
@@ -35,19 +36,39 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
+	"github.com/pion/logging"
 )
 
-// CipherSuites are the suites the agent offers: AES-128-GCM, and CCM_8
-// for constrained peers that need it.
-var CipherSuites = []piondtls.CipherSuiteID{
+// pion's types, as users of this package need them.
+type (
+	Conn           = piondtls.Conn
+	ClientOption   = piondtls.ClientOption
+	ServerOption   = piondtls.ServerOption
+	HandshakeError = piondtls.HandshakeError
+	CipherSuiteID  = piondtls.CipherSuiteID
+)
+
+// CipherSuiteName names a cipher suite as pion does
+// ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256").
+func CipherSuiteName(id CipherSuiteID) string { return piondtls.CipherSuiteName(id) }
+
+// CipherSuites are the suites both sides offer: AEAD with ECDHE and the
+// ECDSA keys the station issues (AES-128-GCM), and CCM_8 for constrained
+// peers that lack GCM.
+var CipherSuites = []CipherSuiteID{
 	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
 	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
 }
+
+// ServerCIDLength is the length of the Connection IDs a server asks
+// clients to send: 8 random bytes, enough that guessing one is hopeless.
+const ServerCIDLength = 8
 
 // ClientCertificate supplies the device certificate for each handshake:
 // the live identity of package enroll, so a renewed certificate is used at
@@ -55,12 +76,13 @@ var CipherSuites = []piondtls.CipherSuiteID{
 type ClientCertificate func(*tls.CertificateRequestInfo) (*tls.Certificate, error)
 
 // ClientOptions are the pion options of the agent's DTLS client: its TPM
-// certificate, the station's CA, the server name checked, extended master
-// secret required, and a Connection ID requested from the server (the
-// agent sends none of its own: the server's CID is what lets it follow a
-// rebinding NAT).
-func ClientOptions(cert ClientCertificate, roots *x509.CertPool, serverName string) []piondtls.ClientOption {
-	return []piondtls.ClientOption{
+// certificate, the CA certificates that verify the server, the server name
+// checked, extended master secret required, and a Connection ID requested
+// from the server (the agent sends none of its own: the server's CID is
+// what lets it follow a rebinding NAT). Build them for each handshake, with
+// the roots current then.
+func ClientOptions(cert ClientCertificate, roots *x509.CertPool, serverName string) []ClientOption {
+	return []ClientOption{
 		piondtls.WithGetClientCertificate(func(cri *piondtls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return cert(&tls.CertificateRequestInfo{AcceptableCAs: cri.AcceptableCAs})
 		}),
@@ -73,10 +95,49 @@ func ClientOptions(cert ClientCertificate, roots *x509.CertPool, serverName stri
 	}
 }
 
+// Client starts a DTLS client over pc to raddr; the handshake happens at
+// HandshakeContext or the first read or write.
+func Client(pc net.PacketConn, raddr net.Addr, opts []ClientOption) (*Conn, error) {
+	return piondtls.ClientWithOptions(pc, raddr, opts...)
+}
+
+// ServerConfig configures ServerOptions.
+type ServerConfig struct {
+	// Certificate is the server's certificate and its ECDSA key.
+	Certificate tls.Certificate
+	// ClientCAs verify client certificates; a client must present one.
+	ClientCAs *x509.CertPool
+	// VerifyPeer, when set, runs after the client's chain verified
+	// (revocation, what the certificate must name).
+	VerifyPeer func(rawCerts [][]byte, chains [][]*x509.Certificate) error
+	// Logger receives pion's log at debug level (nil discards it): what
+	// matters to an operator, the server logs itself.
+	Logger *slog.Logger
+}
+
+// ServerOptions are the pion options of a server the agent talks to:
+// mutual authentication, the same suites and extended master secret as
+// the client, and Connection IDs of ServerCIDLength.
+func ServerOptions(cfg ServerConfig) []ServerOption {
+	opts := []ServerOption{
+		piondtls.WithCertificates(cfg.Certificate),
+		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
+		piondtls.WithClientCAs(cfg.ClientCAs),
+		piondtls.WithCipherSuites(CipherSuites...),
+		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
+		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(ServerCIDLength)),
+		piondtls.WithLoggerFactory(loggerFactory{log: cfg.Logger}),
+	}
+	if cfg.VerifyPeer != nil {
+		opts = append(opts, piondtls.WithVerifyPeerCertificate(cfg.VerifyPeer))
+	}
+	return opts
+}
+
 // commonOptions converts client options to the options ResumeWithOptions
 // takes. pion's client options are also options; the conversion is a
 // type assertion that holds for every option ClientOptions returns.
-func commonOptions(opts []piondtls.ClientOption) []piondtls.Option {
+func commonOptions(opts []ClientOption) []piondtls.Option {
 	out := make([]piondtls.Option, 0, len(opts))
 	for _, o := range opts {
 		if c, ok := o.(piondtls.Option); ok {
@@ -85,6 +146,35 @@ func commonOptions(opts []piondtls.ClientOption) []piondtls.Option {
 	}
 	return out
 }
+
+// loggerFactory sends pion's log to a slog.Logger at debug level.
+type loggerFactory struct{ log *slog.Logger }
+
+func (f loggerFactory) NewLogger(scope string) logging.LeveledLogger {
+	if f.log == nil {
+		return pionLogger{slog.New(slog.DiscardHandler)}
+	}
+	return pionLogger{f.log.With("pion", scope)}
+}
+
+type pionLogger struct{ log *slog.Logger }
+
+func (l pionLogger) logf(format string, args ...any) {
+	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+		l.log.Debug(fmt.Sprintf(format, args...))
+	}
+}
+
+func (l pionLogger) Trace(string)                   {}
+func (l pionLogger) Tracef(string, ...any)          {}
+func (l pionLogger) Debug(string)                   {}
+func (l pionLogger) Debugf(string, ...any)          {}
+func (l pionLogger) Info(msg string)                { l.logf("%s", msg) }
+func (l pionLogger) Infof(format string, a ...any)  { l.logf(format, a...) }
+func (l pionLogger) Warn(msg string)                { l.logf("%s", msg) }
+func (l pionLogger) Warnf(format string, a ...any)  { l.logf(format, a...) }
+func (l pionLogger) Error(msg string)               { l.logf("%s", msg) }
+func (l pionLogger) Errorf(format string, a ...any) { l.logf(format, a...) }
 
 // Sealer encrypts exported session state with a 32-byte key (AES-256-GCM).
 // The agent keeps the key sealed in the TPM (tpm.SealedSecret), so stored
@@ -138,7 +228,7 @@ func (s *Sealer) Open(sealed []byte) ([]byte, error) {
 // ExportState snapshots an established connection's state for a later
 // ResumeState. The caller must make sure conn sends nothing after this
 // (close its socket first).
-func ExportState(conn *piondtls.Conn) ([]byte, error) {
+func ExportState(conn *Conn) ([]byte, error) {
 	st, ok := conn.ConnectionState()
 	if !ok {
 		return nil, errors.New("DTLS connection has no established state")
@@ -149,7 +239,7 @@ func ExportState(conn *piondtls.Conn) ([]byte, error) {
 // ResumeState revives a connection from ExportState's bytes over pc to
 // raddr: no handshake, no signature. The bytes must never be resumed
 // again.
-func ResumeState(state []byte, pc net.PacketConn, raddr net.Addr, opts []piondtls.ClientOption) (*piondtls.Conn, error) {
+func ResumeState(state []byte, pc net.PacketConn, raddr net.Addr, opts []ClientOption) (*Conn, error) {
 	var st piondtls.State
 	if err := st.UnmarshalBinary(state); err != nil {
 		return nil, fmt.Errorf("session state: %w", err)

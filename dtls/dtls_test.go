@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/x509"
 	"errors"
 	"net"
 	"os"
@@ -17,39 +16,15 @@ import (
 
 	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/enroll/enrolltest"
 	"iotagent.dev/iotagent/station/stationtest"
-	"iotagent.dev/iotagent/tpm"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
 func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 
-// device is an enrolled agent: its TPM and live identity.
-type device struct {
-	tpm     *tpm.TPM
-	renewer *enroll.Renewer
-	roots   *x509.CertPool
-}
-
-func enrolled(t testing.TB, st *stationtest.Station) *device {
-	t.Helper()
-	tp := tpmtest.New(t).Open(t)
-	dir := t.TempDir()
-	pin, _ := enroll.ParsePin(st.Fingerprint)
-	res, err := enroll.Enroll(context.Background(), enroll.EnrollConfig{TPM: tp, Dir: dir, Station: st.URL, Pin: pin})
-	if err != nil {
-		t.Fatalf("Enroll: %v", err)
-	}
-	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: tp, Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return &device{tpm: tp, renewer: r, roots: res.State.TrustPool()}
-}
-
-// echoServer is a pion DTLS server with the collector's settings that
-// echoes what it reads, counting handshakes.
+// echoServer is a pion DTLS server with the settings of ServerOptions
+// (the collector's) that echoes what it reads, counting handshakes.
 type echoServer struct {
 	addr       *net.UDPAddr
 	handshakes atomic.Int64
@@ -63,11 +38,7 @@ type echoServer struct {
 func startEcho(t testing.TB, st *stationtest.Station) *echoServer {
 	t.Helper()
 	l, err := piondtls.ListenWithOptions("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)},
-		piondtls.WithCertificates(st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true)),
-		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
-		piondtls.WithClientCAs(st.TrustPool()),
-		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
-		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(8)))
+		dtls.ServerOptions(dtls.ServerConfig{Certificate: st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true), ClientCAs: st.TrustPool()})...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,16 +138,16 @@ func echo(t testing.TB, c net.Conn, msg string) {
 // signature.
 func TestTPMHandshakeRebindAndResume(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	srv := startEcho(t, st)
-	opts := dtls.ClientOptions(dtls.ClientCertificate(d.renewer.Identity().GetClientCertificate), d.roots, "127.0.0.1")
+	opts := dtls.ClientOptions(dtls.ClientCertificate(d.Identity().GetClientCertificate), d.RootCAs(), "127.0.0.1")
 
 	pc, err := dtls.ListenRebindable("udp4")
 	if err != nil {
 		t.Fatal(err)
 	}
-	sigs := d.tpm.Signatures()
-	conn, err := piondtls.ClientWithOptions(pc, srv.addr, opts...)
+	sigs := d.TPM.Signatures()
+	conn, err := dtls.Client(pc, srv.addr, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +156,7 @@ func TestTPMHandshakeRebindAndResume(t *testing.T) {
 	if err := conn.HandshakeContext(ctx); err != nil {
 		t.Fatalf("handshake with the TPM key: %v", err)
 	}
-	if got := d.tpm.Signatures() - sigs; got != 1 {
+	if got := d.TPM.Signatures() - sigs; got != 1 {
 		t.Errorf("handshake made %d TPM signatures, want 1", got)
 	}
 	echo(t, conn, "before rebinding")
@@ -226,14 +197,14 @@ func TestTPMHandshakeRebindAndResume(t *testing.T) {
 	}
 	pc2, _ := dtls.ListenRebindable("udp4")
 	defer pc2.Close()
-	sigs = d.tpm.Signatures()
+	sigs = d.TPM.Signatures()
 	resumed, err := dtls.ResumeState(opened, pc2, srv.addr, opts)
 	if err != nil {
 		t.Fatalf("ResumeState: %v", err)
 	}
 	defer resumed.Close()
 	echo(t, resumed, "after resuming")
-	if got := d.tpm.Signatures() - sigs; got != 0 {
+	if got := d.TPM.Signatures() - sigs; got != 0 {
 		t.Errorf("resuming made %d TPM signatures, want 0", got)
 	}
 	if n := srv.handshakes.Load(); n != 1 {
@@ -268,8 +239,4 @@ func TestSealer(t *testing.T) {
 	if _, err := dtls.NewSealer(key[:16], rand.Reader); err == nil {
 		t.Error("NewSealer accepted a 16-byte key")
 	}
-}
-
-func stationtestStart(t testing.TB) *stationtest.Station {
-	return stationtest.Start(t, stationtest.Options{AutoApprove: true})
 }

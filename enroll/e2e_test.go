@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -577,5 +578,38 @@ func TestStatusDoesNotWaitOnTheStation(t *testing.T) {
 	case <-got:
 	case <-time.After(2 * time.Second):
 		t.Fatal("Status() is still waiting 2s into an attempt that hangs on the network")
+	}
+}
+
+// The live identity carries the trust bundle, and a renewal refreshes it
+// from the station: what lets a CA rollover reach running uplinks, which
+// read Identity.RootCAs at each handshake. Here the stored bundle lacks
+// the issuing CA until the renewal brings it back.
+func TestRenewalRefreshesIdentityRoots(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newDevice(t, tpmtest.Options{})
+	s := d.mustEnroll(t, st)
+	if len(s.Trust) < 2 {
+		t.Fatalf("trust bundle has %d certificates; the test needs the root and the issuing CA", len(s.Trust))
+	}
+	var rootOnly []byte
+	for _, c := range s.Trust {
+		if c.Subject.String() == c.Issuer.String() {
+			rootOnly = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+		}
+	}
+	if err := os.WriteFile(filepath.Join(d.dir, "trust.pem"), rootOnly, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := newRenewer(t, d, enroll.RenewerConfig{})
+	full := s.TrustPool()
+	if r.Identity().RootCAs().Equal(full) {
+		t.Fatal("the identity's roots already hold the whole bundle; the test proves nothing")
+	}
+	if err := r.RenewNow(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !r.Identity().RootCAs().Equal(full) {
+		t.Error("after a renewal the identity's roots are not the station's current CA certificates")
 	}
 }

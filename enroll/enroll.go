@@ -27,21 +27,20 @@ import (
 )
 
 // Identity is the device's live credential: the current certificate chain
-// and its TPM key. Uplinks use GetClientCertificate in their tls.Config and
-// pick up a renewed certificate at their next handshake, with no restart.
-// Safe for concurrent use.
+// and its TPM key, and the station's trust bundle. Uplinks use
+// GetClientCertificate and RootCAs at each handshake and so pick up a
+// renewed certificate, and a CA rollover the renewal brought, with no
+// restart. Safe for concurrent use.
 type Identity struct {
 	mu      sync.Mutex
 	cert    *tls.Certificate
 	key     *tpm.Key
+	roots   *x509.CertPool
 	changed chan struct{}
 }
 
-func newIdentity(chain []*x509.Certificate, key *tpm.Key) *Identity {
-	id := &Identity{changed: make(chan struct{})}
-	id.cert = tlsCert(chain, key)
-	id.key = key
-	return id
+func newIdentity(chain []*x509.Certificate, roots *x509.CertPool, key *tpm.Key) *Identity {
+	return &Identity{cert: tlsCert(chain, key), key: key, roots: roots, changed: make(chan struct{})}
 }
 
 func tlsCert(chain []*x509.Certificate, key *tpm.Key) *tls.Certificate {
@@ -71,6 +70,14 @@ func (i *Identity) Leaf() *x509.Certificate { return i.Certificate().Leaf }
 // DeviceID returns the device ID (the certificate's common name).
 func (i *Identity) DeviceID() string { return i.Leaf().Subject.CommonName }
 
+// RootCAs returns the trust bundle as of the last enrollment or renewal:
+// the station's CA certificates, which verify the fleet's servers.
+func (i *Identity) RootCAs() *x509.CertPool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.roots
+}
+
 // Changed returns a channel closed at the next certificate change.
 func (i *Identity) Changed() <-chan struct{} {
 	i.mu.Lock()
@@ -78,13 +85,13 @@ func (i *Identity) Changed() <-chan struct{} {
 	return i.changed
 }
 
-// swap installs a new certificate and key and returns the old key, which
-// the caller closes once nothing needs it.
-func (i *Identity) swap(chain []*x509.Certificate, key *tpm.Key) (old *tpm.Key) {
+// swap installs a new certificate, trust bundle and key and returns the
+// old key, which the caller closes once nothing needs it.
+func (i *Identity) swap(chain []*x509.Certificate, roots *x509.CertPool, key *tpm.Key) (old *tpm.Key) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	old = i.key
-	i.cert, i.key = tlsCert(chain, key), key
+	i.cert, i.key, i.roots = tlsCert(chain, key), key, roots
 	close(i.changed)
 	i.changed = make(chan struct{})
 	if old == key {

@@ -95,7 +95,7 @@ func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading device key: %w", err)
 	}
-	r := newRenewer(cfg, st, newIdentity(st.Chain, key))
+	r := newRenewer(cfg, st, newIdentity(st.Chain, st.TrustPool(), key))
 	r.clock.Learn(st.Leaf().NotBefore)
 	r.clock.PersistTo(cfg.Dir)
 	r.status, _ = LoadRenewalStatus(cfg.Dir)
@@ -410,7 +410,7 @@ func (r *Renewer) install(chain, trust []*x509.Certificate, key *tpm.Key, kf *tp
 	}
 	r.st = st
 	r.pickJitter()
-	if old := r.id.swap(st.Chain, key); old != nil {
+	if old := r.id.swap(st.Chain, st.TrustPool(), key); old != nil {
 		old.Close()
 	}
 	if kf != nil && oldFile.Handle() != 0 {

@@ -4,32 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
-
-// Uplink carries telemetry to the fleet: the MQTT uplink in this package,
-// the CoAP-over-DTLS uplink in package dtls. The pipeline owns what is
-// sent; the uplink owns the connection.
-type Uplink interface {
-	// Ready blocks until the uplink is connected, or ctx ends.
-	Ready(ctx context.Context) error
-	// Deliver sends one payload and returns nil only once the peer has
-	// acknowledged it (PUBACK, CoAP ACK). Safe for concurrent use: the
-	// pipeline keeps up to Window payloads in flight.
-	Deliver(ctx context.Context, payload []byte) error
-	// Encode renders records as one payload in the uplink's format.
-	Encode(senml.Pack) ([]byte, error)
-	// MaxPayload bounds an encoded payload in bytes.
-	MaxPayload() int
-	// Window is how many payloads may be in flight at once.
-	Window() int
-}
 
 // PipelineConfig configures a Pipeline.
 type PipelineConfig struct {
@@ -47,8 +29,8 @@ type PipelineConfig struct {
 	// RetryBase and RetryCap bound the wait before resending after a
 	// delivery failed again with nothing delivered since the last failure
 	// (a peer that answers but refuses each payload, a flapping link):
-	// exponential with full jitter, defaults 500 ms and 1 min. A first
-	// failure is resent at once.
+	// internal/backoff, defaults 500 ms and 1 min. A first failure is
+	// resent at once; a delivery, or a new connection, resets the backoff.
 	RetryBase time.Duration
 	RetryCap  time.Duration
 	Logger    *slog.Logger
@@ -81,16 +63,6 @@ func (p *Pipeline) budget(up Uplink) int {
 	}
 	return up.MaxPayload()
 }
-
-// ErrRejected marks a delivery the peer refused for good (CoAP 4.00: the
-// payload itself is wrong). Resending would loop forever: the pipeline
-// drops those records, counts them and logs the peer's reason.
-var ErrRejected = errors.New("rejected by the peer")
-
-// ErrTooLarge marks a payload the peer refused for its size (CoAP 4.13):
-// the pipeline sends its records again in smaller payloads, and drops
-// only a record too large alone.
-var ErrTooLarge = errors.New("too large for the peer")
 
 // NewPipeline checks cfg.
 func NewPipeline(cfg PipelineConfig) (*Pipeline, error) {
@@ -204,7 +176,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		mu.Unlock()
 	}
 	var cursor uint64
-	retries := 0
+	retry := backoff.New(backoff.Config{Base: p.cfg.RetryBase, Cap: p.cfg.RetryCap})
 	p.succeeded.Store(true) // a first failure is resent at once
 	for {
 		if failed.Load() {
@@ -216,17 +188,9 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			// answers but fails each payload (a collector whose sink is
 			// down), or the link flaps. Back off before resending.
 			if p.succeeded.Swap(false) {
-				retries = 0
-			} else {
-				retries++
-			}
-			if retries > 0 {
-				ceiling := min(p.cfg.RetryBase<<min(retries-1, 30), p.cfg.RetryCap)
-				select {
-				case <-ctx.Done():
-					return nil
-				case <-time.After(time.Duration(rand.Int64N(int64(ceiling)) + 1)):
-				}
+				retry.Reset()
+			} else if retry.Sleep(ctx, retry.Fail()) != nil {
+				return nil
 			}
 		}
 		waited := time.Now()
@@ -234,7 +198,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			return nil
 		}
 		if time.Since(waited) > 10*time.Millisecond {
-			retries = 0 // a new connection: its failures count afresh
+			retry.Reset() // a new connection: its failures count afresh
 		}
 		waitCtx, cancel := context.WithCancel(ctx)
 		mu.Lock()

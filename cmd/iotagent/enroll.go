@@ -262,7 +262,7 @@ func (e *env) queueStatus(out *statusJSON, statusFile string) {
 			out.QueueDepth, out.QueueBytes, out.RecordsDropped = rs.QueueDepth, rs.QueueBytes, rs.RecordsDropped
 			out.Uplink = "none configured"
 			if rs.Uplink != nil {
-				out.Uplink, out.UplinkError, out.LastAck = rs.Uplink.State, rs.Uplink.LastError, rs.Uplink.LastAck
+				out.Uplink, out.UplinkError, out.LastAck = string(rs.Uplink.State), rs.Uplink.LastError, rs.Uplink.LastAck
 			}
 			return
 		}

@@ -23,6 +23,8 @@ import (
 	"iotagent.dev/iotagent/internal/buildinfo"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/telemetry/coap"
+	"iotagent.dev/iotagent/telemetry/mqtt"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -244,7 +246,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		Queue:          q,
 		Uplink: func() telemetry.UplinkState {
 			if up == nil {
-				return telemetry.UplinkState{State: "none", Since: started}
+				return telemetry.UplinkState{State: telemetry.LinkNone, Since: started}
 			}
 			return up.State()
 		},
@@ -258,7 +260,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	if s.host {
 		sources = append(sources, telemetry.HostSource("/", e.stateDir))
 	}
-	col, err := telemetry.NewCollector(telemetry.CollectorConfig{Store: q, Interval: s.interval, Sources: sources, Now: clock.Now, Logger: log})
+	col, err := telemetry.NewSampler(telemetry.SamplerConfig{Store: q, Interval: s.interval, Sources: sources, Now: clock.Now, Logger: log})
 	if err != nil {
 		return usageError{err}
 	}
@@ -387,8 +389,8 @@ func (e *env) newUplink(s *runSettings, t *tpm.TPM, r *enroll.Renewer, q *store.
 		if err != nil {
 			return nil, err
 		}
-		up, err := dtls.NewUplink(dtls.UplinkConfig{
-			URL: s.uplinkURL, RootCAs: roots, Identity: r.Identity(), Sessions: q, Sealer: sealer,
+		up, err := coap.New(coap.Config{
+			URL: s.uplinkURL, RootCAs: func() *x509.CertPool { return roots }, Identity: r.Identity(), Sessions: q, Sealer: sealer,
 			MaxPayload: s.maxPayload, Window: s.cfg.Uplink.Window, Stats: stats, Logger: log,
 		})
 		if err != nil {
@@ -396,8 +398,8 @@ func (e *env) newUplink(s *runSettings, t *tpm.TPM, r *enroll.Renewer, q *store.
 		}
 		return up, nil
 	}
-	up, err := telemetry.NewMQTT(telemetry.MQTTConfig{
-		URL: s.uplinkURL, RootCAs: roots, Identity: r.Identity(), MaxPayload: s.maxPayload,
+	up, err := mqtt.New(mqtt.Config{
+		URL: s.uplinkURL, RootCAs: func() *x509.CertPool { return roots }, Identity: r.Identity(), MaxPayload: s.maxPayload,
 		Window: s.cfg.Uplink.Window, KeepAlive: s.keepAlive, Stats: stats, Logger: log, Version: buildinfo.Get().Version,
 	})
 	if err != nil {

@@ -15,11 +15,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	piondtls "github.com/pion/dtls/v3"
 	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/options"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"iotagent.dev/iotagent/dtls"
 )
 
 // Defaults of Config.
@@ -228,8 +229,9 @@ func (c *Collector) Addr() net.Addr {
 	return nil
 }
 
-// Ready is closed once the collector listens (Addr is then set). It is
-// never closed if listening fails: wait for Run's error too.
+// Ready is closed once Run serves: it listens (Addr is set) and has
+// restored the de-duplication windows. It is never closed if Run fails
+// before: wait for Run's error too.
 func (c *Collector) Ready() <-chan struct{} { return c.ready }
 
 // Listen binds Config.Addr, so that a caller can report a taken port
@@ -255,7 +257,6 @@ func (c *Collector) listenLocked() (*coapnet.DTLSListener, error) {
 	c.addr.Store(&addr)
 	c.listener = l
 	c.log.Info("collector listening", "addr", addr.String())
-	close(c.ready)
 	return l, nil
 }
 
@@ -281,6 +282,7 @@ func (c *Collector) Run(ctx context.Context) error {
 		l.Close()
 		return err
 	}
+	close(c.ready)
 	addr := l.Addr()
 
 	// runCtx scopes handlers and sink writes: it ends with ctx, or when
@@ -293,7 +295,7 @@ func (c *Collector) Run(ctx context.Context) error {
 		options.WithHandlerFunc(func(w *responseWriter, r *request) { c.serveCoAP(runCtx, w, r) }),
 		options.WithRequestMonitor(c.monitorRequest),
 		options.WithErrors(func(err error) {
-			if !errors.As(err, new(*piondtls.HandshakeError)) && !errors.Is(err, errBusy) { // logged already
+			if !errors.As(err, new(*dtls.HandshakeError)) && !errors.Is(err, errBusy) { // logged already
 				c.log.Debug("coap", "err", err)
 			}
 		}),
@@ -357,30 +359,11 @@ func runPeriodically(ctx context.Context, period time.Duration, f func(time.Time
 	}
 }
 
-// dtlsOptions are the pion server options.
-func (c *Collector) dtlsOptions() []piondtls.ServerOption {
-	return []piondtls.ServerOption{
-		piondtls.WithCertificates(c.cfg.Certificate),
-		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
-		piondtls.WithClientCAs(c.cfg.ClientCAs),
-		piondtls.WithCipherSuites(cipherSuites...),
-		piondtls.WithExtendedMasterSecret(piondtls.RequireExtendedMasterSecret),
-		piondtls.WithConnectionIDGenerator(piondtls.RandomCIDGenerator(cidLen)),
-		piondtls.WithVerifyPeerCertificate(c.verifyPeer),
-		piondtls.WithLoggerFactory(pionLoggerFactory{c.log}),
-	}
+// dtlsOptions are the pion server options: the project's DTLS settings
+// (package dtls), with the collector's own check of each device.
+func (c *Collector) dtlsOptions() []dtls.ServerOption {
+	return dtls.ServerOptions(dtls.ServerConfig{Certificate: c.cfg.Certificate, ClientCAs: c.cfg.ClientCAs, VerifyPeer: c.verifyPeer, Logger: c.log})
 }
-
-// cipherSuites are the suites offered: AEAD with ECDHE and the ECDSA keys
-// the station issues; CCM_8 for constrained devices that lack GCM.
-var cipherSuites = []piondtls.CipherSuiteID{
-	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-	piondtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
-}
-
-// cidLen is the length of the Connection IDs the collector asks clients to
-// send: 8 random bytes, enough that guessing one is hopeless.
-const cidLen = 8
 
 // gate lets handlers in until it is closed, then waits for those inside.
 // (A bare WaitGroup would race: go-coap may start a handler while Run

@@ -41,8 +41,8 @@
 //
 // go-coap v3.8.1 takes pion's options API through
 // coapnet.NewDTLSServerOptions, so the listener is go-coap's own
-// coapnet.NewDTLSListener over piondtls.ListenWithOptions. The collector
-// wraps that listener: each accepted *piondtls.Conn is handed to go-coap's
+// coapnet.NewDTLSListener over pion's ListenWithOptions. The collector
+// wraps that listener: each accepted *dtls.Conn is handed to go-coap's
 // DTLS server inside a small net.Conn wrapper whose HandshakeContext (which
 // go-coap calls before serving a connection) times and classifies the
 // handshake, enforces Config.MaxHandshakes, and learns the device ID from

@@ -10,8 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"iotagent.dev/iotagent/dtls"
 )
 
 // Stats is a snapshot of a collector's counters since New.
@@ -34,7 +34,7 @@ type Stats struct {
 	HandshakeTime Histogram
 
 	// Sessions is the number of established sessions; SessionsByCipher
-	// breaks it down by cipher suite (as piondtls.CipherSuiteName names
+	// breaks it down by cipher suite (as dtls.CipherSuiteName names
 	// it).
 	Sessions         int64
 	SessionsByCipher map[string]int64
@@ -215,8 +215,8 @@ func (c *Collector) Metrics() string {
 
 	family("iotstation_coap_sessions", "gauge", "Established DTLS 1.2 sessions by cipher suite.")
 	ciphers := maps.Clone(s.SessionsByCipher)
-	for _, id := range cipherSuites {
-		ciphers[piondtls.CipherSuiteName(id)] += 0 // a series for each offered suite, even at 0
+	for _, id := range dtls.CipherSuites {
+		ciphers[dtls.CipherSuiteName(id)] += 0 // a series for each offered suite, even at 0
 	}
 	for _, cs := range slices.Sorted(maps.Keys(ciphers)) {
 		fmt.Fprintf(&b, "iotstation_coap_sessions{cipher=%q} %d\n", cs, ciphers[cs])

@@ -10,11 +10,9 @@ import (
 	"sync"
 	"time"
 
-	piondtls "github.com/pion/dtls/v3"
-	"github.com/pion/logging"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 
-	agentdtls "iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/internal/handshake"
 	"iotagent.dev/iotagent/station"
 )
@@ -64,7 +62,7 @@ func (l *listener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
 		l.DTLSListener.Close()
 		return nil, coapnet.ErrListenerIsClosed
 	}
-	dc, ok := conn.(*piondtls.Conn)
+	dc, ok := conn.(*dtls.Conn)
 	if !ok {
 		conn.Close()
 		return nil, fmt.Errorf("listener returned a %T, want *dtls.Conn", conn)
@@ -76,7 +74,7 @@ func (l *listener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
 // HandshakeContext before serving the connection (and again, cheaply,
 // before each write); the first call runs and accounts for the handshake.
 type session struct {
-	*piondtls.Conn
+	*dtls.Conn
 	c *Collector
 
 	once sync.Once
@@ -129,7 +127,7 @@ func (s *session) handshake(ctx context.Context) error {
 		c.m.handshakeFailed(handshake.Other)
 		return fmt.Errorf("parsing the verified client certificate: %w", err)
 	}
-	s.leaf, s.device, s.cipher = leaf, leaf.Subject.CommonName, piondtls.CipherSuiteName(st.CipherSuiteID)
+	s.leaf, s.device, s.cipher = leaf, leaf.Subject.CommonName, dtls.CipherSuiteName(st.CipherSuiteID)
 	c.m.established(elapsed, s.cipher)
 	c.log.Debug("session established", "device", s.device, "remote", s.RemoteAddr().String(), "cipher", s.cipher, "took", elapsed)
 	return nil
@@ -167,33 +165,5 @@ func failureReason(err error) string {
 	case errors.Is(err, errBusy):
 		return reasonBusy
 	}
-	return agentdtls.HandshakeFailure(err)
+	return dtls.HandshakeFailure(err)
 }
-
-// pionLoggerFactory sends pion's log to the collector's logger at debug
-// level: what matters to an operator (handshake results) the collector
-// logs itself.
-type pionLoggerFactory struct{ log *slog.Logger }
-
-func (f pionLoggerFactory) NewLogger(scope string) logging.LeveledLogger {
-	return pionLogger{f.log.With("pion", scope)}
-}
-
-type pionLogger struct{ log *slog.Logger }
-
-func (l pionLogger) logf(format string, args ...any) {
-	if l.log.Enabled(context.Background(), slog.LevelDebug) {
-		l.log.Debug(fmt.Sprintf(format, args...))
-	}
-}
-
-func (l pionLogger) Trace(string)                   {}
-func (l pionLogger) Tracef(string, ...any)          {}
-func (l pionLogger) Debug(string)                   {}
-func (l pionLogger) Debugf(string, ...any)          {}
-func (l pionLogger) Info(msg string)                { l.logf("%s", msg) }
-func (l pionLogger) Infof(format string, a ...any)  { l.logf(format, a...) }
-func (l pionLogger) Warn(msg string)                { l.logf("%s", msg) }
-func (l pionLogger) Warnf(format string, a ...any)  { l.logf(format, a...) }
-func (l pionLogger) Error(msg string)               { l.logf("%s", msg) }
-func (l pionLogger) Errorf(format string, a ...any) { l.logf(format, a...) }

@@ -1,4 +1,17 @@
-package telemetry
+// Package mqtt is the agent's MQTT-over-TLS uplink (paho): QoS 1 to
+// devices/{id}/telemetry, a retained status with a will, TLS 1.3 session
+// resumption so a reconnect needs no TPM signature, and its own reconnect
+// loop.
+//
+// # Why our own reconnect loop
+//
+// paho.mqtt.golang with auto-reconnect on re-sends stored messages after a
+// reconnect and completes the original publish token with no error before
+// any PUBACK: a record deleted then is lost if that PUBACK never comes. The
+// uplink therefore turns auto-reconnect off, treats paho's in-memory store
+// as a cache, and reconnects itself with the project's backoff
+// (internal/backoff); the agent's bbolt queue is the source of truth.
+package mqtt
 
 import (
 	"context"
@@ -17,27 +30,23 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/internal/handshake"
+	"iotagent.dev/iotagent/telemetry"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
-// Identity is the device credential an uplink presents: the live
-// certificate accessor of package enroll.
-type Identity interface {
-	GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error)
-	DeviceID() string
-	// Changed is closed at the next certificate change.
-	Changed() <-chan struct{}
-}
-
-// MQTTConfig configures the MQTT uplink. Zero values mean the defaults.
-type MQTTConfig struct {
-	// URL is mqtts://HOST:PORT (also accepted: ssl://, tls://).
+// Config configures the MQTT uplink. Zero values mean the defaults.
+type Config struct {
+	// URL is mqtts://HOST:PORT (also accepted: ssl://, tls://). The host
+	// is resolved at each connection attempt.
 	URL string
-	// RootCAs verifies the broker (default: the system roots; the agent
-	// passes the station's trust bundle).
-	RootCAs  *x509.CertPool
-	Identity Identity
+	// RootCAs returns the CA certificates that verify the broker; it is
+	// called at each handshake, so a trust bundle refreshed by a renewal
+	// (a CA rollover) is used at the next connection. Nil: the system
+	// roots.
+	RootCAs  func() *x509.CertPool
+	Identity telemetry.Identity
 	// MaxPayload bounds one PUBLISH payload (default 64 KiB).
 	MaxPayload int
 	// Window is how many PUBLISHes may await their PUBACK (default 8).
@@ -46,66 +55,48 @@ type MQTTConfig struct {
 	// bounds dialing, TLS and CONNACK (default 30 s).
 	KeepAlive      time.Duration
 	ConnectTimeout time.Duration
-	// BackoffBase and BackoffCap bound the wait before reconnecting: a
-	// random duration in [0, min(cap, base·2^attempts)) (defaults 1 s, 5 min).
+	// BackoffBase and BackoffCap bound the wait before reconnecting
+	// (internal/backoff; defaults 1 s, 5 min).
 	BackoffBase time.Duration
 	BackoffCap  time.Duration
 	// Stats, when set, counts TLS handshakes (shared with other uplinks).
-	Stats  *TLSStats
+	Stats  *telemetry.TLSStats
 	Logger *slog.Logger
 	// Version is reported in the retained status message.
 	Version string
 	Rand    *rand.Rand
 }
 
-// MQTT is the MQTT-over-TLS uplink (paho). It publishes QoS 1 to
+// Uplink is the MQTT-over-TLS uplink (paho). It publishes QoS 1 to
 // devices/{id}/telemetry, keeps a retained status on devices/{id}/status
 // (with a will saying offline), reconnects with its own loop (paho's
 // auto-reconnect would complete tokens before their PUBACK: see the
 // package doc) and keeps a TLS session cache so that a reconnect resumes
 // without a TPM signature when the broker allows it.
-type MQTT struct {
-	cfg  MQTTConfig
+// It implements telemetry.Uplink.
+type Uplink struct {
+	cfg  Config
 	log  *slog.Logger
 	addr string
 	host string
+	link *telemetry.Link[paho.Client]
 
 	mu        sync.Mutex
-	client    paho.Client
-	connected chan struct{} // closed while connected
-	state     UplinkState
 	cache     tls.ClientSessionCache
 	cacheFor  <-chan struct{} // identity generation the cache belongs to
-	lastAck   time.Time
-	lastCert  string
 	attempts  int
 	handshake *pendingHandshake // set by dial, counted by connect
 }
 
 // Attempts returns how many connections the uplink has tried.
-func (m *MQTT) Attempts() int {
+func (m *Uplink) Attempts() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.attempts
 }
 
-// UplinkState reports an uplink's connection.
-type UplinkState struct {
-	// State is connected, connecting, backoff or stopped.
-	State     string    `json:"state"`
-	Since     time.Time `json:"since"`
-	LastError string    `json:"last_error,omitempty"`
-	LastAck   time.Time `json:"last_ack,omitzero"`
-	// CertSerial is the serial (hex) of the device certificate presented
-	// in the last full handshake (a resumed one presents none).
-	CertSerial string `json:"cert_serial,omitempty"`
-}
-
-// ErrNotConnected is returned by Deliver while the uplink is down.
-var ErrNotConnected = errors.New("uplink not connected")
-
-// NewMQTT checks cfg and fills defaults.
-func NewMQTT(cfg MQTTConfig) (*MQTT, error) {
+// New checks cfg and fills defaults.
+func New(cfg Config) (*Uplink, error) {
 	u, err := url.Parse(cfg.URL)
 	if err != nil || u.Host == "" {
 		return nil, fmt.Errorf("uplink URL %q: want mqtts://HOST:PORT", cfg.URL)
@@ -138,71 +129,43 @@ func NewMQTT(cfg MQTTConfig) (*MQTT, error) {
 		cfg.Window = 8
 	}
 	if cfg.Stats == nil {
-		cfg.Stats = &TLSStats{}
+		cfg.Stats = &telemetry.TLSStats{}
 	}
 	if cfg.Rand == nil {
 		cfg.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
-	m := &MQTT{cfg: cfg, log: cfg.Logger, addr: addr, host: u.Hostname(), connected: make(chan struct{})}
+	m := &Uplink{cfg: cfg, log: cfg.Logger, addr: addr, host: u.Hostname(), link: telemetry.NewLink[paho.Client]()}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}
-	m.state = UplinkState{State: "connecting", Since: time.Now()}
 	return m, nil
 }
 
 // Topic returns the telemetry topic of the device.
-func (m *MQTT) Topic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/telemetry" }
+func (m *Uplink) Topic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/telemetry" }
 
-func (m *MQTT) statusTopic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/status" }
+func (m *Uplink) statusTopic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/status" }
 
 // Encode renders records as a SenML JSON pack.
-func (m *MQTT) Encode(p senml.Pack) ([]byte, error) { return p.EncodeJSON() }
+func (m *Uplink) Encode(p senml.Pack) ([]byte, error) { return p.EncodeJSON() }
 
 // MaxPayload bounds a payload.
-func (m *MQTT) MaxPayload() int { return m.cfg.MaxPayload }
+func (m *Uplink) MaxPayload() int { return m.cfg.MaxPayload }
 
 // Window is the in-flight bound.
-func (m *MQTT) Window() int { return m.cfg.Window }
+func (m *Uplink) Window() int { return m.cfg.Window }
 
 // State reports the connection.
-func (m *MQTT) State() UplinkState {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	s := m.state
-	s.LastAck, s.CertSerial = m.lastAck, m.lastCert
-	return s
-}
-
-func (m *MQTT) setState(state string, err error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.state = UplinkState{State: state, Since: time.Now()}
-	if err != nil {
-		m.state.LastError = err.Error()
-	}
-}
+func (m *Uplink) State() telemetry.UplinkState { return m.link.State() }
 
 // Ready blocks until connected.
-func (m *MQTT) Ready(ctx context.Context) error {
-	m.mu.Lock()
-	ch := m.connected
-	m.mu.Unlock()
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+func (m *Uplink) Ready(ctx context.Context) error { return m.link.Ready(ctx) }
 
 // Deliver publishes payload at QoS 1 and waits for its PUBACK.
-func (m *MQTT) Deliver(ctx context.Context, payload []byte) error {
-	m.mu.Lock()
-	c := m.client
-	m.mu.Unlock()
-	if c == nil {
-		return ErrNotConnected
+func (m *Uplink) Deliver(ctx context.Context, payload []byte) error {
+	c, ok := m.link.Session()
+	if !ok {
+		return telemetry.ErrNotConnected
 	}
 	tok := c.Publish(m.Topic(), 1, false, payload)
 	select {
@@ -213,9 +176,7 @@ func (m *MQTT) Deliver(ctx context.Context, payload []byte) error {
 	if err := tok.Error(); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	m.lastAck = time.Now()
-	m.mu.Unlock()
+	m.link.Acked()
 	return nil
 }
 
@@ -224,7 +185,11 @@ func (m *MQTT) Deliver(ctx context.Context, payload []byte) error {
 // cache tied to the current certificate (a resumed session carries the
 // identity of the handshake that made it, so a renewed certificate starts
 // a new cache).
-func (m *MQTT) tlsConfig() *tls.Config {
+func (m *Uplink) tlsConfig() *tls.Config {
+	var roots *x509.CertPool
+	if m.cfg.RootCAs != nil {
+		roots = m.cfg.RootCAs()
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	ch := m.cfg.Identity.Changed()
@@ -240,7 +205,7 @@ func (m *MQTT) tlsConfig() *tls.Config {
 			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
 			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 		},
-		RootCAs:              m.cfg.RootCAs,
+		RootCAs:              roots,
 		ServerName:           m.host,
 		GetClientCertificate: m.clientCertificate,
 		ClientSessionCache:   m.cache,
@@ -249,19 +214,17 @@ func (m *MQTT) tlsConfig() *tls.Config {
 
 // clientCertificate presents the identity's current certificate and notes
 // which one it was.
-func (m *MQTT) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+func (m *Uplink) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
 	c, err := m.cfg.Identity.GetClientCertificate(cri)
 	if err == nil && c != nil && c.Leaf != nil {
-		m.mu.Lock()
-		m.lastCert = c.Leaf.SerialNumber.Text(16)
-		m.mu.Unlock()
+		m.link.PresentedCertificate(c.Leaf.SerialNumber.Text(16))
 	}
 	return c, err
 }
 
 // dial opens the TLS connection paho speaks over, counting the handshake
 // (a TCP connection that cannot be made is no handshake).
-func (m *MQTT) dial(ctx context.Context) (net.Conn, error) {
+func (m *Uplink) dial(ctx context.Context) (net.Conn, error) {
 	m.mu.Lock()
 	m.handshake = nil // a dial belongs to the connection attempt that makes it
 	m.mu.Unlock()
@@ -298,7 +261,7 @@ type pendingHandshake struct {
 // countHandshake counts the handshake of a connection attempt that
 // ended with err (nil: the broker accepted CONNECT): a failure if the
 // broker sent a TLS alert, a success otherwise.
-func (m *MQTT) countHandshake(err error) {
+func (m *Uplink) countHandshake(err error) {
 	m.mu.Lock()
 	hs := m.handshake
 	m.handshake = nil
@@ -321,14 +284,14 @@ type statusMessage struct {
 	Time    time.Time `json:"time"`
 }
 
-func (m *MQTT) status(state string) []byte {
+func (m *Uplink) status(state string) []byte {
 	b, _ := json.Marshal(statusMessage{State: state, Version: m.cfg.Version, Time: time.Now().UTC()})
 	return b
 }
 
 // connect makes one connection attempt; it returns the client and a
 // channel closed when the connection is lost.
-func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
+func (m *Uplink) connect(ctx context.Context) (paho.Client, <-chan error, error) {
 	m.mu.Lock()
 	m.attempts++
 	m.mu.Unlock()
@@ -375,40 +338,29 @@ func (m *MQTT) connect(ctx context.Context) (paho.Client, <-chan error, error) {
 }
 
 // Run keeps the uplink connected until ctx ends: connect, serve until the
-// connection is lost, back off with full jitter, again. It returns nil when
-// ctx ends, after publishing the offline status and disconnecting cleanly.
-func (m *MQTT) Run(ctx context.Context) error {
-	attempts := 0
+// connection is lost, back off, again. The backoff is reset after a
+// connection that worked (telemetry.Link.Worked). It returns nil when ctx
+// ends, after publishing the offline status and disconnecting cleanly.
+func (m *Uplink) Run(ctx context.Context) error {
+	bo := backoff.New(backoff.Config{Base: m.cfg.BackoffBase, Cap: m.cfg.BackoffCap, Rand: m.cfg.Rand})
+	defer m.link.Set(telemetry.LinkStopped, nil)
 	for {
-		m.setState("connecting", nil)
+		m.link.Set(telemetry.LinkConnecting, nil)
 		c, lost, err := m.connect(ctx)
 		if ctx.Err() != nil {
-			m.setState("stopped", nil)
 			return nil
 		}
 		if err != nil {
-			attempts++
-			ceiling := min(m.cfg.BackoffBase<<min(attempts-1, 30), m.cfg.BackoffCap)
-			if ceiling <= 0 {
-				ceiling = m.cfg.BackoffCap
-			}
-			wait := time.Duration(m.cfg.Rand.Int64N(int64(ceiling)) + 1)
-			m.setState("backoff", err)
+			wait := bo.Fail()
+			m.link.Set(telemetry.LinkBackoff, err)
 			m.log.Warn("MQTT connection failed", "broker", m.addr, "err", err, "retry_in", wait.Round(time.Millisecond))
-			select {
-			case <-ctx.Done():
-				m.setState("stopped", nil)
+			if bo.Sleep(ctx, wait) != nil {
 				return nil
-			case <-time.After(wait):
 			}
 			continue
 		}
 		connectedAt := time.Now()
-		m.mu.Lock()
-		m.client = c
-		close(m.connected)
-		m.state = UplinkState{State: "connected", Since: connectedAt}
-		m.mu.Unlock()
+		m.link.Up(c)
 		m.log.Info("MQTT connected", "broker", m.addr, "device", m.cfg.Identity.DeviceID())
 
 		var lostErr error
@@ -416,31 +368,22 @@ func (m *MQTT) Run(ctx context.Context) error {
 		case <-ctx.Done():
 		case lostErr = <-lost:
 		}
-		m.mu.Lock()
-		m.client = nil
-		m.connected = make(chan struct{})
-		m.mu.Unlock()
 		if ctx.Err() != nil {
+			m.link.Set(telemetry.LinkStopped, nil)
 			st := c.Publish(m.statusTopic(), 1, true, m.status("offline"))
 			st.WaitTimeout(time.Second)
 			c.Disconnect(250)
-			m.setState("stopped", nil)
 			return nil
 		}
-		m.setState("connecting", lostErr)
 		m.log.Warn("MQTT connection lost", "err", lostErr)
-		// A connection that lasted resets the backoff; one that dropped at
-		// once keeps growing it.
-		if time.Since(connectedAt) > m.cfg.BackoffCap {
-			attempts = 0
-		} else {
-			attempts++
-			select {
-			case <-ctx.Done():
-				m.setState("stopped", nil)
-				return nil
-			case <-time.After(time.Duration(m.cfg.Rand.Int64N(int64(min(m.cfg.BackoffBase<<min(attempts-1, 30), m.cfg.BackoffCap))) + 1)):
-			}
+		if m.link.Worked(connectedAt, m.cfg.BackoffCap) {
+			bo.Reset()
+			m.link.Set(telemetry.LinkConnecting, lostErr)
+			continue
+		}
+		m.link.Set(telemetry.LinkBackoff, lostErr)
+		if bo.Sleep(ctx, bo.Fail()) != nil {
+			return nil
 		}
 	}
 }

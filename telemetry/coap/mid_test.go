@@ -1,4 +1,4 @@
-package dtls
+package coap
 
 import (
 	"net"

@@ -1,4 +1,4 @@
-package telemetry_test
+package mqtt_test
 
 import (
 	"bufio"
@@ -10,17 +10,20 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/enroll/enrolltest"
 	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/telemetry/mqtt"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm"
 	"iotagent.dev/iotagent/tpm/tpmtest"
@@ -39,7 +42,7 @@ type rig struct {
 	renewer *enroll.Renewer
 	q       *store.Store
 	ing     *telemetry.Ingest
-	up      *telemetry.MQTT
+	up      *mqtt.Uplink
 	stats   *telemetry.TLSStats
 	pipe    *telemetry.Pipeline
 	dir     string
@@ -55,6 +58,7 @@ type rigOptions struct {
 	maxBytes int64
 	lifetime time.Duration
 	noUplink bool
+	roots    func() *x509.CertPool // default the identity's trust bundle
 }
 
 func newRig(t testing.TB, opts rigOptions) *rig {
@@ -65,21 +69,9 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 	r := &rig{t: t}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: opts.lifetime})
 	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
-	r.sim = tpmtest.New(t)
-	tp := r.sim.Open(t)
-	r.tpm = tp
-	r.dir = t.TempDir()
-	pin, _ := enroll.ParsePin(r.st.Fingerprint)
-	res, err := enroll.Enroll(context.Background(), enroll.EnrollConfig{TPM: tp, Dir: r.dir, Station: r.st.URL, Pin: pin})
-	if err != nil {
-		t.Fatalf("Enroll: %v", err)
-	}
-	r.id = res.State.Enrollment.DeviceID
-	r.renewer, err = enroll.NewRenewer(enroll.RenewerConfig{TPM: tp, Dir: r.dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.renewer.Close() })
+	d := enrolltest.New(t, r.st, enroll.RenewerConfig{})
+	r.sim, r.tpm, r.dir, r.id, r.renewer = d.Sim, d.TPM, d.Dir, d.DeviceID(), d.Renewer
+	var err error
 	if opts.maxBytes == 0 {
 		opts.maxBytes = 64 << 20
 	}
@@ -100,12 +92,11 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 	case opts.urlFor != nil:
 		url = opts.urlFor(r)
 	}
-	roots := x509.NewCertPool()
-	for _, c := range res.State.Trust {
-		roots.AddCert(c)
-	}
 	r.stats = &telemetry.TLSStats{}
-	r.up, err = telemetry.NewMQTT(telemetry.MQTTConfig{URL: url, RootCAs: roots, Identity: r.renewer.Identity(), Stats: r.stats,
+	if opts.roots == nil {
+		opts.roots = r.renewer.Identity().RootCAs
+	}
+	r.up, err = mqtt.New(mqtt.Config{URL: url, RootCAs: opts.roots, Identity: r.renewer.Identity(), Stats: r.stats,
 		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +240,7 @@ func TestLostPubacksThenLinkDrop(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
 	proxy.BlackholeDownstream()
 	seqs := r.ingest(500, "x")
 	// The broker got (some of) them, the agent no PUBACK: all still queued.
@@ -307,14 +298,14 @@ func TestFullQueueDropCountIsExact(t *testing.T) {
 
 func TestRevokedDeviceRefusedByBroker(t *testing.T) {
 	r := newRig(t, rigOptions{})
-	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
 	if err := r.st.Revoke(r.id); err != nil {
 		t.Fatal(err)
 	}
 	r.br.Restart() // mosquitto reads its crlfile at start
 	testsync.Until(t, 20*time.Second, "the broker refusing the revoked certificate", func() bool {
 		s := r.up.State()
-		return s.State == "backoff" && strings.Contains(s.LastError, "revoked")
+		return s.State == telemetry.LinkBackoff && strings.Contains(s.LastError, "revoked")
 	})
 	// Refused, it backs off (50 ms doubling to 500 ms, full jitter here)
 	// rather than hammering the broker.
@@ -348,7 +339,7 @@ func TestRotatedCertificateUsedAtNextConnection(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
 	old := r.renewer.Identity().Leaf().SerialNumber.Text(16)
 	if got := r.up.State().CertSerial; got != old {
 		t.Fatalf("first connection presented %s, want %s", got, old)
@@ -360,7 +351,7 @@ func TestRotatedCertificateUsedAtNextConnection(t *testing.T) {
 	proxy.Cut()
 	testsync.Until(t, 10*time.Second, "reconnection with the new certificate", func() bool {
 		s := r.up.State()
-		return s.State == "connected" && s.CertSerial == renewed
+		return s.State == telemetry.LinkConnected && s.CertSerial == renewed
 	})
 	collect(t, sub, r.ingest(10, "after-rotation"), 10*time.Second)
 }
@@ -407,7 +398,7 @@ func TestReconnectSpendsNoTPMSignature(t *testing.T) {
 		return proxy.URL
 	}})
 	sub := r.br.Subscribe(t, "devices/"+r.id+"/telemetry")
-	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == "connected" })
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
 	// Deliver something so the session ticket (sent after the handshake)
 	// has been read.
 	collect(t, sub, r.ingest(10, "warmup"), 10*time.Second)
@@ -415,11 +406,28 @@ func TestReconnectSpendsNoTPMSignature(t *testing.T) {
 		before := r.tpm.Signatures()
 		proxy.Cut()
 		testsync.Until(t, 10*time.Second, "reconnection", func() bool {
-			return r.up.State().State == "connected" && r.up.State().Since.After(time.Now().Add(-5*time.Second))
+			return r.up.State().State == telemetry.LinkConnected && r.up.State().Since.After(time.Now().Add(-5*time.Second))
 		})
 		collect(t, sub, r.ingest(10, fmt.Sprintf("after-cut-%d", i)), 10*time.Second)
 		if spent := r.tpm.Signatures() - before; spent != 0 {
 			t.Errorf("reconnect %d spent %d TPM signatures, want 0 (session resumed)", i+1, spent)
 		}
 	}
+}
+
+// The uplink reads its trust roots at each handshake, as it asks for the
+// client certificate: roots that change under a running uplink (a renewal
+// that brought a CA rollover) are used at the next connection, with no
+// restart. Here the first roots trust nothing, then the right ones appear.
+func TestRootsReadAtEachHandshake(t *testing.T) {
+	var roots atomic.Pointer[x509.CertPool]
+	roots.Store(x509.NewCertPool())
+	r := newRig(t, rigOptions{roots: roots.Load})
+	sub := r.br.Subscribe(t, "devices/#")
+	testsync.Until(t, 10*time.Second, "a handshake refused for an unknown CA", func() bool {
+		return r.stats.Snapshot().FailedBy["unknown_ca"] >= 1
+	})
+	roots.Store(r.renewer.Identity().RootCAs())
+	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
+	collect(t, sub, r.ingest(10, "after-new-roots"), 10*time.Second)
 }

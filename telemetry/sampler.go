@@ -71,11 +71,11 @@ func (s *TLSStats) Snapshot() TLSSnapshot {
 	return snap
 }
 
-// Source produces records for the collector; now is the agent's clock.
+// Source produces records for the sampler; now is the agent's clock.
 type Source func(now time.Time) (senml.Pack, error)
 
-// CollectorConfig configures a Collector.
-type CollectorConfig struct {
+// SamplerConfig configures a Sampler.
+type SamplerConfig struct {
 	Store    *store.Store
 	Interval time.Duration // default 60 s
 	Sources  []Source
@@ -83,27 +83,29 @@ type CollectorConfig struct {
 	Logger   *slog.Logger
 }
 
-// Collector appends what its sources report to the queue on an interval.
-type Collector struct {
-	cfg CollectorConfig
+// Sampler appends what its sources report (the gateway's health, the
+// agent's own SLIs) to the queue on an interval: the agent's built-in
+// producers, beside the local ones that write to ingest.
+type Sampler struct {
+	cfg SamplerConfig
 	log *slog.Logger
 }
 
-// NewCollector checks cfg.
-func NewCollector(cfg CollectorConfig) (*Collector, error) {
+// NewSampler checks cfg.
+func NewSampler(cfg SamplerConfig) (*Sampler, error) {
 	if cfg.Store == nil {
-		return nil, errors.New("collector: no store")
+		return nil, errors.New("sampler: no store")
 	}
 	if cfg.Interval == 0 {
 		cfg.Interval = time.Minute
 	}
 	if cfg.Interval < time.Second {
-		return nil, fmt.Errorf("collector interval %v is below 1s", cfg.Interval)
+		return nil, fmt.Errorf("sampling interval %v is below 1s", cfg.Interval)
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	c := &Collector{cfg: cfg, log: cfg.Logger}
+	c := &Sampler{cfg: cfg, log: cfg.Logger}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
@@ -111,13 +113,13 @@ func NewCollector(cfg CollectorConfig) (*Collector, error) {
 }
 
 // Collect runs every source once and queues what they report.
-func (c *Collector) Collect(ctx context.Context) error {
+func (c *Sampler) Collect(ctx context.Context) error {
 	now := c.cfg.Now()
 	var all senml.Pack
 	for _, src := range c.cfg.Sources {
 		p, err := src(now)
 		if err != nil {
-			c.log.Warn("collector source", "err", err)
+			c.log.Warn("sampler source", "err", err)
 			continue
 		}
 		all = append(all, p...)
@@ -134,7 +136,7 @@ func (c *Collector) Collect(ctx context.Context) error {
 }
 
 // Run collects at once, then every interval, until ctx ends.
-func (c *Collector) Run(ctx context.Context) error {
+func (c *Sampler) Run(ctx context.Context) error {
 	t := time.NewTicker(c.cfg.Interval)
 	defer t.Stop()
 	for {
@@ -299,9 +301,9 @@ func AgentSource(a AgentStats) Source {
 		}
 		if a.Uplink != nil {
 			st := a.Uplink()
-			state := st.State
+			state := string(st.State)
 			p = append(p,
-				boolRec("agent.uplink.connected", state == "connected"),
+				boolRec("agent.uplink.connected", st.State == LinkConnected),
 				senml.Record{Name: "agent.uplink.state", StringValue: &state},
 				num("agent.uplink.state.since", "s", now.Sub(st.Since).Seconds()))
 		}

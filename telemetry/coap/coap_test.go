@@ -1,4 +1,4 @@
-package dtls_test
+package coap_test
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -15,12 +16,16 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/enroll/enrolltest"
+	"iotagent.dev/iotagent/internal/dnstest"
 	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/internal/udpproxy"
 	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/telemetry/coap"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -46,8 +51,16 @@ func (r *received) count(want []uint64) (missing, dups int) {
 }
 
 // startCollector runs the station's collector on loopback with a sink
-// that counts.
+// that counts, until the end of the test.
 func startCollector(t testing.TB, st *stationtest.Station, tweak ...func(*collector.Config)) (*collector.Collector, *received) {
+	t.Helper()
+	c, rec, _ := runCollector(t, st, tweak...)
+	return c, rec
+}
+
+// runCollector is startCollector that also returns a function stopping
+// the collector before the end of the test.
+func runCollector(t testing.TB, st *stationtest.Station, tweak ...func(*collector.Config)) (*collector.Collector, *received, func()) {
 	t.Helper()
 	rec := &received{seq: map[uint64]int{}}
 	cfg := collector.Config{Addr: "127.0.0.1:0", Certificate: st.ServiceCert(t, "collector", []string{"127.0.0.1"}, true),
@@ -75,18 +88,19 @@ func startCollector(t testing.TB, st *stationtest.Station, tweak ...func(*collec
 	case err := <-done:
 		t.Fatalf("collector: %v", err)
 	}
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("collector Run: %v", err)
 		}
 	})
-	return c, rec
+	t.Cleanup(stop)
+	return c, rec, stop
 }
 
 // agent is an uplink and pipeline over a queue, running until stop.
 type agent struct {
-	up     *dtls.Uplink
+	up     *coap.Uplink
 	stats  *telemetry.TLSStats
 	pipe   *telemetry.Pipeline
 	q      *store.Store
@@ -94,12 +108,16 @@ type agent struct {
 	wg     sync.WaitGroup
 }
 
-func startAgent(t testing.TB, d *device, q *store.Store, sealer *dtls.Sealer, addr net.Addr) *agent {
+func startAgent(t testing.TB, d *enrolltest.Device, q *store.Store, sealer *dtls.Sealer, addr net.Addr, tweak ...func(*coap.Config)) *agent {
 	t.Helper()
 	stats := &telemetry.TLSStats{}
-	up, err := dtls.NewUplink(dtls.UplinkConfig{URL: "coaps://" + addr.String(), RootCAs: d.roots, Identity: d.renewer.Identity(),
+	cfg := coap.Config{URL: "coaps://" + addr.String(), RootCAs: d.RootCAs, Identity: d.Identity(),
 		Sessions: q, Sealer: sealer, BackoffBase: 100 * time.Millisecond, BackoffCap: time.Second, AckTimeout: 500 * time.Millisecond,
-		Stats: stats})
+		Stats: stats}
+	for _, f := range tweak {
+		f(&cfg)
+	}
+	up, err := coap.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +202,7 @@ func waitDrained(t testing.TB, q *store.Store, d time.Duration) {
 // number arrives, once after de-duplication.
 func TestTenThousandRecordsToCollector(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st)
 	q := openQueue(t)
 	seqs := queue(t, q, 10000, "coap")
@@ -201,7 +219,7 @@ func TestTenThousandRecordsToCollector(t *testing.T) {
 // new handshake (the collector follows the Connection ID).
 func TestNATRebindingKeepsTheSession(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st)
 	q := openQueue(t)
 	a := startAgent(t, d, q, newSealer(t), c.Addr())
@@ -229,7 +247,7 @@ func TestNATRebindingKeepsTheSession(t *testing.T) {
 // thanks to CoAP retransmission and the at-least-once pipeline.
 func TestTenPercentLoss(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st)
 	proxy := udpproxy.New(t, c.Addr().(*net.UDPAddr), 0.10, 7)
 	q := openQueue(t)
@@ -248,7 +266,7 @@ func TestTenPercentLoss(t *testing.T) {
 // signature; the stored state is used once.
 func TestRestartResumesWithoutHandshake(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st)
 	q := openQueue(t)
 	sealer := newSealer(t)
@@ -260,11 +278,11 @@ func TestRestartResumesWithoutHandshake(t *testing.T) {
 		t.Fatal("no session stored at a clean stop")
 	}
 
-	sigs := d.tpm.Signatures()
+	sigs := d.TPM.Signatures()
 	second := startAgent(t, d, q, sealer, c.Addr())
 	seqs = append(seqs, queue(t, q, 100, "after")...)
 	waitDrained(t, q, 20*time.Second)
-	if spent := d.tpm.Signatures() - sigs; spent != 0 {
+	if spent := d.TPM.Signatures() - sigs; spent != 0 {
 		t.Errorf("restart spent %d TPM signatures, want 0", spent)
 	}
 	if full, resumed := second.up.Handshakes(); full != 0 || resumed != 1 {
@@ -288,25 +306,26 @@ func TestRestartResumesWithoutHandshake(t *testing.T) {
 // delivery goes on.
 func TestRenewedCertificateStartsNewSession(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st)
 	q := openQueue(t)
 	a := startAgent(t, d, q, newSealer(t), c.Addr())
 	seqs := queue(t, q, 50, "before")
 	waitDrained(t, q, 20*time.Second)
-	if err := d.renewer.RenewNow(context.Background()); err != nil {
+	if err := d.Renewer.RenewNow(context.Background()); err != nil {
 		t.Fatalf("RenewNow: %v", err)
 	}
-	sigs := d.tpm.Signatures()
-	testsync.Until(t, 20*time.Second, "a new session after the renewal", func() bool {
+	renewed := d.Identity().Leaf().SerialNumber.Text(16)
+	// The new session presents the renewed certificate, which only its new
+	// TPM key can sign for. (Counting TPM signatures after RenewNow raced
+	// the uplink, which may handshake before the count is read.)
+	testsync.Until(t, 20*time.Second, "a new session with the renewed certificate", func() bool {
 		full, _ := a.up.Handshakes()
-		return full == 2 && a.up.State().State == "connected"
+		s := a.up.State()
+		return full == 2 && s.State == telemetry.LinkConnected && s.CertSerial == renewed
 	})
 	seqs = append(seqs, queue(t, q, 50, "after")...)
 	waitDrained(t, q, 20*time.Second)
-	if spent := d.tpm.Signatures() - sigs; spent < 1 {
-		t.Errorf("the new session spent %d TPM signatures: it did not handshake with the new key", spent)
-	}
 	if h := c.Stats().Handshakes["ok"]; h != 2 {
 		t.Errorf("collector counted %d handshakes, want 2", h)
 	}
@@ -320,7 +339,7 @@ func TestRenewedCertificateStartsNewSession(t *testing.T) {
 // until the collector takes them.
 func TestRefusedSessionKeepsRecords(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	var skew atomic.Int64
 	c, rec := startCollector(t, st, func(cfg *collector.Config) {
 		cfg.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
@@ -352,18 +371,18 @@ func TestRefusedSessionKeepsRecords(t *testing.T) {
 // not trust the collector's CA.
 func TestHandshakeFailureCountedByReason(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, _ := startCollector(t, st)
-	stranger := *d
-	stranger.roots = x509.NewCertPool() // trusts nothing
-	a := startAgent(t, &stranger, openQueue(t), newSealer(t), c.Addr())
+	a := startAgent(t, d, openQueue(t), newSealer(t), c.Addr(), func(c *coap.Config) {
+		c.RootCAs = x509.NewCertPool // trusts nothing
+	})
 	testsync.Until(t, 20*time.Second, "a handshake failure counted as unknown_ca", func() bool { return a.stats.Snapshot().FailedBy["unknown_ca"] >= 1 })
 	// Later attempts may fail otherwise too (the collector may answer the
 	// alert the agent sent); none succeeds.
 	if s := a.stats.Snapshot(); s.OK != 0 || s.FailedBy["other"] != 0 {
 		t.Errorf("handshakes: ok %d, failed by reason %v; want none ok and every failure named", s.OK, s.FailedBy)
 	}
-	if st := a.up.State(); st.State != "backoff" && st.State != "connecting" {
+	if st := a.up.State(); st.State != telemetry.LinkBackoff && st.State != telemetry.LinkConnecting {
 		t.Errorf("uplink state %q, want backoff", st.State)
 	}
 }
@@ -373,7 +392,7 @@ func TestHandshakeFailureCountedByReason(t *testing.T) {
 // is dropped (and counted).
 func TestCollectorLimitBelowAgentsSplitsPayloads(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	c, rec := startCollector(t, st, func(cfg *collector.Config) { cfg.MaxPayload = 400 })
 	q := openQueue(t)
 	a := startAgent(t, d, q, newSealer(t), c.Addr())
@@ -418,7 +437,7 @@ func TestCollectorLimitBelowAgentsSplitsPayloads(t *testing.T) {
 // record arrives.
 func TestCollectorSinkDownBacksOff(t *testing.T) {
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	var down atomic.Bool
 	down.Store(true)
 	c, rec := startCollector(t, st, func(cfg *collector.Config) {
@@ -451,5 +470,69 @@ func TestCollectorSinkDownBacksOff(t *testing.T) {
 	}
 	if n := a.pipe.Rejected(); n != 0 {
 		t.Errorf("%d records dropped", n)
+	}
+}
+
+// The collector's name is resolved at each connection attempt: an uplink
+// made while the name does not resolve (a gateway booting offline) starts
+// and keeps trying, connects once the name resolves, and follows the name
+// to a new address when its session there ends.
+func TestCollectorResolvedAtEachConnect(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
+	dns := dnstest.Start(t)
+	cert := st.ServiceCert(t, "collector", []string{"collector.test"}, true)
+	first, recFirst, stopFirst := runCollector(t, st, func(c *collector.Config) { c.Certificate = cert })
+	port := first.Addr().(*net.UDPAddr).Port
+	second, recSecond := startCollector(t, st, func(c *collector.Config) {
+		c.Certificate, c.Addr = cert, fmt.Sprintf("127.0.0.2:%d", port)
+	})
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), second.Addr(), func(c *coap.Config) {
+		c.URL = fmt.Sprintf("coaps://collector.test:%d", port)
+		c.Resolver = dns.Resolver()
+		c.MaxRetransmit = 1 // a dead session is noticed in seconds
+	})
+	testsync.Until(t, 10*time.Second, "a failed lookup reported", func() bool {
+		s := a.up.State()
+		return s.State == telemetry.LinkBackoff && strings.Contains(s.LastError, "collector.test")
+	})
+
+	dns.Set("collector.test", netip.MustParseAddr("127.0.0.1"))
+	seqs := queue(t, q, 20, "first")
+	waitDrained(t, q, 20*time.Second)
+	if missing, _ := recFirst.count(seqs); missing != 0 {
+		t.Fatalf("%d records missing at the first address", missing)
+	}
+
+	dns.Set("collector.test", netip.MustParseAddr("127.0.0.2"))
+	stopFirst()
+	seqs = queue(t, q, 20, "second")
+	waitDrained(t, q, 60*time.Second)
+	if missing, _ := recSecond.count(seqs); missing != 0 {
+		t.Errorf("%d records missing at the new address", missing)
+	}
+}
+
+// The uplink reads its trust roots at each handshake, as it asks for the
+// client certificate: roots that change under a running uplink (a renewal
+// that brought a CA rollover) are used at the next handshake, with no
+// restart. Here the first roots trust nothing, then the right ones appear.
+func TestRootsReadAtEachHandshake(t *testing.T) {
+	st := stationtestStart(t)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
+	c, rec := startCollector(t, st)
+	var roots atomic.Pointer[x509.CertPool]
+	roots.Store(x509.NewCertPool())
+	q := openQueue(t)
+	a := startAgent(t, d, q, newSealer(t), c.Addr(), func(c *coap.Config) { c.RootCAs = roots.Load })
+	testsync.Until(t, 20*time.Second, "a handshake refused for an unknown CA", func() bool {
+		return a.stats.Snapshot().FailedBy["unknown_ca"] >= 1
+	})
+	roots.Store(d.RootCAs())
+	seqs := queue(t, q, 20, "after-new-roots")
+	waitDrained(t, q, 20*time.Second)
+	if missing, _ := rec.count(seqs); missing != 0 {
+		t.Errorf("%d records missing", missing)
 	}
 }

@@ -1,4 +1,4 @@
-package dtls_test
+package coap_test
 
 import (
 	"bytes"
@@ -15,8 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/enroll/enrolltest"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/telemetry/coap"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
 
@@ -45,7 +47,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 		t.Fatal("coap-client-openssl not found: install libcoap3-bin (scripts/test.sh does)")
 	}
 	st := stationtestStart(t)
-	d := enrolled(t, st)
+	d := enrolltest.New(t, st, enroll.RenewerConfig{})
 	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -95,8 +97,8 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 		}
 	}
 
-	up, err := dtls.NewUplink(dtls.UplinkConfig{URL: fmt.Sprintf("coaps://127.0.0.1:%d", port), RootCAs: d.roots,
-		Identity: d.renewer.Identity(), BackoffBase: 100 * time.Millisecond, BackoffCap: time.Second})
+	up, err := coap.New(coap.Config{URL: fmt.Sprintf("coaps://127.0.0.1:%d", port), RootCAs: d.RootCAs,
+		Identity: d.Identity(), BackoffBase: 100 * time.Millisecond, BackoffCap: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +158,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 		t.Fatalf("coap-server-openssl still running 10 s after SIGTERM\n%s", out.String())
 	}
 	log := out.String()
-	cn := d.renewer.Identity().DeviceID()
+	cn := d.Identity().DeviceID()
 	for _, c := range []struct {
 		what string
 		re   string

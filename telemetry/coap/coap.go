@@ -1,8 +1,18 @@
-package dtls
+// Package coap is the agent's CoAP-over-DTLS uplink: go-coap v3 over the
+// project's DTLS (package dtls) with the TPM-held key.
+//
+// It is for lossy, NATed, metered links: records are SenML CBOR batches in
+// confirmable CoAP POSTs sized to one datagram; the Connection ID
+// (RFC 9146) keeps the session when a NAT rebinds the gateway's port; and
+// the session state is sealed with a key kept in the TPM and stored, so a
+// restarted agent resumes without a handshake and without a TPM signature.
+// The collector that receives it is station code (station/collector).
+package coap
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
 	"errors"
@@ -11,10 +21,11 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/url"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	piondtls "github.com/pion/dtls/v3"
 	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -23,6 +34,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
+	"iotagent.dev/iotagent/dtls"
+	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/telemetry"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
@@ -37,17 +50,27 @@ type SessionStore interface {
 // sessionKey is the store key of the sealed DTLS session.
 const sessionKey = "dtls.session"
 
-// UplinkConfig configures the CoAP-over-DTLS uplink. Zero values mean the
+// DefaultPort is coaps' port (RFC 7252 §12.7).
+const DefaultPort = "5684"
+
+// Config configures the CoAP-over-DTLS uplink. Zero values mean the
 // defaults.
-type UplinkConfig struct {
-	// URL is coaps://HOST[:PORT] (default port 5684).
-	URL      string
-	RootCAs  *x509.CertPool
+type Config struct {
+	// URL is coaps://HOST[:PORT] (default port 5684). The host is resolved
+	// at each connection attempt: an agent that boots offline starts
+	// anyway, and the uplink follows a change of the collector's address.
+	URL string
+	// RootCAs returns the CA certificates that verify the collector; it is
+	// called at each handshake, so a trust bundle refreshed by a renewal
+	// (a CA rollover) is used at the next one. Required.
+	RootCAs  func() *x509.CertPool
 	Identity telemetry.Identity
+	// Resolver looks up the collector's host (default net.DefaultResolver).
+	Resolver *net.Resolver
 	// Sessions and Sealer persist the session across restarts; both nil
 	// disables resumption.
 	Sessions SessionStore
-	Sealer   *Sealer
+	Sealer   *dtls.Sealer
 	// MaxPayload bounds a request body so one request fits one datagram
 	// (default 1152: a 1280-byte IPv6 minimum MTU minus DTLS, CID and CoAP
 	// headers).
@@ -60,33 +83,39 @@ type UplinkConfig struct {
 	// and MAX_RETRANSMIT (default 4).
 	AckTimeout    time.Duration
 	MaxRetransmit uint32
-	// BackoffBase and BackoffCap bound the wait before reconnecting, with
-	// full jitter (defaults 1 s, 5 min).
+	// BackoffBase and BackoffCap bound the wait before reconnecting
+	// (internal/backoff; defaults 1 s, 5 min).
 	BackoffBase time.Duration
 	BackoffCap  time.Duration
 	Stats       *telemetry.TLSStats
 	Logger      *slog.Logger
 }
 
+// session is one live DTLS session and the CoAP client on it.
+type session struct {
+	cc     *udpclient.Conn
+	pc     *dtls.RebindableConn
+	fails  atomic.Int32  // consecutive failed deliveries
+	broken chan struct{} // closed when the session is declared dead
+	once   sync.Once
+}
+
+func (s *session) breakOff() { s.once.Do(func() { close(s.broken) }) }
+
 // Uplink delivers telemetry in confirmable CoAP POSTs to /telemetry,
 // SenML CBOR (content-format 112), over DTLS with the TPM key. It
 // implements telemetry.Uplink.
 type Uplink struct {
-	cfg   UplinkConfig
-	log   *slog.Logger
-	raddr *net.UDPAddr
-	host  string
-	rng   *mrand.Rand
+	cfg  Config
+	log  *slog.Logger
+	host string
+	port int
+	rng  *mrand.Rand
+	link *telemetry.Link[*session]
 
 	mu        sync.Mutex
-	client    *udpclient.Conn
-	pc        *RebindableConn
-	ready     chan struct{}
-	state     telemetry.UplinkState
 	handshake int // full handshakes made
 	resumed   int // sessions resumed from the store
-	fails     int // consecutive failed deliveries on this session
-	broken    chan struct{}
 
 	// nextMID is the CoAP message ID the next client starts from (Run's
 	// goroutine only). It is kept with the sealed session: a resumed
@@ -96,34 +125,50 @@ type Uplink struct {
 	nextMID uint16
 }
 
-// NewUplink checks cfg and resolves the collector's address.
-func NewUplink(cfg UplinkConfig) (*Uplink, error) {
+// errRenewed ends a session whose certificate was renewed: the next one
+// presents the new certificate in a full handshake.
+var errRenewed = errors.New("device certificate renewed")
+
+// errSessionLost ends a session that died (the collector forgot it, the
+// link is down) or that the collector refused.
+var errSessionLost = errors.New("session lost")
+
+// New checks cfg. It does not resolve the collector's host: Run does, at
+// each connection attempt.
+func New(cfg Config) (*Uplink, error) {
 	u, err := url.Parse(cfg.URL)
-	if err != nil || u.Scheme != "coaps" || u.Host == "" {
+	if err != nil || u.Scheme != "coaps" || u.Hostname() == "" {
 		return nil, fmt.Errorf("uplink URL %q: want coaps://HOST[:PORT]", cfg.URL)
+	}
+	portText := u.Port()
+	if portText == "" {
+		portText = DefaultPort
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port <= 0 || port > 65535 {
+		return nil, fmt.Errorf("uplink URL %q: port %q is not a UDP port", cfg.URL, portText)
 	}
 	if cfg.Identity == nil {
 		return nil, errors.New("CoAP uplink: no device identity")
 	}
-	port := u.Port()
-	if port == "" {
-		port = "5684"
-	}
-	raddr, err := net.ResolveUDPAddr("udp", net.JoinHostPort(u.Hostname(), port))
-	if err != nil {
-		return nil, fmt.Errorf("uplink URL %q: %w", cfg.URL, err)
+	if cfg.RootCAs == nil {
+		return nil, errors.New("CoAP uplink: no CA certificates to verify the collector")
 	}
 	if (cfg.Sessions == nil) != (cfg.Sealer == nil) {
 		return nil, errors.New("CoAP uplink: session store and sealer go together")
 	}
-	def := func(d *time.Duration, v time.Duration) {
-		if *d == 0 {
-			*d = v
-		}
+	if cfg.Resolver == nil {
+		cfg.Resolver = net.DefaultResolver
 	}
-	def(&cfg.AckTimeout, 2*time.Second)
-	def(&cfg.BackoffBase, time.Second)
-	def(&cfg.BackoffCap, 5*time.Minute)
+	if cfg.AckTimeout == 0 {
+		cfg.AckTimeout = 2 * time.Second
+	}
+	if cfg.BackoffBase == 0 {
+		cfg.BackoffBase = backoff.DefaultBase
+	}
+	if cfg.BackoffCap == 0 {
+		cfg.BackoffCap = backoff.DefaultCap
+	}
 	if cfg.MaxPayload == 0 {
 		cfg.MaxPayload = 1152
 	}
@@ -136,13 +181,12 @@ func NewUplink(cfg UplinkConfig) (*Uplink, error) {
 	if cfg.Stats == nil {
 		cfg.Stats = &telemetry.TLSStats{}
 	}
-	up := &Uplink{cfg: cfg, log: cfg.Logger, raddr: raddr, host: u.Hostname(), ready: make(chan struct{}),
-		rng: mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))}
+	up := &Uplink{cfg: cfg, log: cfg.Logger, host: u.Hostname(), port: port,
+		link: telemetry.NewLink[*session](), rng: mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))}
 	up.nextMID = uint16(up.rng.Uint32())
 	if up.log == nil {
 		up.log = slog.New(slog.DiscardHandler)
 	}
-	up.state = telemetry.UplinkState{State: "connecting", Since: time.Now()}
 	return up, nil
 }
 
@@ -156,11 +200,10 @@ func (u *Uplink) MaxPayload() int { return u.cfg.MaxPayload }
 func (u *Uplink) Window() int { return u.cfg.Window }
 
 // State reports the connection.
-func (u *Uplink) State() telemetry.UplinkState {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.state
-}
+func (u *Uplink) State() telemetry.UplinkState { return u.link.State() }
+
+// Ready blocks until a session is up.
+func (u *Uplink) Ready(ctx context.Context) error { return u.link.Ready(ctx) }
 
 // Handshakes returns how many full handshakes and resumptions the uplink
 // made.
@@ -173,26 +216,11 @@ func (u *Uplink) Handshakes() (full, resumed int) {
 // Rebind moves the live session to a new local UDP port, as a NAT
 // rebinding does. The collector follows through the Connection ID.
 func (u *Uplink) Rebind() error {
-	u.mu.Lock()
-	pc := u.pc
-	u.mu.Unlock()
-	if pc == nil {
+	s, ok := u.link.Session()
+	if !ok {
 		return telemetry.ErrNotConnected
 	}
-	return pc.Rebind()
-}
-
-// Ready blocks until a session is up.
-func (u *Uplink) Ready(ctx context.Context) error {
-	u.mu.Lock()
-	ch := u.ready
-	u.mu.Unlock()
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return s.pc.Rebind()
 }
 
 // Deliver posts payload and waits for 2.04 Changed (or 2.01 Created).
@@ -208,66 +236,71 @@ func (u *Uplink) Ready(ctx context.Context) error {
 // pipeline's backoff. A request that goes unanswered counts towards
 // declaring the session dead.
 func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
-	u.mu.Lock()
-	cc, broken := u.client, u.broken
-	u.mu.Unlock()
-	if cc == nil {
+	s, ok := u.link.Session()
+	if !ok {
 		return telemetry.ErrNotConnected
 	}
 	// A request never waits longer than CoAP's own retransmission gives it.
 	rctx, cancel := context.WithTimeout(ctx, u.exchangeTimeout())
 	defer cancel()
-	resp, err := cc.Post(rctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
+	resp, err := s.cc.Post(rctx, "/telemetry", message.AppSenmlCbor, bytes.NewReader(payload))
 	if err != nil {
-		if ctx.Err() == nil {
-			u.noteFailure(broken, false)
+		// Two unanswered in a row: the session is dead (the collector
+		// restarted and forgot it, a long outage).
+		if ctx.Err() == nil && s.fails.Add(1) >= 2 {
+			s.breakOff()
 		}
 		return fmt.Errorf("CoAP POST /telemetry: %w", err)
 	}
 	code := resp.Code()
 	body, _ := resp.ReadBody()
-	ok := code == codes.Changed || code == codes.Created
-	u.mu.Lock()
-	u.fails = 0 // any answer shows the session alive
-	if ok {
-		u.state.LastAck = time.Now()
-	}
-	u.mu.Unlock()
+	s.fails.Store(0) // any answer shows the session alive
 	switch code {
 	case codes.Changed, codes.Created:
+		u.link.Acked()
 		return nil
 	case codes.BadRequest:
 		return fmt.Errorf("%w: collector answered %v: %s", telemetry.ErrRejected, code, body)
 	case codes.RequestEntityTooLarge:
 		return fmt.Errorf("%w: collector answered %v for %d bytes: %s", telemetry.ErrTooLarge, code, len(payload), body)
 	case codes.Unauthorized, codes.Forbidden:
-		u.noteFailure(broken, true)
+		s.breakOff()
 		return fmt.Errorf("collector refused this session (%v: %s); reconnecting", code, body)
 	default:
 		return fmt.Errorf("collector answered %v: %s", code, body)
 	}
 }
 
-// noteFailure counts a failed exchange; two in a row mean the session is
-// dead (collector restarted and forgot it, a long outage), and a refused
-// identity ends it at once: reconnect.
-func (u *Uplink) noteFailure(broken chan struct{}, now bool) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.fails++
-	if (now || u.fails >= 2) && u.broken == broken {
-		select {
-		case <-broken:
-		default:
-			close(broken)
-		}
+// clientCertificate presents the identity's current certificate and notes
+// which one it was.
+func (u *Uplink) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	c, err := u.cfg.Identity.GetClientCertificate(cri)
+	if err == nil && c != nil && c.Leaf != nil {
+		u.link.PresentedCertificate(c.Leaf.SerialNumber.Text(16))
 	}
+	return c, err
 }
 
-// connect resumes the stored session if there is one that still works,
-// or makes a full handshake.
-func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, bool, error) {
-	opts := ClientOptions(ClientCertificate(u.cfg.Identity.GetClientCertificate), u.cfg.RootCAs, u.host)
+// resolve looks up the collector's address now.
+func (u *Uplink) resolve(ctx context.Context) (*net.UDPAddr, error) {
+	ips, err := u.cfg.Resolver.LookupNetIP(ctx, "ip", u.host)
+	if err != nil {
+		return nil, fmt.Errorf("resolving the collector %s: %w", u.host, err)
+	}
+	if len(ips) == 0 {
+		return nil, fmt.Errorf("resolving the collector %s: no address", u.host)
+	}
+	return &net.UDPAddr{IP: ips[0].Unmap().AsSlice(), Port: u.port}, nil
+}
+
+// connect resolves the collector, then resumes the stored session if there
+// is one that still works, or makes a full handshake.
+func (u *Uplink) connect(ctx context.Context) (*dtls.Conn, *dtls.RebindableConn, bool, error) {
+	raddr, err := u.resolve(ctx)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	opts := dtls.ClientOptions(u.clientCertificate, u.cfg.RootCAs(), u.host)
 	if u.cfg.Sessions != nil {
 		if sealed, err := u.cfg.Sessions.Get(sessionKey); err == nil && len(sealed) > 0 {
 			// Never resume the same state twice: it is gone from the store
@@ -276,7 +309,7 @@ func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, 
 				return nil, nil, false, err
 			}
 			start := time.Now()
-			if conn, pc, err := u.resume(ctx, sealed, opts); err == nil {
+			if conn, pc, err := u.resume(ctx, raddr, sealed, opts); err == nil {
 				u.cfg.Stats.Succeeded(true, time.Since(start))
 				return conn, pc, true, nil
 			} else {
@@ -284,12 +317,12 @@ func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, 
 			}
 		}
 	}
-	pc, err := ListenRebindable(udpNetwork(u.raddr))
+	pc, err := dtls.ListenRebindable(udpNetwork(raddr))
 	if err != nil {
 		return nil, nil, false, err
 	}
 	start := time.Now()
-	conn, err := piondtls.ClientWithOptions(pc, u.raddr, opts...)
+	conn, err := dtls.Client(pc, raddr, opts)
 	if err == nil {
 		hctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err = conn.HandshakeContext(hctx)
@@ -301,9 +334,9 @@ func (u *Uplink) connect(ctx context.Context) (*piondtls.Conn, *RebindableConn, 
 	if err != nil {
 		pc.Close()
 		if ctx.Err() == nil {
-			u.cfg.Stats.Failed(HandshakeFailure(err))
+			u.cfg.Stats.Failed(dtls.HandshakeFailure(err))
 		}
-		return nil, nil, false, fmt.Errorf("DTLS handshake with %s: %w", u.raddr, err)
+		return nil, nil, false, fmt.Errorf("DTLS handshake with %s (%s): %w", u.host, raddr, err)
 	}
 	u.cfg.Stats.Succeeded(false, time.Since(start))
 	return conn, pc, false, nil
@@ -318,7 +351,7 @@ func udpNetwork(a *net.UDPAddr) string {
 
 // resume revives a sealed session and checks with a CoAP ping that the
 // collector still knows it.
-func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.ClientOption) (*piondtls.Conn, *RebindableConn, error) {
+func (u *Uplink) resume(ctx context.Context, raddr *net.UDPAddr, sealed []byte, opts []dtls.ClientOption) (*dtls.Conn, *dtls.RebindableConn, error) {
 	opened, err := u.cfg.Sealer.Open(sealed)
 	if err != nil {
 		return nil, nil, err
@@ -328,11 +361,11 @@ func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.Clie
 	}
 	u.nextMID = binary.BigEndian.Uint16(opened[1:3])
 	state := opened[3:]
-	pc, err := ListenRebindable(udpNetwork(u.raddr))
+	pc, err := dtls.ListenRebindable(udpNetwork(raddr))
 	if err != nil {
 		return nil, nil, err
 	}
-	conn, err := ResumeState(state, pc, u.raddr, opts)
+	conn, err := dtls.ResumeState(state, pc, raddr, opts)
 	if err != nil {
 		pc.Close()
 		return nil, nil, err
@@ -353,7 +386,7 @@ func (u *Uplink) resume(ctx context.Context, sealed []byte, opts []piondtls.Clie
 }
 
 // coapClient runs go-coap over conn; stop ends its retransmission timer.
-func (u *Uplink) coapClient(conn *piondtls.Conn, stop <-chan struct{}) *udpclient.Conn {
+func (u *Uplink) coapClient(conn *dtls.Conn, stop <-chan struct{}) *udpclient.Conn {
 	return coapdtls.Client(conn,
 		startMID(u.nextMID),
 		options.WithTransmission(uint32(u.cfg.Window), u.cfg.AckTimeout, u.cfg.MaxRetransmit),
@@ -388,107 +421,77 @@ func (u *Uplink) exchangeTimeout() time.Duration {
 }
 
 // Run keeps a session up until ctx ends. At a clean stop it seals the
-// session state into the store so the next start resumes it.
+// session state into the store so the next start resumes it. The
+// reconnect backoff is reset after a session that worked
+// (telemetry.Link.Worked) or that a renewal ended.
 func (u *Uplink) Run(ctx context.Context) error {
-	attempts := 0
+	bo := backoff.New(backoff.Config{Base: u.cfg.BackoffBase, Cap: u.cfg.BackoffCap, Rand: u.rng})
+	defer u.link.Set(telemetry.LinkStopped, nil)
 	for {
-		u.setState("connecting", nil)
+		u.link.Set(telemetry.LinkConnecting, nil)
 		// A session keeps the certificate it was made with: a renewed one
 		// is presented in a new handshake.
 		renewed := u.cfg.Identity.Changed()
 		conn, pc, resumed, err := u.connect(ctx)
 		if ctx.Err() != nil {
-			u.setState("stopped", nil)
 			return nil
 		}
 		if err != nil {
-			attempts++
-			wait := u.backoff(attempts)
-			u.setState("backoff", err)
-			u.log.Warn("DTLS connection failed", "collector", u.raddr, "err", err, "retry_in", wait.Round(time.Millisecond))
-			if !sleep(ctx, wait) {
-				u.setState("stopped", nil)
+			wait := bo.Fail()
+			u.link.Set(telemetry.LinkBackoff, err)
+			u.log.Warn("DTLS connection failed", "collector", u.host, "err", err, "retry_in", wait.Round(time.Millisecond))
+			if bo.Sleep(ctx, wait) != nil {
 				return nil
 			}
 			continue
 		}
 		connectedAt := time.Now()
 		stop := make(chan struct{})
-		cc := u.coapClient(conn, stop)
-		broken := make(chan struct{})
+		s := &session{cc: u.coapClient(conn, stop), pc: pc, broken: make(chan struct{})}
 		u.mu.Lock()
-		u.client, u.pc, u.broken, u.fails = cc, pc, broken, 0
 		if resumed {
 			u.resumed++
 		} else {
 			u.handshake++
 		}
-		close(u.ready)
-		u.state = telemetry.UplinkState{State: "connected", Since: time.Now(), LastAck: u.state.LastAck}
 		u.mu.Unlock()
-		u.log.Info("DTLS session up", "collector", u.raddr, "resumed", resumed)
+		u.link.Up(s)
+		u.log.Info("DTLS session up", "collector", conn.RemoteAddr(), "resumed", resumed)
 
-		why := "session lost"
+		why := errSessionLost
 		select {
 		case <-ctx.Done():
-		case <-broken:
-		case <-cc.Done():
+		case <-s.broken:
+		case <-s.cc.Done():
 		case <-renewed:
-			why = "device certificate renewed"
+			why = errRenewed
 		}
-		u.mu.Lock()
-		u.client, u.pc = nil, nil
-		u.ready = make(chan struct{})
-		u.mu.Unlock()
+		u.link.Set(telemetry.LinkConnecting, why)
 		// Nothing may be sent after the state is exported: close the
 		// socket first, then export, then let go-coap and pion close
 		// (their close_notify cannot leave the closed socket).
 		pc.Close()
-		u.nextMID = uint16(cc.GetMessageID())
+		u.nextMID = uint16(s.cc.GetMessageID())
 		if ctx.Err() != nil && u.cfg.Sessions != nil {
 			if err := u.saveSession(conn); err != nil {
 				u.log.Warn("saving the DTLS session", "err", err)
 			}
 		}
-		cc.Close()
+		s.cc.Close()
 		conn.Close()
 		close(stop)
 		if ctx.Err() != nil {
-			u.setState("stopped", nil)
 			return nil
 		}
-		u.setState("connecting", errors.New(why))
 		u.log.Warn("DTLS session ended; reconnecting", "reason", why)
-		// A session that delivered something, or one ended by a renewal,
-		// resets the backoff; one that delivered nothing (a collector that
-		// accepts the handshake but refuses each request) keeps growing
-		// it, so the fleet does not handshake in a loop.
-		if why == "device certificate renewed" || u.State().LastAck.After(connectedAt) {
-			attempts = 0
+		if errors.Is(why, errRenewed) || u.link.Worked(connectedAt, u.cfg.BackoffCap) {
+			bo.Reset()
 			continue
 		}
-		attempts++
-		if !sleep(ctx, u.backoff(attempts)) {
-			u.setState("stopped", nil)
+		u.link.Set(telemetry.LinkBackoff, why)
+		if bo.Sleep(ctx, bo.Fail()) != nil {
 			return nil
 		}
-	}
-}
-
-// backoff is the wait before the attempts-th reconnection: exponential,
-// full jitter.
-func (u *Uplink) backoff(attempts int) time.Duration {
-	ceiling := min(u.cfg.BackoffBase<<min(attempts-1, 30), u.cfg.BackoffCap)
-	return time.Duration(u.rng.Int64N(int64(ceiling)) + 1)
-}
-
-// sleep waits d; false if ctx ended first.
-func sleep(ctx context.Context, d time.Duration) bool {
-	select {
-	case <-ctx.Done():
-		return false
-	case <-time.After(d):
-		return true
 	}
 }
 
@@ -496,8 +499,8 @@ func sleep(ctx context.Context, d time.Duration) bool {
 // CoAP message ID (2 bytes), then the DTLS state.
 const sessionFormat = 1
 
-func (u *Uplink) saveSession(conn *piondtls.Conn) error {
-	state, err := ExportState(conn)
+func (u *Uplink) saveSession(conn *dtls.Conn) error {
+	state, err := dtls.ExportState(conn)
 	if err != nil {
 		return err
 	}
@@ -507,14 +510,4 @@ func (u *Uplink) saveSession(conn *piondtls.Conn) error {
 		return err
 	}
 	return u.cfg.Sessions.Put(sessionKey, sealed)
-}
-
-func (u *Uplink) setState(s string, err error) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	last := u.state.LastAck
-	u.state = telemetry.UplinkState{State: s, Since: time.Now(), LastAck: last}
-	if err != nil {
-		u.state.LastError = err.Error()
-	}
 }
