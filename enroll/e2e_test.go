@@ -21,6 +21,7 @@ import (
 
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
@@ -196,7 +197,7 @@ func watchState(t *testing.T, dir string, stop <-chan struct{}) <-chan int {
 		if !bytes.Equal(before, after) {
 			return nil, false, false // changed under us: not a snapshot
 		}
-		certs, err := station.ParsePEMCertificates(after)
+		certs, err := certpem.Parse(after)
 		if err != nil {
 			t.Errorf("cert.pem: %v", err)
 			return nil, false, true

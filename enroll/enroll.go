@@ -23,6 +23,7 @@ import (
 
 	"iotagent.dev/iotagent/est"
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -232,10 +233,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	}
 	var roots *x509.CertPool
 	if len(cfg.StationCA) > 0 {
-		roots = x509.NewCertPool()
-		for _, c := range cfg.StationCA {
-			roots.AddCert(c)
-		}
+		roots = certpem.Pool(cfg.StationCA)
 	}
 	if err := tpm.CheckWritableDir(cfg.Dir); err != nil {
 		return nil, err

@@ -4,7 +4,6 @@ import (
 	"crypto"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -53,48 +53,7 @@ type State struct {
 func (s *State) Leaf() *x509.Certificate { return s.Chain[0] }
 
 // TrustPool returns the trust bundle as a pool.
-func (s *State) TrustPool() *x509.CertPool {
-	p := x509.NewCertPool()
-	for _, c := range s.Trust {
-		p.AddCert(c)
-	}
-	return p
-}
-
-// ReadCertificates reads every certificate of a PEM file (at least one).
-func ReadCertificates(path string) ([]*x509.Certificate, error) { return readPEMCerts(path) }
-
-func readPEMCerts(path string) ([]*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("%s: no certificate", path)
-	}
-	return out, nil
-}
-
-func encodePEMCerts(certs []*x509.Certificate) []byte {
-	var out []byte
-	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return out
-}
+func (s *State) TrustPool() *x509.CertPool { return certpem.Pool(s.Trust) }
 
 // keyMatches reports whether the certificate certifies the key of kf.
 func keyMatches(c *x509.Certificate, kf *tpm.KeyFile) bool {
@@ -110,7 +69,7 @@ func keyMatches(c *x509.Certificate, kf *tpm.KeyFile) bool {
 // between storing the new certificate and renaming the new key into
 // place, and drops a rotated key whose certificate never came.
 func LoadState(dir string) (*State, error) {
-	chain, err := readPEMCerts(filepath.Join(dir, certFile))
+	chain, err := certpem.ReadFile(filepath.Join(dir, certFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%w: no certificate in %s (run iotagent enroll)", ErrNotEnrolled, dir)
 	}
@@ -124,7 +83,7 @@ func LoadState(dir string) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	trust, err := readPEMCerts(filepath.Join(dir, trustFile))
+	trust, err := certpem.ReadFile(filepath.Join(dir, trustFile))
 	if err != nil {
 		return nil, err
 	}
@@ -174,10 +133,10 @@ func saveIdentity(dir string, chain, trust []*x509.Certificate, en Enrollment) e
 	if err := atomicfile.Write(filepath.Join(dir, enrollmentFile), append(b, '\n'), 0o600); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, trustFile), encodePEMCerts(trust), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, trustFile), certpem.Encode(trust...), 0o600); err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, certFile), encodePEMCerts(chain), 0o600)
+	return atomicfile.Write(filepath.Join(dir, certFile), certpem.Encode(chain...), 0o600)
 }
 
 // RenewalStatus is what the renewer last did, for iotagent status.

@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"iotagent.dev/iotagent/internal/certpem"
 )
 
 // Token is a one-time bootstrap credential: HTTP Basic DEVICE:SECRET for
@@ -291,7 +293,7 @@ func (a *adminClient) IssueService(ctx context.Context, r ServiceRequest) (*Serv
 	if err := a.callBody(ctx, http.MethodPost, "/issue", body, &c); err != nil {
 		return nil, err
 	}
-	cert, err := ParsePEMCertificates(c.Chain)
+	cert, err := certpem.Parse(c.Chain)
 	if err != nil {
 		return nil, err
 	}

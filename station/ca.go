@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/certpem"
 )
 
 // Files in the station directory.
@@ -77,11 +78,7 @@ func writeKey(path string, k *ecdsa.PrivateKey) error {
 }
 
 func writeCerts(path string, certs ...*x509.Certificate) error {
-	var out []byte
-	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return atomicfile.Write(path, out, 0o644)
+	return atomicfile.Write(path, certpem.Encode(certs...), 0o644)
 }
 
 func readKey(path string) (crypto.Signer, error) {
@@ -102,44 +99,6 @@ func readKey(path string) (crypto.Signer, error) {
 		return nil, fmt.Errorf("%s: not a signing key", path)
 	}
 	return s, nil
-}
-
-// ReadCertificates reads every CERTIFICATE block of a PEM file.
-func ReadCertificates(path string) ([]*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	certs, err := ParsePEMCertificates(b)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return certs, nil
-}
-
-// ParsePEMCertificates parses every CERTIFICATE block in b; at least one
-// must be present.
-func ParsePEMCertificates(b []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, errors.New("no PEM certificate found")
-	}
-	return out, nil
 }
 
 // Fingerprint returns "sha256:HEX" of a certificate's DER: what
@@ -249,11 +208,11 @@ func initCA(dir, name string, sans []string, now time.Time, caKey crypto.Signer)
 // key when not nil (held in a TPM), which must match the issuing CA
 // certificate. The root key is not needed to run.
 func loadCA(dir string, key crypto.Signer) (*ca, error) {
-	roots, err := ReadCertificates(filepath.Join(dir, fileRootCert))
+	roots, err := certpem.ReadFile(filepath.Join(dir, fileRootCert))
 	if err != nil {
 		return nil, err
 	}
-	issuers, err := ReadCertificates(filepath.Join(dir, fileCACert))
+	issuers, err := certpem.ReadFile(filepath.Join(dir, fileCACert))
 	if err != nil {
 		return nil, err
 	}
@@ -377,18 +336,10 @@ func (s *Station) issueService(cn string, sans []string, server bool, lifetime t
 		return nil, err
 	}
 	out := &ServiceCert{Cert: c, Key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})}
-	for _, x := range []*x509.Certificate{c, s.ca.issuer} {
-		out.Chain = append(out.Chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: x.Raw})...)
-	}
+	out.Chain = certpem.Encode(c, s.ca.issuer)
 	return out, nil
 }
 
 // TrustPEM returns the station's CA certificates (issuing CA, root) as PEM:
 // the cafile a broker verifies device certificates with.
-func (s *Station) TrustPEM() []byte {
-	var out []byte
-	for _, c := range s.CACerts() {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return out
-}
+func (s *Station) TrustPEM() []byte { return certpem.Encode(s.CACerts()...) }

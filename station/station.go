@@ -37,6 +37,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -116,7 +117,7 @@ func Init(opts InitOptions) error {
 		if err != nil {
 			return fmt.Errorf("--tpm-roots: %w", err)
 		}
-		if _, err := ParsePEMCertificates(b); err != nil {
+		if _, err := certpem.Parse(b); err != nil {
 			return fmt.Errorf("--tpm-roots %s: %w", f, err)
 		}
 		roots = append(roots, b...)
@@ -190,7 +191,7 @@ func Init(opts InitOptions) error {
 // RootFingerprint returns the "sha256:HEX" fingerprint of the station root
 // in dir.
 func RootFingerprint(dir string) (string, error) {
-	c, err := ReadCertificates(filepath.Join(dir, fileRootCert))
+	c, err := certpem.ReadFile(filepath.Join(dir, fileRootCert))
 	if err != nil {
 		return "", err
 	}
@@ -300,7 +301,7 @@ func Open(cfg Config) (*Station, error) {
 	}
 	var caKey crypto.Signer
 	if fc.CATPM != "" {
-		issuers, err := ReadCertificates(filepath.Join(cfg.Dir, fileCACert))
+		issuers, err := certpem.ReadFile(filepath.Join(cfg.Dir, fileCACert))
 		if err != nil {
 			return nil, err
 		}
@@ -312,7 +313,7 @@ func Open(cfg Config) (*Station, error) {
 	}
 	s.tpmRoots, s.tpmInter = x509.NewCertPool(), x509.NewCertPool()
 	if rb, err := os.ReadFile(filepath.Join(cfg.Dir, fileTPMRoots)); err == nil && len(rb) > 0 {
-		certs, err := ParsePEMCertificates(rb)
+		certs, err := certpem.Parse(rb)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", fileTPMRoots, err)
 		}

@@ -17,6 +17,7 @@ import (
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/buildinfo"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry"
 	"iotagent.dev/iotagent/tpm"
@@ -89,7 +90,7 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-func readCertFile(path string) ([]*x509.Certificate, error) { return enroll.ReadCertificates(path) }
+func readCertFile(path string) ([]*x509.Certificate, error) { return certpem.ReadFile(path) }
 
 // lockFile is held (flock) by the process that owns the state dir's
 // identity: iotagent run, or a one-shot enroll/renew.

@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/demobroker"
@@ -114,15 +115,11 @@ func cmdWatch(ctx context.Context, e *env, args []string) error {
 	}
 	if *caFile != "" {
 		var err error
-		if roots, err = station.ReadCertificates(*caFile); err != nil {
+		if roots, err = certpem.ReadFile(*caFile); err != nil {
 			return usageError{fmt.Errorf("watch: --ca: %w", err)}
 		}
 	}
-	pool := x509.NewCertPool()
-	for _, c := range roots {
-		pool.AddCert(c)
-	}
-	w, err := watch.New(watch.Config{Broker: *broker, Persistent: *persistent, TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12},
+	w, err := watch.New(watch.Config{Broker: *broker, Persistent: *persistent, TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: certpem.Pool(roots), MinVersion: tls.VersionTLS12},
 		Logger: slog.New(slog.NewTextHandler(e.stderr, nil))})
 	if err != nil {
 		return usageError{err}
@@ -161,7 +158,7 @@ func watchCredentials(ctx context.Context, dir string, issue bool) (tls.Certific
 	if err != nil {
 		return tls.Certificate{}, nil, err
 	}
-	roots, err := station.ParsePEMCertificates(trust)
+	roots, err := certpem.Parse(trust)
 	if err != nil {
 		return tls.Certificate{}, nil, fmt.Errorf("station CA certificates: %w", err)
 	}
@@ -199,8 +196,7 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 	if err != nil {
 		return nil, nil, err
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(s.TrustPEM())
+	pool := certpem.Pool(s.CACerts())
 	if sinkPath == "" {
 		sinkPath = filepath.Join(dir, "telemetry.jsonl")
 	}
@@ -221,14 +217,11 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 		}
 		roots := pool
 		if mqttCA != "" {
-			certs, err := station.ReadCertificates(mqttCA)
+			certs, err := certpem.ReadFile(mqttCA)
 			if err != nil {
 				return nil, nil, usageError{fmt.Errorf("--coap-mqtt-ca: %w", err)}
 			}
-			roots = x509.NewCertPool()
-			for _, c := range certs {
-				roots.AddCert(c)
-			}
+			roots = certpem.Pool(certs)
 		}
 		rp, err := republish.New(republish.Config{Broker: mqttURL, TLS: &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: roots, MinVersion: tls.VersionTLS12}})
 		if err != nil {

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/rungroup"
 	"iotagent.dev/iotagent/station"
 )
 
@@ -246,7 +247,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	parts := []func(context.Context) error{func(ctx context.Context) error { return s.Serve(ctx, l) }}
+	parts := []rungroup.Part{{Run: func(ctx context.Context) error { return s.Serve(ctx, l) }}}
 	var coapAddr string
 	if *coapListen != "" {
 		c, closeSinks, err := newCollector(s, *dir, *coapListen, *coapSink, *coapMQTT, *coapMQTTCA, *coapSAN, log)
@@ -261,32 +262,14 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		s.AddMetrics(c.Metrics)
-		parts = append(parts, c.Run)
+		parts = append(parts, rungroup.Part{Run: c.Run})
 		coapAddr = c.Addr().String()
 	}
 	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()), "coap", coapAddr)
 	if e.ready != nil {
 		e.ready(l.Addr().String())
 	}
-	return runAll(ctx, parts)
-}
-
-// runAll runs parts until ctx ends or one fails; the first failure stops
-// the others.
-func runAll(ctx context.Context, parts []func(context.Context) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errs := make(chan error, len(parts))
-	for _, p := range parts {
-		go func() { errs <- p(ctx); cancel() }()
-	}
-	var first error
-	for range parts {
-		if err := <-errs; err != nil && first == nil && !errors.Is(err, context.Canceled) {
-			first = err
-		}
-	}
-	return first
+	return rungroup.Run(ctx, parts...)
 }
 
 func cmdDevices(ctx context.Context, e *env, args []string) error {

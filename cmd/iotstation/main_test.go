@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -101,14 +102,14 @@ func TestStationCLI(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "issued broker") {
 		t.Fatalf("issue = %d, %q, %q", code, out, errs)
 	}
-	chain, err := station.ReadCertificates(prefix + ".crt")
+	chain, err := certpem.ReadFile(prefix + ".crt")
 	if err != nil || len(chain) != 2 || chain[0].Subject.CommonName != "broker" || len(chain[0].IPAddresses) != 1 {
 		t.Errorf("broker.crt = %d certificates, %v", len(chain), err)
 	}
 	if fi, err := os.Stat(prefix + ".key"); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("broker.key mode = %v, %v", fi.Mode().Perm(), err)
 	}
-	if trust, err := station.ReadCertificates(prefix + "-ca.pem"); err != nil || len(trust) != 2 {
+	if trust, err := certpem.ReadFile(prefix + "-ca.pem"); err != nil || len(trust) != 2 {
 		t.Errorf("broker-ca.pem = %d certificates, %v", len(trust), err)
 	}
 	code, _, errs = stationCLI(t, "issue", "--dir", dir, "--name", "x", "--server", "--out", prefix)
@@ -248,7 +249,7 @@ func tpmEnrollCLI(t *testing.T, dir, addr string) (int, string, *x509.Certificat
 	if err != nil {
 		t.Fatal(err)
 	}
-	roots, err := station.ReadCertificates(filepath.Join(dir, "root.crt"))
+	roots, err := certpem.ReadFile(filepath.Join(dir, "root.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/internal/testsync"
-	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -200,11 +200,11 @@ func TestInitCATPM(t *testing.T) {
 	if code, out, errs := stationCLI(t, "issue", "--dir", dir, "--name", "svc", "--out", prefix); code != 0 {
 		t.Fatalf("issue through the TPM-held CA = %d, %q, %q", code, out, errs)
 	}
-	certs, err := station.ReadCertificates(prefix + ".crt")
+	certs, err := certpem.ReadFile(prefix + ".crt")
 	if err != nil {
 		t.Fatal(err)
 	}
-	issuers, err := station.ReadCertificates(filepath.Join(dir, "ca.crt"))
+	issuers, err := certpem.ReadFile(filepath.Join(dir, "ca.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}

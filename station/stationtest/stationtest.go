@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -202,7 +203,5 @@ func (s *Station) ServiceCert(t testing.TB, name string, sans []string, server b
 // TrustPool is the station's trust bundle (TrustPEM) as a pool: what
 // verifies the devices and services it issued certificates to.
 func (s *Station) TrustPool() *x509.CertPool {
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(s.TrustPEM())
-	return pool
+	return certpem.Pool(s.CACerts())
 }
