@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"iotagent.dev/iotagent/agent/statedir"
 	"iotagent.dev/iotagent/internal/atomicfile"
 )
 
@@ -93,9 +94,6 @@ func (c *Clock) Trusted() time.Time {
 	return c.trustedLocked()
 }
 
-// clockFile is the state dir file holding the last trusted time.
-const clockFile = "clock.json"
-
 type clockJSON struct {
 	TrustedTime time.Time `json:"trusted_time"`
 }
@@ -103,7 +101,7 @@ type clockJSON struct {
 // LoadClockFloor reads the persisted trusted time from the state dir; zero
 // when there is none.
 func LoadClockFloor(dir string) (time.Time, error) {
-	b, err := os.ReadFile(dir + "/" + clockFile)
+	b, err := os.ReadFile(statedir.Dir(dir).Clock())
 	if errors.Is(err, os.ErrNotExist) {
 		return time.Time{}, nil
 	}
@@ -123,7 +121,7 @@ func LoadClockFloor(dir string) (time.Time, error) {
 func (c *Clock) PersistTo(dir string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.path = dir + "/" + clockFile
+	c.path = statedir.Dir(dir).Clock()
 }
 
 // saveEvery limits floor writes: flash wears, and an hour of drift in the

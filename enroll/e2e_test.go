@@ -614,3 +614,70 @@ func TestRenewalRefreshesIdentityRoots(t *testing.T) {
 		t.Error("after a renewal the identity's roots are not the station's current CA certificates")
 	}
 }
+
+// A key rotation in progress belongs to the state dir's owner: LoadState,
+// which iotagent status and renew call beside the running agent, changes
+// nothing. Only the owner (a Renewer, Enroll) completes or abandons a
+// rotation left by a crash. (LoadState used to delete a rotated key still
+// waiting for its certificate: a status call during a renewal made the
+// new certificate's key unloadable after the next restart.)
+func TestRotationRecoveryOnlyByTheOwner(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newDevice(t, tpmtest.Options{})
+	s := d.mustEnroll(t, st)
+	cur := filepath.Join(d.dir, "device-key.json")
+	next := filepath.Join(d.dir, "device-key.next.json")
+	pending, err := d.tpm.CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("rotated key awaiting its certificate", func(t *testing.T) {
+		if err := tpm.WriteKeyFile(next, pending); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := enroll.LoadState(d.dir); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(next); err != nil {
+			t.Fatalf("LoadState removed the rotation in progress: %v", err)
+		}
+		newRenewer(t, d, enroll.RenewerConfig{}).Close()
+		if _, err := os.Stat(next); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the owner kept a rotated key that never got its certificate: %v", err)
+		}
+	})
+
+	t.Run("certificate stored, key not yet renamed", func(t *testing.T) {
+		// The certified key waits as device-key.next.json; the old one is
+		// still in place.
+		if err := os.Rename(cur, next); err != nil {
+			t.Fatal(err)
+		}
+		if err := tpm.WriteKeyFile(cur, pending); err != nil {
+			t.Fatal(err)
+		}
+		got, err := enroll.LoadState(d.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want, _ := tpm.ReadKeyFile(next); !bytes.Equal(got.Key.Public, want.Public) {
+			t.Error("LoadState did not report the certified (rotated) key")
+		}
+		if _, err := os.Stat(next); err != nil {
+			t.Fatalf("LoadState completed the rotation itself: %v", err)
+		}
+		r := newRenewer(t, d, enroll.RenewerConfig{})
+		if _, err := os.Stat(next); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the owner did not complete the rotation: %v", err)
+		}
+		kf, err := tpm.ReadKeyFile(cur)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pk, _ := kf.PublicKey(); !pk.(*ecdsa.PublicKey).Equal(s.Leaf().PublicKey) {
+			t.Error("after recovery device-key.json is not the certified key")
+		}
+		r.Close()
+	})
+}

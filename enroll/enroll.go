@@ -16,13 +16,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
+	"iotagent.dev/iotagent/agent/statedir"
 	"iotagent.dev/iotagent/est"
-	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/tpm"
 )
@@ -223,7 +222,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = NewClock(nil)
 	}
-	if st, err := LoadState(cfg.Dir); err == nil {
+	if st, err := recoverState(cfg.Dir); err == nil {
 		if keyMatches(st.Leaf(), st.Key) && cfg.Clock.Now().Before(st.Leaf().NotAfter) {
 			return &EnrollResult{State: st, Already: true}, nil
 		}
@@ -238,7 +237,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	if err := tpm.CheckWritableDir(cfg.Dir); err != nil {
 		return nil, err
 	}
-	kf, _, err := cfg.TPM.EnsureKey(filepath.Join(cfg.Dir, KeyFile), tpm.KeyOptions{})
+	kf, _, err := cfg.TPM.EnsureKey(statedir.Dir(cfg.Dir).DeviceKey(), tpm.KeyOptions{})
 	if err != nil {
 		return nil, err
 	}
@@ -292,7 +291,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	if err := cfg.Clock.Save(true); err != nil {
 		log.Warn("saving trusted time", "err", err)
 	}
-	st, err := LoadState(cfg.Dir)
+	st, err := recoverState(cfg.Dir)
 	if err != nil {
 		return nil, err
 	}
@@ -333,9 +332,4 @@ func tokenEnroll(ctx context.Context, c *Client, key *tpm.Key, token string) (*x
 		return nil, fmt.Errorf("signing CSR in the TPM: %w", err)
 	}
 	return c.SimpleEnroll(ctx, csr, id, secret)
-}
-
-// removeKeyFile deletes a key file that never got a certificate.
-func removeKeyFile(dir, name string) error {
-	return atomicfile.Remove(filepath.Join(dir, name))
 }

@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"path/filepath"
 	"sync"
 	"time"
 
+	"iotagent.dev/iotagent/agent/statedir"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/tpm"
@@ -87,7 +87,7 @@ type Renewer struct {
 
 // NewRenewer loads the enrolled state from cfg.Dir and the current key.
 func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
-	st, err := LoadState(cfg.Dir)
+	st, err := recoverState(cfg.Dir)
 	if err != nil {
 		return nil, err
 	}
@@ -365,17 +365,17 @@ func (r *Renewer) tpmRenew(ctx context.Context, ek *tpm.EK, newKey, mtls bool) (
 		if kf, err = r.cfg.TPM.CreateKey(); err != nil {
 			return err
 		}
-		if err := tpm.WriteKeyFile(filepath.Join(r.cfg.Dir, nextKeyFile), kf); err != nil {
+		if err := tpm.WriteKeyFile(statedir.Dir(r.cfg.Dir).NextDeviceKey(), kf); err != nil {
 			return err
 		}
 		if key, err = r.cfg.TPM.LoadKey(kf); err != nil {
-			removeKeyFile(r.cfg.Dir, nextKeyFile)
+			atomicfile.Remove(statedir.Dir(r.cfg.Dir).NextDeviceKey())
 			return err
 		}
 		defer func() {
 			if err != nil {
 				key.Close()
-				removeKeyFile(r.cfg.Dir, nextKeyFile)
+				atomicfile.Remove(statedir.Dir(r.cfg.Dir).NextDeviceKey())
 			}
 		}()
 	}
@@ -404,7 +404,7 @@ func (r *Renewer) install(chain, trust []*x509.Certificate, key *tpm.Key, kf *tp
 			return err
 		}
 	}
-	st, err := LoadState(r.cfg.Dir)
+	st, err := recoverState(r.cfg.Dir)
 	if err != nil {
 		return err
 	}
@@ -433,7 +433,7 @@ func (r *Renewer) movePersistentHandle(old *tpm.KeyFile, key *tpm.Key) {
 		r.log.Warn("persisting the rotated key", "handle", tpm.FormatHandle(h), "err", err)
 		return
 	}
-	if err := tpm.WriteKeyFile(filepath.Join(r.cfg.Dir, KeyFile), kf); err != nil {
+	if err := tpm.WriteKeyFile(statedir.Dir(r.cfg.Dir).DeviceKey(), kf); err != nil {
 		r.log.Warn("recording the rotated key's persistent handle", "err", err)
 	}
 	atomicfile.SyncDir(r.cfg.Dir)

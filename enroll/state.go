@@ -7,24 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
+	"iotagent.dev/iotagent/agent/statedir"
 	"iotagent.dev/iotagent/internal/atomicfile"
 	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/tpm"
-)
-
-// Files in the agent's state dir (0700; files 0600, replaced atomically).
-const (
-	// KeyFile is the current device key (see tpm.KeyFile).
-	KeyFile = "device-key.json"
-	// nextKeyFile is a rotated key waiting for its certificate.
-	nextKeyFile    = "device-key.next.json"
-	certFile       = "cert.pem"  // device certificate, then the issuing chain
-	trustFile      = "trust.pem" // the station's CA certificates (from /cacerts)
-	enrollmentFile = "enrollment.json"
-	renewalFile    = "renewal.json"
 )
 
 // ErrNotEnrolled: the state dir holds no certificate yet.
@@ -65,42 +53,58 @@ func keyMatches(c *x509.Certificate, kf *tpm.KeyFile) bool {
 	return ok && eq.Equal(c.PublicKey)
 }
 
-// LoadState reads the state dir. It finishes a key rotation interrupted
-// between storing the new certificate and renaming the new key into
-// place, and drops a rotated key whose certificate never came.
-func LoadState(dir string) (*State, error) {
-	chain, err := certpem.ReadFile(filepath.Join(dir, certFile))
+// LoadState reads the state dir without changing it: it is safe while
+// another process (the running agent) owns the directory and is in the
+// middle of a key rotation. If a rotation was interrupted after the
+// certificate for the new key was stored, the State's key is the rotated
+// one; the owner completes the rotation when it loads the state.
+func LoadState(dir string) (*State, error) { return loadState(dir, false) }
+
+// recoverState is LoadState for the owner of the state dir (who holds its
+// lock): it finishes a key rotation interrupted between storing the new
+// certificate and renaming the new key into place, and drops a rotated key
+// whose certificate never came. Only the owner may: to anyone else, a
+// rotated key without its certificate is a rotation in progress.
+func recoverState(dir string) (*State, error) { return loadState(dir, true) }
+
+func loadState(dir string, recover bool) (*State, error) {
+	chain, err := certpem.ReadFile(statedir.Dir(dir).Certificate())
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%w: no certificate in %s (run iotagent enroll)", ErrNotEnrolled, dir)
 	}
 	if err != nil {
 		return nil, err
 	}
-	if err := recoverRotation(dir, chain[0]); err != nil {
-		return nil, err
+	keyFile := statedir.Dir(dir).DeviceKey()
+	if recover {
+		if err := recoverRotation(dir, chain[0]); err != nil {
+			return nil, err
+		}
+	} else if next, err := tpm.ReadKeyFile(statedir.Dir(dir).NextDeviceKey()); err == nil && keyMatches(chain[0], next) {
+		keyFile = statedir.Dir(dir).NextDeviceKey()
 	}
-	kf, err := tpm.ReadKeyFile(filepath.Join(dir, KeyFile))
+	kf, err := tpm.ReadKeyFile(keyFile)
 	if err != nil {
 		return nil, err
 	}
-	trust, err := certpem.ReadFile(filepath.Join(dir, trustFile))
+	trust, err := certpem.ReadFile(statedir.Dir(dir).Trust())
 	if err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(filepath.Join(dir, enrollmentFile))
+	b, err := os.ReadFile(statedir.Dir(dir).Enrollment())
 	if err != nil {
 		return nil, err
 	}
 	var en Enrollment
 	if err := json.Unmarshal(b, &en); err != nil {
-		return nil, fmt.Errorf("%s: %w", enrollmentFile, err)
+		return nil, fmt.Errorf("%s: %w", statedir.Dir(dir).Enrollment(), err)
 	}
 	return &State{Dir: dir, Key: kf, Chain: chain, Trust: trust, Enrollment: en}, nil
 }
 
 // recoverRotation completes or abandons a rotation left by a crash.
 func recoverRotation(dir string, leaf *x509.Certificate) error {
-	next := filepath.Join(dir, nextKeyFile)
+	next := statedir.Dir(dir).NextDeviceKey()
 	kf, err := tpm.ReadKeyFile(next)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -116,7 +120,7 @@ func recoverRotation(dir string, leaf *x509.Certificate) error {
 
 // commitKey renames the rotated key into place.
 func commitKey(dir string) error {
-	if err := os.Rename(filepath.Join(dir, nextKeyFile), filepath.Join(dir, KeyFile)); err != nil {
+	if err := os.Rename(statedir.Dir(dir).NextDeviceKey(), statedir.Dir(dir).DeviceKey()); err != nil {
 		return fmt.Errorf("installing rotated key: %w", err)
 	}
 	return atomicfile.SyncDir(dir)
@@ -130,13 +134,13 @@ func saveIdentity(dir string, chain, trust []*x509.Certificate, en Enrollment) e
 	if err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, enrollmentFile), append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(statedir.Dir(dir).Enrollment(), append(b, '\n'), 0o600); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, trustFile), certpem.Encode(trust...), 0o600); err != nil {
+	if err := atomicfile.Write(statedir.Dir(dir).Trust(), certpem.Encode(trust...), 0o600); err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, certFile), certpem.Encode(chain...), 0o600)
+	return atomicfile.Write(statedir.Dir(dir).Certificate(), certpem.Encode(chain...), 0o600)
 }
 
 // RenewalStatus is what the renewer last did, for iotagent status.
@@ -153,7 +157,7 @@ type RenewalStatus struct {
 // LoadRenewalStatus reads the renewer's status; zero when none.
 func LoadRenewalStatus(dir string) (RenewalStatus, error) {
 	var rs RenewalStatus
-	b, err := os.ReadFile(filepath.Join(dir, renewalFile))
+	b, err := os.ReadFile(statedir.Dir(dir).RenewalStatus())
 	if errors.Is(err, os.ErrNotExist) {
 		return rs, nil
 	}
@@ -168,5 +172,5 @@ func saveRenewalStatus(dir string, rs RenewalStatus) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, renewalFile), append(b, '\n'), 0o600)
+	return atomicfile.Write(statedir.Dir(dir).RenewalStatus(), append(b, '\n'), 0o600)
 }

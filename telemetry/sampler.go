@@ -248,8 +248,10 @@ func meminfo(path string) (map[string]float64, error) {
 // AgentStats is what the agent reports about itself; the agent wires
 // each field to the part that knows it.
 type AgentStats struct {
-	TLS            *TLSStats
-	TPMSignatures  func() uint64
+	TLS           *TLSStats
+	TPMSignatures func() uint64
+	// CertNotAfter is the device certificate's expiry; zero while the
+	// device has none (not enrolled yet).
 	CertNotAfter   func() time.Time
 	RenewalsOK     func() uint64
 	RenewalsFailed func() uint64
@@ -284,7 +286,9 @@ func AgentSource(a AgentStats) Source {
 			p = append(p, num("agent.tpm.signatures", "", float64(a.TPMSignatures())))
 		}
 		if a.CertNotAfter != nil {
-			p = append(p, num("agent.cert.expiry", "s", a.CertNotAfter().Sub(now).Seconds()))
+			if na := a.CertNotAfter(); !na.IsZero() {
+				p = append(p, num("agent.cert.expiry", "s", na.Sub(now).Seconds()))
+			}
 		}
 		if a.RenewalsOK != nil {
 			p = append(p, num("agent.renewals.ok", "", float64(a.RenewalsOK())))

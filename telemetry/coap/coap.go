@@ -133,20 +133,30 @@ var errRenewed = errors.New("device certificate renewed")
 // link is down) or that the collector refused.
 var errSessionLost = errors.New("session lost")
 
-// New checks cfg. It does not resolve the collector's host: Run does, at
-// each connection attempt.
-func New(cfg Config) (*Uplink, error) {
-	u, err := url.Parse(cfg.URL)
+// ParseURL checks a coaps://HOST[:PORT] URL and returns its host and port
+// (default DefaultPort). The host is not resolved.
+func ParseURL(raw string) (host string, port int, err error) {
+	u, err := url.Parse(raw)
 	if err != nil || u.Scheme != "coaps" || u.Hostname() == "" {
-		return nil, fmt.Errorf("uplink URL %q: want coaps://HOST[:PORT]", cfg.URL)
+		return "", 0, fmt.Errorf("uplink URL %q: want coaps://HOST[:PORT]", raw)
 	}
 	portText := u.Port()
 	if portText == "" {
 		portText = DefaultPort
 	}
-	port, err := strconv.Atoi(portText)
+	port, err = strconv.Atoi(portText)
 	if err != nil || port <= 0 || port > 65535 {
-		return nil, fmt.Errorf("uplink URL %q: port %q is not a UDP port", cfg.URL, portText)
+		return "", 0, fmt.Errorf("uplink URL %q: port %q is not a UDP port", raw, portText)
+	}
+	return u.Hostname(), port, nil
+}
+
+// New checks cfg. It does not resolve the collector's host: Run does, at
+// each connection attempt.
+func New(cfg Config) (*Uplink, error) {
+	host, port, err := ParseURL(cfg.URL)
+	if err != nil {
+		return nil, err
 	}
 	if cfg.Identity == nil {
 		return nil, errors.New("CoAP uplink: no device identity")
@@ -181,7 +191,7 @@ func New(cfg Config) (*Uplink, error) {
 	if cfg.Stats == nil {
 		cfg.Stats = &telemetry.TLSStats{}
 	}
-	up := &Uplink{cfg: cfg, log: cfg.Logger, host: u.Hostname(), port: port,
+	up := &Uplink{cfg: cfg, log: cfg.Logger, host: host, port: port,
 		link: telemetry.NewLink[*session](), rng: mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))}
 	up.nextMID = uint16(up.rng.Uint32())
 	if up.log == nil {

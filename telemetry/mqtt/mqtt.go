@@ -95,23 +95,33 @@ func (m *Uplink) Attempts() int {
 	return m.attempts
 }
 
-// New checks cfg and fills defaults.
-func New(cfg Config) (*Uplink, error) {
-	u, err := url.Parse(cfg.URL)
+// ParseURL checks an mqtts://HOST[:PORT] URL (also accepted: ssl://,
+// tls://) and returns the broker's HOST:PORT (default port 8883) and host.
+func ParseURL(raw string) (addr, host string, err error) {
+	u, err := url.Parse(raw)
 	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("uplink URL %q: want mqtts://HOST:PORT", cfg.URL)
+		return "", "", fmt.Errorf("uplink URL %q: want mqtts://HOST:PORT", raw)
 	}
 	switch u.Scheme {
 	case "mqtts", "ssl", "tls":
 	default:
-		return nil, fmt.Errorf("uplink URL %q: scheme %q is not MQTT over TLS (want mqtts://)", cfg.URL, u.Scheme)
+		return "", "", fmt.Errorf("uplink URL %q: scheme %q is not MQTT over TLS (want mqtts://)", raw, u.Scheme)
+	}
+	addr = u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "8883")
+	}
+	return addr, u.Hostname(), nil
+}
+
+// New checks cfg and fills defaults.
+func New(cfg Config) (*Uplink, error) {
+	addr, host, err := ParseURL(cfg.URL)
+	if err != nil {
+		return nil, err
 	}
 	if cfg.Identity == nil {
 		return nil, errors.New("MQTT uplink: no device identity")
-	}
-	addr := u.Host
-	if u.Port() == "" {
-		addr = net.JoinHostPort(u.Hostname(), "8883")
 	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {
@@ -134,7 +144,7 @@ func New(cfg Config) (*Uplink, error) {
 	if cfg.Rand == nil {
 		cfg.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
-	m := &Uplink{cfg: cfg, log: cfg.Logger, addr: addr, host: u.Hostname(), link: telemetry.NewLink[paho.Client]()}
+	m := &Uplink{cfg: cfg, log: cfg.Logger, addr: addr, host: host, link: telemetry.NewLink[paho.Client]()}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}
