@@ -41,10 +41,11 @@ run ./enroll . 20x
 run ./store . 1s
 # Telemetry: ingest→queue→MQTT→subscriber vs raw paho QoS 1 (same broker,
 # same run); TPM signatures per reconnect.
-run ./telemetry 'IngestToSubscriber|RawPahoQoS1' 10x
-run ./telemetry 'ReconnectTPMSignatures' 5x
+run ./telemetry/mqtt 'IngestToSubscriber|RawPahoQoS1' 10x
+run ./telemetry/mqtt 'ReconnectTPMSignatures' 5x
 # CoAP/DTLS: records/s at 0% and 10% loss, datagrams per 1000 records,
-# wire bytes per record vs MQTT/JSON, DTLS handshake TPM vs software key.
+# wire bytes per record vs MQTT/JSON; DTLS handshake TPM vs software key.
+run ./telemetry/coap . 10x
 run ./dtls . 10x
 # Agent process at 1000 records/s: disk bytes per record, RSS.
 COUNT=3 run ./cmd/iotagent 'AgentSteady1000' 1x

@@ -181,8 +181,10 @@ EOF
 	bg iotagent run --config "$W/gw$i/config.toml" 2>"$W/gw$i/agent.log"
 done
 for i in $(seq 1 $DEVICES); do
-	wait_for 60 "gateway $i to enroll and open its ingest socket" test -S "$W/gw$i/run/ingest.sock"
-	echo "gw$i: $(iotagent --state-dir "$W/gw$i/state" status --ingest-socket "$W/gw$i/run/ingest.sock" | head -1)"
+	# Ingest opens at once; the certificate comes with the first enrollment.
+	wait_for 60 "gateway $i to open its ingest socket" test -S "$W/gw$i/run/ingest.sock"
+	wait_for 60 "gateway $i to enroll" test -f "$W/gw$i/state/cert.pem"
+	echo "gw$i: $(iotagent --config "$W/gw$i/config.toml" status | head -1)"
 done
 
 say "streaming for ${DURATION}s: each gateway sends a reading every 50 ms"
@@ -193,7 +195,7 @@ for i in $(seq 1 $DEVICES); do
 			printf '[{"bn":"gw%d/","n":"temp","u":"Cel","v":%d.%d},{"n":"seq","v":%d}]\n' "$i" $((18 + RANDOM % 8)) $((RANDOM % 10)) $n
 			n=$((n + 1)); sleep 0.05
 		done
-	) | iotagent send --socket "$W/gw$i/run/ingest.sock" - >"$W/gw$i/send.out" 2>"$W/gw$i/send.err" &
+	) | iotagent --config "$W/gw$i/config.toml" send - >"$W/gw$i/send.out" 2>"$W/gw$i/send.err" &
 	PIDS+=($!)
 done
 sleep $((DURATION / 2))
@@ -207,7 +209,7 @@ say "draining: waiting for every queue to empty"
 sleep 2
 for i in $(seq 1 $DEVICES); do
 	wait_for 60 "gateway $i's queue to drain" bash -c \
-		"iotagent --state-dir '$W/gw$i/state' status --json --ingest-socket '$W/gw$i/run/ingest.sock' | grep -q '\"queue_depth\": 0,'"
+		"iotagent --config '$W/gw$i/config.toml' status --json | grep -q '\"queue_depth\": 0,'"
 done
 sleep 2
 cp "$W"/gw*/run/status.json "$W" 2>/dev/null || true

@@ -128,8 +128,8 @@ type localAdmin struct{ s *Station }
 func (l localAdmin) Devices(context.Context) ([]Device, error)  { return l.s.Devices() }
 func (l localAdmin) Revoke(_ context.Context, id string) error  { return l.s.Revoke(id) }
 func (l localAdmin) Approve(_ context.Context, id string) error { return l.s.Approve(id) }
-func (l localAdmin) IssueService(_ context.Context, r ServiceRequest) (*ServiceCert, error) {
-	return l.s.IssueService(r.Name, r.SANs, r.Server, r.Lifetime)
+func (l localAdmin) IssueService(ctx context.Context, r ServiceRequest) (*ServiceCert, error) {
+	return l.s.IssueService(ctx, r)
 }
 func (l localAdmin) TrustPEM(context.Context) ([]byte, error) { return l.s.TrustPEM(), nil }
 func (l localAdmin) CreateToken(_ context.Context, id string, ttl time.Duration) (Token, error) {
@@ -182,7 +182,7 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 			adminReply(w, nil, err)
 			return
 		}
-		c, err := s.IssueService(req.Name, req.SANs, req.Server, req.Lifetime)
+		c, err := s.IssueService(r.Context(), req)
 		adminReply(w, c, err)
 	})
 	mux.HandleFunc("GET /trust", func(w http.ResponseWriter, r *http.Request) {

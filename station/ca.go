@@ -1,6 +1,7 @@
 package station
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -276,19 +277,19 @@ type ServiceRequest struct {
 	Lifetime time.Duration `json:"lifetime"`
 }
 
-// IssueService issues a certificate for a service named cn: with server,
-// a TLS server certificate for sans (DNS names or IPs); otherwise a client
-// certificate (for example a backend subscriber reading every device's
-// telemetry). Services are not devices: their names are reserved in the
-// registry, so no device can ever enroll under one. The decision is
-// audited either way.
-func (s *Station) IssueService(cn string, sans []string, server bool, lifetime time.Duration) (*ServiceCert, error) {
-	c, err := s.issueService(cn, sans, server, lifetime)
+// IssueService issues a certificate for the service r names: with
+// r.Server, a TLS server certificate for r.SANs (DNS names or IPs);
+// otherwise a client certificate (for example a backend subscriber reading
+// every device's telemetry). Services are not devices: their names are
+// reserved in the registry, so no device can ever enroll under one. The
+// decision is audited either way. It is Admin.IssueService, in process.
+func (s *Station) IssueService(_ context.Context, r ServiceRequest) (*ServiceCert, error) {
+	c, err := s.issueService(r.Name, r.SANs, r.Server, r.Lifetime)
 	serial := ""
 	if err == nil {
 		serial = serialHex(c.Cert.SerialNumber)
 	}
-	s.auditAdmin("issue-service", cn, serial, err)
+	s.auditAdmin("issue-service", r.Name, serial, err)
 	return c, err
 }
 

@@ -785,7 +785,7 @@ func TestHoldForApproval(t *testing.T) {
 // is a device's or a service's, never both.
 func TestServiceAndDeviceNamesNeverOverlap(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, Lenient: true})
-	if _, err := st.IssueService("gw-svc", nil, false, time.Hour); err != nil {
+	if _, err := st.IssueService(context.Background(), station.ServiceRequest{Name: "gw-svc", Lifetime: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := st.CreateToken("gw-svc", time.Hour); err == nil || !strings.Contains(err.Error(), "name of a station service") {
@@ -793,7 +793,7 @@ func TestServiceAndDeviceNamesNeverOverlap(t *testing.T) {
 	}
 	d := newTPMDevice(t, 0)
 	_, cert := enrolledClient(t, st, d)
-	if _, err := st.IssueService(cert.Subject.CommonName, nil, false, time.Hour); err == nil || !strings.Contains(err.Error(), "is a device ID") {
+	if _, err := st.IssueService(context.Background(), station.ServiceRequest{Name: cert.Subject.CommonName, Lifetime: time.Hour}); err == nil || !strings.Contains(err.Error(), "is a device ID") {
 		t.Errorf("service certificate under a device's ID = %v, want refused", err)
 	}
 }
@@ -1027,7 +1027,7 @@ func TestIssuingCAKeyInTPM(t *testing.T) {
 	if devs, err := s.Devices(); err != nil || len(devs) != 1 {
 		t.Errorf("Devices without signing = %d, %v; want the registry readable", len(devs), err)
 	}
-	if _, err := s.IssueService("svc", nil, false, time.Hour); !errors.Is(err, tpm.ErrWrongTPM) {
+	if _, err := s.IssueService(context.Background(), station.ServiceRequest{Name: "svc", Lifetime: time.Hour}); !errors.Is(err, tpm.ErrWrongTPM) {
 		t.Errorf("IssueService with another TPM = %v, want ErrWrongTPM", err)
 	}
 }

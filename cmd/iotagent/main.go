@@ -1,11 +1,14 @@
 // Command iotagent is the gateway agent: a TPM-bound device identity, its
-// certificate, and telemetry uplinks.
+// certificate, and telemetry uplinks. The agent itself is package agent;
+// this command reads flags and the configuration file, handles signals and
+// prints.
 //
 // Usage:
 //
-//	iotagent [--tpm SPEC] [--state-dir DIR] COMMAND [flags]
+//	iotagent [--config FILE] [--tpm SPEC] [--state-dir DIR] [--ingest-socket PATH] COMMAND [flags]
 //
-// Exit status: 0 on success, 1 on a runtime failure, 2 on a usage error.
+// Exit status: 0 on success, 1 on a runtime failure, 2 on a usage error
+// (a bad flag or configuration).
 package main
 
 import (
@@ -19,6 +22,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"iotagent.dev/iotagent/agent"
 )
 
 func main() {
@@ -27,8 +32,6 @@ func main() {
 	stop()
 	os.Exit(code)
 }
-
-var errHelp = flag.ErrHelp
 
 // usageError marks an error as the caller's: exit status 2.
 type usageError struct{ err error }
@@ -40,23 +43,18 @@ func usagef(format string, args ...any) error {
 	return usageError{fmt.Errorf(format, args...)}
 }
 
-// env is what every command gets: global flags and standard streams.
+// env is what every command gets: the global flags and standard streams.
 type env struct {
-	tpmSpec  string
-	stateDir string
-	stdin    io.Reader
-	stdout   io.Writer
-	stderr   io.Writer
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
 	// now is the wall clock (tests set one that reads 1970).
 	now func() time.Time
-	// lock is the state dir lock, released when run returns.
-	lock *os.File
-	// stateDirSet records that --state-dir was given (it beats the
-	// config file).
-	stateDirSet bool
-}
 
-const defaultStateDir = "/var/lib/iotagent"
+	// The global flags; a flag given beats the configuration file.
+	configFile, tpmSpec, stateDir, socket string
+	tpmSet, stateDirSet, socketSet        bool
+}
 
 // command is one subcommand.
 type command struct {
@@ -82,12 +80,6 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 }
 
 func runWith(ctx context.Context, e *env, args []string) int {
-	stderr := e.stderr
-	defer func() {
-		if e.lock != nil {
-			e.lock.Close()
-		}
-	}()
 	fs := e.flagSet("iotagent")
 	err := quietParse(fs, args)
 	switch {
@@ -98,19 +90,16 @@ func runWith(ctx context.Context, e *env, args []string) int {
 	default:
 		err = dispatch(ctx, e, fs.Args())
 	}
-	switch {
-	case err == nil:
+	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return 0
-	case errors.Is(err, errHelp):
-		return 0
-	default:
-		fmt.Fprintf(stderr, "iotagent: %s\n", oneLine(err))
-		var ue usageError
-		if errors.As(err, &ue) {
-			return 2
-		}
-		return 1
 	}
+	fmt.Fprintf(e.stderr, "iotagent: %s\n", oneLine(err))
+	var ue usageError
+	var ce *agent.ConfigError
+	if errors.As(err, &ue) || errors.As(err, &ce) {
+		return 2
+	}
+	return 1
 }
 
 func dispatch(ctx context.Context, e *env, args []string) error {
@@ -131,14 +120,16 @@ func dispatch(ctx context.Context, e *env, args []string) error {
 }
 
 func topUsage(w io.Writer) {
-	fmt.Fprintln(w, "usage: iotagent [--tpm SPEC] [--state-dir DIR] COMMAND [flags]")
+	fmt.Fprintln(w, "usage: iotagent [--config FILE] [--tpm SPEC] [--state-dir DIR] [--ingest-socket PATH] COMMAND [flags]")
 	fmt.Fprintln(w, "\ncommands:")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.usage)
 	}
-	fmt.Fprintln(w, "\nglobal flags (also accepted after the command):")
-	fmt.Fprintln(w, "  --tpm SPEC        TPM: /dev/tpmrm0 (default), unix:PATH (swtpm socket), tcp:HOST:PORT")
-	fmt.Fprintln(w, "  --state-dir DIR   agent state (keys, certificates) (default /var/lib/iotagent)")
+	fmt.Fprintln(w, "\nglobal flags (also accepted after the command; each beats its key in the configuration):")
+	fmt.Fprintln(w, "  --config FILE         configuration (TOML; default "+agent.DefaultConfigFile+" when it exists)")
+	fmt.Fprintln(w, "  --tpm SPEC            TPM: /dev/tpmrm0 (default), unix:PATH (swtpm socket), tcp:HOST:PORT")
+	fmt.Fprintln(w, "  --state-dir DIR       agent state (keys, certificates, queue) (default /var/lib/iotagent)")
+	fmt.Fprintln(w, "  --ingest-socket PATH  the ingest socket; the status file is beside it (default /run/iotagent/ingest.sock)")
 }
 
 // flagSet returns a flag set named name that also takes the global flags,
@@ -147,12 +138,44 @@ func topUsage(w io.Writer) {
 func (e *env) flagSet(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(e.stdout)
-	if e.stateDir == "" {
-		e.stateDir = defaultStateDir
-	}
-	fs.StringVar(&e.tpmSpec, "tpm", e.tpmSpec, "TPM `SPEC`: /dev/tpmrm0, unix:PATH or tcp:HOST:PORT")
+	fs.Var(&trackedString{p: &e.configFile}, "config", "configuration `FILE` (TOML)")
+	fs.Var(&trackedString{&e.tpmSpec, &e.tpmSet}, "tpm", "TPM `SPEC`: /dev/tpmrm0, unix:PATH or tcp:HOST:PORT")
 	fs.Var(&trackedString{&e.stateDir, &e.stateDirSet}, "state-dir", "agent state `DIR`")
+	fs.Var(&trackedString{&e.socket, &e.socketSet}, "ingest-socket", "ingest socket `PATH`")
 	return fs
+}
+
+// config is the configuration file (--config, or the default one when it
+// exists) with the global flags over it.
+func (e *env) config() (*agent.Config, error) {
+	c, err := agent.LoadDefaultConfig(e.configFile)
+	if err != nil {
+		return nil, err
+	}
+	if e.tpmSet {
+		c.TPM = e.tpmSpec
+	}
+	if e.stateDirSet {
+		c.StateDir = e.stateDir
+	}
+	if e.socketSet {
+		c.Ingest.Socket = e.socket
+	}
+	c.LogOutput, c.Now = e.stderr, e.now
+	return c, nil
+}
+
+// agent is the agent of the configuration, after edit applied the
+// command's own flags to it.
+func (e *env) agent(edit func(*agent.Config)) (*agent.Agent, error) {
+	c, err := e.config()
+	if err != nil {
+		return nil, err
+	}
+	if edit != nil {
+		edit(c)
+	}
+	return agent.New(*c)
 }
 
 // trackedString is a string flag that remembers whether it was set.
@@ -169,7 +192,10 @@ func (t *trackedString) String() string {
 }
 
 func (t *trackedString) Set(v string) error {
-	*t.p, *t.set = v, true
+	*t.p = v
+	if t.set != nil {
+		*t.set = true
+	}
 	return nil
 }
 

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -17,8 +16,8 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 
-// agent runs the CLI in-process and returns exit code, stdout and stderr.
-func agent(t *testing.T, args ...string) (int, string, string) {
+// cli runs iotagent in-process and returns exit code, stdout and stderr.
+func cli(t *testing.T, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errb bytes.Buffer
 	code := run(context.Background(), args, strings.NewReader(""), &out, &errb)
@@ -45,7 +44,7 @@ func TestKeygenAndInfo(t *testing.T) {
 	sim := tpmtest.New(t)
 	state := filepath.Join(t.TempDir(), "state")
 
-	code, out, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen")
+	code, out, errs := cli(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen")
 	if code != 0 || !strings.Contains(out, "created device key") {
 		t.Fatalf("keygen = %d, %q, %q; want 0 and 'created device key'", code, out, errs)
 	}
@@ -56,7 +55,7 @@ func TestKeygenAndInfo(t *testing.T) {
 	first, _ := os.ReadFile(filepath.Join(state, "device-key.json"))
 
 	// Idempotent, and flags work after the command too.
-	code, out, _ = agent(t, "tpm", "keygen", "--tpm", sim.Spec, "--state-dir", state)
+	code, out, _ = cli(t, "tpm", "keygen", "--tpm", sim.Spec, "--state-dir", state)
 	if code != 0 || !strings.Contains(out, "device key exists") {
 		t.Fatalf("second keygen = %d, %q; want 0 and 'device key exists'", code, out)
 	}
@@ -64,7 +63,7 @@ func TestKeygenAndInfo(t *testing.T) {
 		t.Error("second keygen changed the key file")
 	}
 
-	code, out, errs = agent(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "info", "--json")
+	code, out, errs = cli(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "info", "--json")
 	if code != 0 {
 		t.Fatalf("tpm info = %d, %s", code, errs)
 	}
@@ -107,17 +106,17 @@ func TestKeygenAndInfo(t *testing.T) {
 	}
 
 	// Persisting an existing key keeps it and records the handle.
-	code, out, errs = agent(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen", "--persist", "0x81000020")
+	code, out, errs = cli(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen", "--persist", "0x81000020")
 	if code != 0 || !strings.Contains(out, "persistent handle 0x81000020") {
 		t.Fatalf("keygen --persist = %d, %q, %q", code, out, errs)
 	}
-	_, out, _ = agent(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "info", "--json")
+	_, out, _ = cli(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "info", "--json")
 	if !strings.Contains(out, `"handle": "0x81000020"`) || !strings.Contains(out, dk.PublicSHA256) {
 		t.Errorf("info after --persist lacks the handle or changed key:\n%s", out)
 	}
 
 	// --force replaces the key.
-	code, out, _ = agent(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen", "--force")
+	code, out, _ = cli(t, "--tpm", sim.Spec, "--state-dir", state, "tpm", "keygen", "--force")
 	if code != 0 || !strings.Contains(out, "created device key") || strings.Contains(out, dk.PublicSHA256) {
 		t.Errorf("keygen --force = %d, %q; want a new key", code, out)
 	}
@@ -128,7 +127,7 @@ func TestBadInput(t *testing.T) {
 	other := tpmtest.Start(t, tpmtest.Options{Identity: 1})
 
 	goodState := filepath.Join(t.TempDir(), "good")
-	if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", goodState, "tpm", "keygen"); code != 0 {
+	if code, _, errs := cli(t, "--tpm", sim.Spec, "--state-dir", goodState, "tpm", "keygen"); code != 0 {
 		t.Fatalf("keygen: %s", errs)
 	}
 	goodKey, _ := os.ReadFile(filepath.Join(goodState, "device-key.json"))
@@ -168,7 +167,7 @@ func TestBadInput(t *testing.T) {
 			parent := filepath.Dir(tc.state)
 			before := tree(t, parent)
 			args := append([]string{"--tpm", tc.tpm, "--state-dir", tc.state}, tc.args...)
-			code, _, errs := agent(t, args...)
+			code, _, errs := cli(t, args...)
 			if code != tc.wantCode {
 				t.Errorf("exit code = %d, want %d (stderr %q)", code, tc.wantCode, errs)
 			}
@@ -184,39 +183,8 @@ func TestBadInput(t *testing.T) {
 }
 
 func TestVersion(t *testing.T) {
-	code, out, _ := agent(t, "version")
+	code, out, _ := cli(t, "version")
 	if code != 0 || !strings.Contains(out, runtime.Version()) || !strings.Contains(out, "iotagent ") {
 		t.Errorf("version = %d, %q", code, out)
-	}
-}
-
-// The agent binary carries no test code, no test fixtures and no server
-// code: its size is a product feature.
-func TestAgentDependencies(t *testing.T) {
-	out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go list: %v\n%s", err, out)
-	}
-	deps := strings.Fields(string(out))
-	if len(deps) < 10 {
-		t.Fatalf("go list -deps returned %d packages; the check would prove nothing", len(deps))
-	}
-	forbidden := []string{
-		"testing",
-		"iotagent.dev/iotagent/tpm/tpmtest",
-		"iotagent.dev/iotagent/internal/testdirs",
-		"iotagent.dev/iotagent/station/mqtttest",
-		"iotagent.dev/iotagent/station/collector",
-		"iotagent.dev/iotagent/internal/udpproxy",
-		"iotagent.dev/iotagent/station",
-		"github.com/mochi-mqtt/server/v2",
-		"github.com/google/go-tpm-tools/simulator",
-	}
-	for _, d := range deps {
-		for _, f := range forbidden {
-			if d == f || strings.HasPrefix(d, f+"/") {
-				t.Errorf("iotagent links forbidden package %s", d)
-			}
-		}
 	}
 }

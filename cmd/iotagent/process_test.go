@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/agent"
 	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
@@ -174,8 +175,8 @@ func TestAgentKilledMidStreamLosesNothing(t *testing.T) {
 			if p.err != nil {
 				t.Errorf("iotagent exited with %v after SIGTERM:\n%s", p.err, p.out)
 			}
-		case <-time.After(shutdownGrace + time.Second):
-			t.Fatalf("iotagent did not stop within %v of SIGTERM", shutdownGrace)
+		case <-time.After(agent.ShutdownGrace + time.Second):
+			t.Fatalf("iotagent did not stop within %v of SIGTERM", agent.ShutdownGrace)
 		}
 		dups := 0
 		for _, s := range want {
@@ -188,8 +189,8 @@ func TestAgentKilledMidStreamLosesNothing(t *testing.T) {
 		}
 	}
 	// The queue file is intact and empty after the clean stop.
-	code, out, errs := agent(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
-	var s statusJSON
+	code, out, errs := cli(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
+	var s agent.Status
 	if code != 0 || json.Unmarshal([]byte(out), &s) != nil {
 		t.Fatalf("status = %d %s %s", code, out, errs)
 	}
@@ -199,7 +200,7 @@ func TestAgentKilledMidStreamLosesNothing(t *testing.T) {
 }
 
 // SIGTERM while the uplink cannot deliver: the agent stops cleanly within
-// shutdownGrace and every record ingest acknowledged is still in the
+// agent.ShutdownGrace and every record ingest acknowledged is still in the
 // queue, delivered once the link is back. Two faults between agent and
 // broker: the broker unreachable (the connection cut, new ones refused:
 // the uplink reconnects with backoff) and a silent partition (the
@@ -223,7 +224,7 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 			p := startAgent(t, bin, args...)
 			// The collectors' first records are delivered before the fault,
 			// so the queue then holds exactly what this test ingests.
-			waitStatus(t, state, sock, "uplink connected, queue empty", func(s statusJSON) bool {
+			waitStatus(t, state, sock, "uplink connected, queue empty", func(s agent.Status) bool {
 				return s.Running && s.Uplink == "connected" && s.QueueDepth == 0
 			})
 			tc.fault(px)
@@ -256,7 +257,7 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 			for _, q := range seqs {
 				dups += got[q] - 1
 			}
-			waitStatus(t, state, sock, "queue drained after the restart", func(s statusJSON) bool { return s.Running && s.QueueDepth == 0 })
+			waitStatus(t, state, sock, "queue drained after the restart", func(s agent.Status) bool { return s.Running && s.QueueDepth == 0 })
 			stopAgent(t, p)
 			t.Logf("%d records queued behind the fault; SIGTERM exit in %v; all delivered after the restart, %d duplicates",
 				n, took.Round(time.Millisecond), dups)
@@ -271,7 +272,7 @@ func enrolledRun(t *testing.T, st *stationtest.Station, uplink string) (state, s
 	t.Helper()
 	sim := tpmtest.New(t)
 	state = filepath.Join(t.TempDir(), "state")
-	if code, _, errs := agent(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
+	if code, _, errs := cli(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
 		t.Fatalf("enroll: %s", errs)
 	}
 	sockDir, err := os.MkdirTemp("", "agent") // short: unix socket paths are limited
@@ -288,7 +289,7 @@ func enrolledRun(t *testing.T, st *stationtest.Station, uplink string) (state, s
 }
 
 // stopAgent sends SIGTERM and requires a successful exit within
-// shutdownGrace; it returns how long the agent took.
+// agent.ShutdownGrace; it returns how long the agent took.
 func stopAgent(t *testing.T, p *agentProcess) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -297,12 +298,12 @@ func stopAgent(t *testing.T, p *agentProcess) time.Duration {
 	}
 	select {
 	case <-p.exited:
-	case <-time.After(2 * shutdownGrace):
-		t.Fatalf("iotagent still running %v after SIGTERM:\n%s", 2*shutdownGrace, p.out)
+	case <-time.After(2 * agent.ShutdownGrace):
+		t.Fatalf("iotagent still running %v after SIGTERM:\n%s", 2*agent.ShutdownGrace, p.out)
 	}
 	took := time.Since(start)
-	if p.err != nil || took > shutdownGrace {
-		t.Errorf("after SIGTERM iotagent exited with %v in %v, want success within %v:\n%s", p.err, took.Round(time.Millisecond), shutdownGrace, p.out)
+	if p.err != nil || took > agent.ShutdownGrace {
+		t.Errorf("after SIGTERM iotagent exited with %v in %v, want success within %v:\n%s", p.err, took.Round(time.Millisecond), agent.ShutdownGrace, p.out)
 	}
 	return took
 }
@@ -317,7 +318,7 @@ func send(t *testing.T, sock string, n int) []uint64 {
 	}
 	var out, errb bytes.Buffer
 	if code := runWith(t.Context(), &env{stdin: strings.NewReader(in.String()), stdout: &out, stderr: &errb, now: time.Now},
-		[]string{"send", "--socket", sock, "-"}); code != 0 {
+		[]string{"send", "--ingest-socket", sock, "-"}); code != 0 {
 		t.Fatalf("send = %d: %s", code, errb.String())
 	}
 	var seqs []uint64
@@ -335,10 +336,10 @@ func send(t *testing.T, sock string, n int) []uint64 {
 }
 
 // status runs iotagent status --json for the agent on sock.
-func status(t *testing.T, state, sock string) statusJSON {
+func status(t *testing.T, state, sock string) agent.Status {
 	t.Helper()
-	code, out, errs := agent(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
-	var s statusJSON
+	code, out, errs := cli(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
+	var s agent.Status
 	if code != 0 {
 		t.Fatalf("status = %d: %s", code, errs)
 	}
@@ -350,7 +351,7 @@ func status(t *testing.T, state, sock string) statusJSON {
 
 // waitStatus polls status until ok holds, for at most 30 s (the running
 // agent rewrites its status file every 2 s).
-func waitStatus(t *testing.T, state, sock, what string, ok func(statusJSON) bool) statusJSON {
+func waitStatus(t *testing.T, state, sock, what string, ok func(agent.Status) bool) agent.Status {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -418,7 +419,7 @@ func TestSendStdin(t *testing.T) {
 	}
 	in.WriteString("bad\n")
 	var out, errb bytes.Buffer
-	code := runWith(t.Context(), &env{stdin: strings.NewReader(in.String()), stdout: &out, stderr: &errb, now: time.Now}, []string{"send", "--socket", sock, "-"})
+	code := runWith(t.Context(), &env{stdin: strings.NewReader(in.String()), stdout: &out, stderr: &errb, now: time.Now}, []string{"send", "--ingest-socket", sock, "-"})
 	if code != 1 || !strings.Contains(errb.String(), "line 501: senml: not good") {
 		t.Errorf("send = %d, %q; want 1 and the bad line's number", code, errb.String())
 	}

@@ -188,7 +188,7 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 	} else if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
 		sans = append([]string{host}, sans...)
 	}
-	sc, err := s.IssueService("coap-collector", sans, true, 365*24*time.Hour)
+	sc, err := s.IssueService(context.Background(), station.ServiceRequest{Name: "coap-collector", SANs: sans, Server: true, Lifetime: 365 * 24 * time.Hour})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -207,7 +207,7 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 	sinks := []collector.Sink{file}
 	closers := []func() error{file.Close}
 	if mqttURL != "" {
-		client, err := s.IssueService("coap-collector", nil, false, 365*24*time.Hour)
+		client, err := s.IssueService(context.Background(), station.ServiceRequest{Name: "coap-collector", Lifetime: 365 * 24 * time.Hour})
 		if err != nil {
 			return nil, nil, err
 		}

@@ -39,7 +39,9 @@ func TestCleanStop(t *testing.T) {
 // part quit is not healthy.
 func TestEarlyReturnStopsTheGroup(t *testing.T) {
 	done := make(chan error, 1)
-	go func() { done <- Run(context.Background(), Part{"a", waitForCancel}, Part{"quits", func(context.Context) error { return nil }}) }()
+	go func() {
+		done <- Run(context.Background(), Part{"a", waitForCancel}, Part{"quits", func(context.Context) error { return nil }})
+	}()
 	select {
 	case err := <-done:
 		if err != nil {

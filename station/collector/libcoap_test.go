@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/collector"
 )
 
@@ -30,7 +31,7 @@ func TestLibcoapClients(t *testing.T) {
 			}
 			device := "gw-" + strings.TrimPrefix(tool, "coap-client-")
 			dir := t.TempDir()
-			dev, err := f.st.IssueService(device, nil, false, time.Hour)
+			dev, err := f.st.IssueService(context.Background(), station.ServiceRequest{Name: device, Lifetime: time.Hour})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -27,6 +27,7 @@ import (
 
 	"iotagent.dev/iotagent/internal/leakcheck"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/senml"
@@ -84,7 +85,7 @@ func issueFor(t testing.TB, st *stationtest.Station, name string, lifetime time.
 
 func issueCert(t testing.TB, st *stationtest.Station, name string, sans []string, server bool, lifetime time.Duration) tls.Certificate {
 	t.Helper()
-	sc, err := st.IssueService(name, sans, server, lifetime)
+	sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: name, SANs: sans, Server: server, Lifetime: lifetime})
 	if err != nil {
 		t.Fatalf("IssueService(%s): %v", name, err)
 	}

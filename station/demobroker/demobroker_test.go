@@ -12,6 +12,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -59,7 +60,7 @@ func TestPolicy(t *testing.T) {
 	}()
 
 	client := func(cn string) paho.Client {
-		sc, err := st.IssueService(cn, nil, false, time.Hour)
+		sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: cn, Lifetime: time.Hour})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,7 +111,7 @@ func TestPolicy(t *testing.T) {
 	// A client ID other than the certificate's name is refused.
 	imp := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID("gw-1").SetAutoReconnect(false).
 		SetTLSConfig(func() *tls.Config {
-			sc, _ := st.IssueService("gw-3", nil, false, time.Hour)
+			sc, _ := st.IssueService(context.Background(), station.ServiceRequest{Name: "gw-3", Lifetime: time.Hour})
 			kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
 			return &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}
 		}()))

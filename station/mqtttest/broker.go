@@ -3,6 +3,7 @@ package mqtttest
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 )
 
@@ -191,7 +193,7 @@ func (b *Broker) writeFiles() error {
 	if !b.trust.AppendCertsFromPEM(trust) {
 		return errors.New("station trust PEM holds no certificate")
 	}
-	srv, err := b.st.IssueService("broker", []string{"127.0.0.1", "localhost"}, true, certLifetime)
+	srv, err := b.st.IssueService(context.Background(), station.ServiceRequest{Name: "broker", SANs: []string{"127.0.0.1", "localhost"}, Server: true, Lifetime: certLifetime})
 	if err != nil {
 		return fmt.Errorf("issuing the broker certificate: %w", err)
 	}
@@ -526,7 +528,7 @@ func (b *Broker) logSince(off int64) []byte {
 // and localhost.
 func (b *Broker) ClientTLS(t testing.TB, cn string) *tls.Config {
 	t.Helper()
-	sc, err := b.st.IssueService(cn, nil, false, certLifetime)
+	sc, err := b.st.IssueService(context.Background(), station.ServiceRequest{Name: cn, Lifetime: certLifetime})
 	if err != nil {
 		t.Fatalf("mqtttest: issuing a client certificate for %q: %v", cn, err)
 	}

@@ -1,6 +1,7 @@
 package mqtttest_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -25,6 +26,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 )
@@ -267,7 +269,7 @@ func TestHandshakeRefused(t *testing.T) {
 	checkGoroutines(t)
 	st, b := start(t, mqtttest.Options{})
 	certFor := func(cn string, server bool, lifetime time.Duration) []tls.Certificate {
-		sc, err := st.IssueService(cn, nil, server, lifetime)
+		sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: cn, Server: server, Lifetime: lifetime})
 		if err != nil {
 			t.Fatal(err)
 		}

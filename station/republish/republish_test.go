@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/republish"
 	"iotagent.dev/iotagent/station/stationtest"
@@ -22,7 +23,7 @@ func TestRepublishWaitsForPuback(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{})
 	br := mqtttest.Start(t, st, mqtttest.Options{ACL: []string{"user coap-collector", "topic write devices/+/telemetry"}})
 	sub := br.Subscribe(t, "devices/#")
-	sc, err := st.IssueService("coap-collector", nil, false, time.Hour)
+	sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: "coap-collector", Lifetime: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -189,7 +189,7 @@ func (s *Station) shutdown() {
 // a TLS client.
 func (s *Station) ServiceCert(t testing.TB, name string, sans []string, server bool) tls.Certificate {
 	t.Helper()
-	sc, err := s.IssueService(name, sans, server, time.Hour)
+	sc, err := s.IssueService(context.Background(), station.ServiceRequest{Name: name, SANs: sans, Server: server, Lifetime: time.Hour})
 	if err != nil {
 		t.Fatalf("IssueService(%s): %v", name, err)
 	}

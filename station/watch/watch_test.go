@@ -11,6 +11,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/mqtttest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/station/watch"
@@ -24,7 +25,7 @@ func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 func TestWatcherAccounts(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{})
 	br := mqtttest.Start(t, st, mqtttest.Options{})
-	sc, err := st.IssueService("fleet-reader", nil, false, time.Hour)
+	sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: "fleet-reader", Lifetime: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

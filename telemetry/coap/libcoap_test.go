@@ -18,6 +18,7 @@ import (
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/enroll/enrolltest"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/telemetry/coap"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
@@ -48,7 +49,7 @@ func TestUplinkWithLibcoapServer(t *testing.T) {
 	}
 	st := stationtestStart(t)
 	d := enrolltest.New(t, st, enroll.RenewerConfig{})
-	sc, err := st.IssueService("collector", []string{"127.0.0.1"}, true, time.Hour)
+	sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: "collector", SANs: []string{"127.0.0.1"}, Server: true, Lifetime: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,353 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"iotagent.dev/iotagent/agent"
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/internal/buildinfo"
+	"iotagent.dev/iotagent/internal/certpem"
+	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/tpm"
+)
+
+func cmdEnroll(ctx context.Context, e *env, args []string) error {
+	fs := e.flagSet("enroll")
+	station := fs.String("station", "", "station `URL`, https://HOST:PORT ([station] url)")
+	caFile := fs.String("station-ca", "", "PEM `FILE` of the station's CA (root) certificate ([station] ca_file)")
+	fingerprint := fs.String("station-fingerprint", "", "pin the station by a certificate fingerprint `sha256:HEX` (iotstation fingerprint; [station] fingerprint)")
+	token := fs.String("token", "", "one-time `DEVICE_ID:SECRET` for TPMs without an EK certificate ([station] token)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	switch {
+	case *caFile != "" && *fingerprint != "":
+		return usagef("enroll: give exactly one of --station-ca and --station-fingerprint")
+	case *caFile != "":
+		if _, err := certpem.ReadFile(*caFile); err != nil {
+			return usageError{fmt.Errorf("--station-ca: %w", err)}
+		}
+	case *fingerprint != "":
+		if _, err := enroll.ParsePin(*fingerprint); err != nil {
+			return usageError{fmt.Errorf("--station-fingerprint: %w", err)}
+		}
+	}
+	var missing string
+	a, err := e.agent(func(c *agent.Config) {
+		st := &c.Station
+		if *station != "" {
+			st.URL = *station
+		}
+		if *caFile != "" {
+			st.CAFile, st.Fingerprint = *caFile, ""
+		}
+		if *fingerprint != "" {
+			st.CAFile, st.Fingerprint = "", *fingerprint
+		}
+		if *token != "" {
+			st.Token = *token
+		}
+		switch {
+		case st.URL == "":
+			missing = "enroll: --station is required (or [station] url in the config)"
+		case st.CAFile == "" && st.Fingerprint == "":
+			missing = "enroll: give exactly one of --station-ca and --station-fingerprint (or [station] ca_file or fingerprint in the config)"
+		}
+	})
+	if missing != "" {
+		return usagef("%s", missing)
+	}
+	if err != nil {
+		return err
+	}
+	res, err := a.Enroll(ctx)
+	if err != nil {
+		return err
+	}
+	leaf := res.State.Leaf()
+	if res.Already {
+		fmt.Fprintf(e.stdout, "already enrolled as %s (certificate %s, valid until %s)\n",
+			res.State.Enrollment.DeviceID, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339))
+		return nil
+	}
+	fmt.Fprintf(e.stdout, "enrolled as %s by %s (certificate %s, valid until %s)\n",
+		res.State.Enrollment.DeviceID, res.State.Enrollment.Method, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339))
+	return nil
+}
+
+// keepKey is the --keep-key flag: [renewal] rotate_key = false.
+func keepKey(set bool) func(*agent.Config) {
+	return func(c *agent.Config) {
+		if set {
+			c.Renewal.RotateKey = new(false)
+		}
+	}
+}
+
+// cmdRun runs the agent until SIGTERM or SIGINT. SIGUSR1 renews the
+// certificate now.
+func cmdRun(ctx context.Context, e *env, args []string) error {
+	fs := e.flagSet("run")
+	uplinkURL := fs.String("uplink", "", "uplink `URL`: mqtts://HOST:PORT (MQTT over TLS) or coaps://HOST:PORT (CoAP over DTLS) ([uplink] url)")
+	uplinkCA := fs.String("uplink-ca", "", "PEM `FILE` to verify the uplink's server ([uplink] ca_file; default: the station's trust bundle)")
+	keep := fs.Bool("keep-key", false, "renew without rotating the TPM key ([renewal] rotate_key = false)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	a, err := e.agent(func(c *agent.Config) {
+		if *uplinkURL != "" {
+			c.Uplink.URL = *uplinkURL
+		}
+		if *uplinkCA != "" {
+			c.Uplink.CAFile = *uplinkCA
+		}
+		keepKey(*keep)(c)
+	})
+	if err != nil {
+		return err
+	}
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	go func() {
+		for range usr1 {
+			a.RequestRenewal()
+		}
+	}()
+	return a.Run(ctx)
+}
+
+func cmdRenew(ctx context.Context, e *env, args []string) error {
+	fs := e.flagSet("renew")
+	keep := fs.Bool("keep-key", false, "renew the current key's certificate (simplereenroll) instead of rotating the key")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	a, err := e.agent(keepKey(*keep))
+	if err != nil {
+		return err
+	}
+	res, err := a.Renew(ctx)
+	if err != nil {
+		return err
+	}
+	if res.DaemonPID != 0 {
+		fmt.Fprintf(e.stdout, "renewed by the running agent (pid %d); next renewal %s\n", res.DaemonPID, res.NextRenewal.Format(time.RFC3339))
+		return nil
+	}
+	fmt.Fprintf(e.stdout, "renewed %s: certificate %s, valid until %s\n", res.DeviceID, res.Certificate.SerialNumber.Text(16), res.Certificate.NotAfter.UTC().Format(time.RFC3339))
+	return nil
+}
+
+func cmdStatus(_ context.Context, e *env, args []string) error {
+	fs := e.flagSet("status")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	a, err := e.agent(nil)
+	if err != nil {
+		return err
+	}
+	out, err := a.Status()
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return writeJSON(e, out)
+	}
+	fmt.Fprintf(e.stdout, "device:        %s\ncertificate:   %s, valid until %s\nnext renewal:  %s\nstation:       %s\ntpm:           %s\n",
+		out.DeviceID, out.CertSerial, out.CertNotAfter.Format(time.RFC3339), out.NextRenewal.Format(time.RFC3339), out.Station, out.TPM)
+	if out.LastRenewalError != "" {
+		fmt.Fprintf(e.stdout, "last error:    %s\n", out.LastRenewalError)
+	}
+	fmt.Fprintf(e.stdout, "uplink:        %s\nqueue:         %d records, %d bytes, %d dropped\n", out.Uplink, out.QueueDepth, out.QueueBytes, out.RecordsDropped)
+	if !out.LastAck.IsZero() {
+		fmt.Fprintf(e.stdout, "last ack:      %s\n", out.LastAck.Format(time.RFC3339))
+	}
+	return nil
+}
+
+// cmdSend writes records to the running agent's ingest socket: one
+// measurement from flags, or SenML JSON packs from stdin ("-"), one per
+// line, pipelined. Each line is answered once it is on disk.
+func cmdSend(ctx context.Context, e *env, args []string) error {
+	fs := e.flagSet("send")
+	name := fs.String("name", "", "measurement `NAME` (SenML n)")
+	value := fs.String("value", "", "`VALUE`: a number, true/false, or a string")
+	unit := fs.String("unit", "", "`UNIT` (SenML u, e.g. Cel, %RH, W)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	stdin := fs.NArg() == 1 && fs.Arg(0) == "-"
+	switch {
+	case fs.NArg() > 0 && !stdin:
+		return usagef("send: unexpected argument %q (use - to read SenML from stdin)", fs.Arg(0))
+	case stdin && *name != "":
+		return usagef("send: give --name/--value or -, not both")
+	case !stdin && (*name == "" || *value == ""):
+		return usagef("send: --name and --value are required (or - to read SenML JSON lines from stdin)")
+	}
+	a, err := e.agent(nil)
+	if err != nil {
+		return err
+	}
+	c, err := telemetry.DialIngest(ctx, a.Socket())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if stdin {
+		return c.SendAll(e.stdin, func(_ int, ans string) { fmt.Fprintln(e.stdout, ans) })
+	}
+	rec := map[string]any{"n": *name}
+	if *unit != "" {
+		rec["u"] = *unit
+	}
+	if v, err := strconv.ParseFloat(*value, 64); err == nil {
+		rec["v"] = v
+	} else if b, err := strconv.ParseBool(*value); err == nil {
+		rec["vb"] = b
+	} else {
+		rec["vs"] = *value
+	}
+	line, _ := json.Marshal([]any{rec})
+	ans, err := c.Send(string(line))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(e.stdout, ans)
+	return nil
+}
+
+func cmdVersion(_ context.Context, e *env, args []string) error {
+	fs := e.flagSet("version")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	bi := buildinfo.Get()
+	if *asJSON {
+		return writeJSON(e, bi)
+	}
+	commit := bi.Commit
+	if commit == "" {
+		commit = "unknown"
+	}
+	built := "unknown"
+	if !bi.BuildTime.IsZero() {
+		built = bi.BuildTime.Format(time.RFC3339)
+	}
+	fmt.Fprintf(e.stdout, "iotagent %s\ncommit %s (%s)\n%s %s/%s\n", bi.Version, commit, built, bi.GoVersion, bi.GOOS, bi.Arch())
+	return nil
+}
+
+func cmdTPM(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 {
+		return usagef("tpm: want a subcommand: info, keygen")
+	}
+	switch args[0] {
+	case "info":
+		return cmdTPMInfo(ctx, e, args[1:])
+	case "keygen":
+		return cmdTPMKeygen(ctx, e, args[1:])
+	case "-h", "--help", "help":
+		fmt.Fprintln(e.stdout, "usage: iotagent tpm info [--json]\n       iotagent tpm keygen [--persist HANDLE] [--force]")
+		return flag.ErrHelp
+	}
+	return usagef("tpm: unknown subcommand %q (want info, keygen)", args[0])
+}
+
+func cmdTPMInfo(_ context.Context, e *env, args []string) error {
+	fs := e.flagSet("tpm info")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	a, err := e.agent(nil)
+	if err != nil {
+		return err
+	}
+	out, err := a.TPMInfo()
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return writeJSON(e, out)
+	}
+	w := e.stdout
+	fmt.Fprintf(w, "TPM:           %s\nManufacturer:  %s\nModel:         %s\nFirmware:      %s\nSpecification: %s\n",
+		out.TPM, out.Manufacturer, out.Model, out.Firmware, out.Spec)
+	if len(out.EKCertificates) == 0 {
+		fmt.Fprintln(w, "EK certificates: none (enroll with a one-time token)")
+	}
+	for _, c := range out.EKCertificates {
+		if c.Error != "" {
+			fmt.Fprintf(w, "EK certificate %s (%s): unparsable: %s\n", c.NVIndex, c.KeyType, c.Error)
+			continue
+		}
+		fmt.Fprintf(w, "EK certificate %s (%s): issuer %q, valid until %s\n  ek_sha256 (for a station manifest): %s\n", c.NVIndex, c.KeyType, c.Issuer, c.NotAfter.Format(time.DateOnly), c.EKSHA256)
+	}
+	if dk := out.DeviceKey; dk == nil {
+		fmt.Fprintln(w, "Device key:    none (create one with: iotagent tpm keygen)")
+	} else {
+		where := dk.BlobPath
+		if dk.Handle != "" {
+			where = "persistent handle " + dk.Handle + ", blobs " + dk.BlobPath
+		}
+		fmt.Fprintf(w, "Device key:    ECC P-256 in %s\n  public key sha256: %s\n  attributes: %v\n", where, dk.PublicSHA256, dk.Attributes)
+		if !dk.Usable {
+			fmt.Fprintf(w, "  NOT USABLE: %s\n", dk.Error)
+		}
+	}
+	return nil
+}
+
+func cmdTPMKeygen(_ context.Context, e *env, args []string) error {
+	fs := e.flagSet("tpm keygen")
+	persist := fs.String("persist", "", "also make the key persistent at `HANDLE` (e.g. 0x81000010)")
+	force := fs.Bool("force", false, "replace an existing (or damaged) device key with a new one")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	opts := tpm.KeyOptions{Force: *force}
+	if *persist != "" {
+		h, err := tpm.ParseHandle(*persist)
+		if err != nil {
+			return usageError{fmt.Errorf("--persist: %w", err)}
+		}
+		opts.PersistHandle = h
+	}
+	a, err := e.agent(nil)
+	if err != nil {
+		return err
+	}
+	res, err := a.Keygen(opts)
+	if err != nil {
+		return err
+	}
+	verb := "device key exists"
+	if res.Created {
+		verb = "created device key"
+	}
+	where := res.Path
+	if res.Handle != "" {
+		where += " and persistent handle " + res.Handle
+	}
+	fmt.Fprintf(e.stdout, "%s: ECC P-256 in %s\npublic key sha256: %s\n", verb, where, res.PublicSHA256)
+	return nil
+}
+
+func writeJSON(e *env, v any) error {
+	enc := json.NewEncoder(e.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
