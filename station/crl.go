@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/internal/backoff"
 )
 
 const (
@@ -25,8 +26,8 @@ const (
 	crlReissue  = 12 * time.Hour
 
 	// crlHookTimeout bounds one run of the CRL hook; a failed run is
-	// retried from Config.CRLHookRetry (default hookRetryMin), doubling up
-	// to hookRetryMax, until one succeeds.
+	// retried with internal/backoff from Config.CRLHookRetry (default
+	// hookRetryMin) up to hookRetryMax, until one succeeds.
 	crlHookTimeout = 30 * time.Second
 	hookRetryMin   = 10 * time.Second
 	hookRetryMax   = 10 * time.Minute
@@ -153,15 +154,15 @@ func (s *Station) crlLoop(ctx context.Context) {
 	t := time.NewTicker(crlReissue)
 	defer t.Stop()
 	var retry <-chan time.Time
-	backoff := s.hookRetry
+	bo := backoff.New(backoff.Config{Base: s.hookRetry, Cap: hookRetryMax})
 	arm := func() {
 		if !s.hookPending.Load() {
-			retry, backoff = nil, s.hookRetry
+			retry = nil
+			bo.Reset()
 			return
 		}
 		if retry == nil {
-			retry = time.After(backoff)
-			backoff = min(2*backoff, hookRetryMax)
+			retry = time.After(bo.Fail())
 		}
 	}
 	s.runCRLHook(ctx)

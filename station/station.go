@@ -215,8 +215,9 @@ type Config struct {
 	// start), with IOTSTATION_CRL_FILE set: e.g. "systemctl reload
 	// mosquitto". Non-empty overrides station.json's crl_hook.
 	CRLHook string
-	// CRLHookRetry is the first delay before serve retries a failed CRL
-	// hook; it doubles up to 10 minutes (default 10s).
+	// CRLHookRetry bounds the first wait before serve retries a failed CRL
+	// hook (internal/backoff: jittered, the bound doubling up to 10
+	// minutes; default 10s).
 	CRLHookRetry time.Duration
 	// FailuresBeforeSlowdown is how many failed enrollment requests a
 	// client address may make within a minute before it is answered 429
