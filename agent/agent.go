@@ -94,6 +94,20 @@ func (a *Agent) RequestRenewal() {
 // openTPM opens the configured TPM.
 func (a *Agent) openTPM() (*tpm.TPM, error) { return tpm.Open(a.cfg.TPM) }
 
+// openTPMForKeys opens the TPM and creates the state directory: what a
+// command that stores key material needs first. The caller closes the TPM.
+func (a *Agent) openTPMForKeys() (*tpm.TPM, error) {
+	t, err := a.openTPM()
+	if err != nil {
+		return nil, err
+	}
+	if err := a.s.dir.Create(); err != nil {
+		t.Close()
+		return nil, err
+	}
+	return t, nil
+}
+
 // clock is the agent's clock with every floor it knows: the build time and
 // the trusted time persisted in the state directory.
 func (a *Agent) clock() *enroll.Clock {

@@ -36,14 +36,11 @@ func (a *Agent) Enroll(ctx context.Context) (*enroll.EnrollResult, error) {
 	if a.cfg.Station.URL == "" {
 		return nil, &ConfigError{ErrNoStation}
 	}
-	t, err := a.openTPM()
+	t, err := a.openTPMForKeys()
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
-	if err := a.s.dir.Create(); err != nil {
-		return nil, err
-	}
 	lock, err := a.s.dir.Lock()
 	if err != nil {
 		return nil, err

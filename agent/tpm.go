@@ -129,14 +129,11 @@ type KeygenResult struct {
 // Keygen creates the device key in the TPM if the state directory has
 // none (opts.Force: replaces it), and optionally makes it persistent.
 func (a *Agent) Keygen(opts tpm.KeyOptions) (*KeygenResult, error) {
-	t, err := a.openTPM()
+	t, err := a.openTPMForKeys()
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
-	if err := a.s.dir.Create(); err != nil {
-		return nil, err
-	}
 	path := a.s.dir.DeviceKey()
 	kf, created, err := t.EnsureKey(path, opts)
 	if errors.Is(err, tpm.ErrCorruptKey) {

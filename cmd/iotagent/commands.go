@@ -147,8 +147,10 @@ func cmdRenew(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-func cmdStatus(_ context.Context, e *env, args []string) error {
-	fs := e.flagSet("status")
+// report runs a command that prints what get returns: as JSON with
+// --json, else as text.
+func report[T any](e *env, name string, args []string, get func(*agent.Agent) (T, error), text func(T)) error {
+	fs := e.flagSet(name)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -157,13 +159,22 @@ func cmdStatus(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	out, err := a.Status()
+	out, err := get(a)
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		return writeJSON(e, out)
 	}
+	text(out)
+	return nil
+}
+
+func cmdStatus(_ context.Context, e *env, args []string) error {
+	return report(e, "status", args, (*agent.Agent).Status, func(out *agent.Status) { printStatus(e, out) })
+}
+
+func printStatus(e *env, out *agent.Status) {
 	fmt.Fprintf(e.stdout, "device:        %s\ncertificate:   %s, valid until %s\nnext renewal:  %s\nstation:       %s\ntpm:           %s\n",
 		out.DeviceID, out.CertSerial, out.CertNotAfter.Format(time.RFC3339), out.NextRenewal.Format(time.RFC3339), out.Station, out.TPM)
 	if out.LastRenewalError != "" {
@@ -173,7 +184,6 @@ func cmdStatus(_ context.Context, e *env, args []string) error {
 	if !out.LastAck.IsZero() {
 		fmt.Fprintf(e.stdout, "last ack:      %s\n", out.LastAck.Format(time.RFC3339))
 	}
-	return nil
 }
 
 // cmdSend writes records to the running agent's ingest socket: one
@@ -267,22 +277,10 @@ func cmdTPM(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdTPMInfo(_ context.Context, e *env, args []string) error {
-	fs := e.flagSet("tpm info")
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	a, err := e.agent(nil)
-	if err != nil {
-		return err
-	}
-	out, err := a.TPMInfo()
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return writeJSON(e, out)
-	}
+	return report(e, "tpm info", args, (*agent.Agent).TPMInfo, func(out *agent.TPMInfo) { printTPMInfo(e, out) })
+}
+
+func printTPMInfo(e *env, out *agent.TPMInfo) {
 	w := e.stdout
 	fmt.Fprintf(w, "TPM:           %s\nManufacturer:  %s\nModel:         %s\nFirmware:      %s\nSpecification: %s\n",
 		out.TPM, out.Manufacturer, out.Model, out.Firmware, out.Spec)
@@ -308,7 +306,6 @@ func cmdTPMInfo(_ context.Context, e *env, args []string) error {
 			fmt.Fprintf(w, "  NOT USABLE: %s\n", dk.Error)
 		}
 	}
-	return nil
 }
 
 func cmdTPMKeygen(_ context.Context, e *env, args []string) error {
