@@ -81,6 +81,10 @@ func (a *Agent) StateDir() statedir.Dir { return a.s.dir }
 // Socket is the ingest socket.
 func (a *Agent) Socket() string { return a.s.socket }
 
+// HasStation reports whether the configuration names a station to enroll
+// with.
+func (a *Agent) HasStation() bool { return a.cfg.Station.URL != "" }
+
 // RequestRenewal asks the running daemon (Run) to renew the certificate
 // now, as SIGUSR1 does. It does not wait; the attempt shows in the renewal
 // status (enroll.LoadRenewalStatus).
@@ -141,7 +145,11 @@ type delivery struct {
 // Run runs the agent until ctx ends: ingest and the sampler at once, then
 // first enrollment if the state directory holds no certificate, then
 // renewal, the uplink and the pipeline. It returns nil after a clean stop
-// (within ShutdownGrace of ctx ending), or the first part's failure.
+// (within ShutdownGrace of ctx ending), or the first part's failure. If
+// a part does not stop within ShutdownGrace, Run returns an error without
+// waiting for it, and closes the queue and the TPM under it: the process
+// is expected to exit then (the queue stays consistent whatever the
+// moment).
 func (a *Agent) Run(ctx context.Context) error {
 	dir := a.s.dir
 	if err := dir.Create(); err != nil {
@@ -167,6 +175,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer t.Close()
 	d := &daemon{a: a, t: t, clock: a.clock(), tlsStats: &telemetry.TLSStats{}, started: time.Now()}
+	var first enroll.EnrollConfig // first enrollment, checked before anything starts
+	if !enrolled {
+		if first, err = a.enrollConfig(t, d.clock); err != nil {
+			return err
+		}
+	}
 	log := a.log
 	q, err := store.Open(store.Options{Path: dir.Queue(), MaxBytes: a.s.maxBytes, OnFull: a.s.onFull, Logger: log})
 	if err != nil {
@@ -194,7 +208,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			rungroup.Part{Name: "ingest", Run: ing.Run},
 			rungroup.Part{Name: "collectors", Run: sampler.Run},
 			rungroup.Part{Name: "status", Run: status.Run},
-			rungroup.Part{Run: func(ctx context.Context) error { return d.runIdentity(ctx, enrolled) }},
+			rungroup.Part{Run: func(ctx context.Context) error { return d.runIdentity(ctx, enrolled, first) }},
 		)
 	}()
 	select {
@@ -210,12 +224,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
-// runIdentity enrolls (unless enrolled), then runs renewal, the uplink
-// and the pipeline until ctx ends.
-func (d *daemon) runIdentity(ctx context.Context, enrolled bool) error {
+// runIdentity enrolls with first (unless enrolled), then runs renewal,
+// the uplink and the pipeline until ctx ends.
+func (d *daemon) runIdentity(ctx context.Context, enrolled bool, first enroll.EnrollConfig) error {
 	a := d.a
 	if !enrolled {
-		if err := d.enrollFirst(ctx); err != nil || ctx.Err() != nil {
+		if err := d.enrollFirst(ctx, first); err != nil || ctx.Err() != nil {
 			return err
 		}
 	}
@@ -225,11 +239,9 @@ func (d *daemon) runIdentity(ctx context.Context, enrolled bool) error {
 	}
 	defer r.Close()
 	d.renewer.Store(r)
+	// A request made before there was a certificate costs one renewal
+	// more: dropping it could drop one iotagent renew waits for.
 	parts := []rungroup.Part{{Name: "renewal", Run: r.Run}, {Name: "renewal requests", Run: func(ctx context.Context) error {
-		select { // a request made before there was a certificate is moot
-		case <-a.renew:
-		default:
-		}
 		for {
 			select {
 			case <-ctx.Done():

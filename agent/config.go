@@ -156,10 +156,6 @@ type settings struct {
 	keepAlive  time.Duration
 	groupDelay time.Duration
 	level      slog.Level
-	// station authenticates the station at first contact: its CA
-	// certificates, or a pin. Neither when [station] has no url.
-	stationCA  []*x509.Certificate
-	stationPin []byte
 }
 
 // parse checks c and fills the defaults. Every error is a *ConfigError.
@@ -241,23 +237,38 @@ func (c *Config) parse() (*settings, error) {
 	default:
 		return nil, configErrorf("config [log] level %q: want debug, info, warn or error", c.Log.Level)
 	}
-	if c.Station.URL != "" {
-		switch st := c.Station; {
-		case st.CAFile != "" && st.Fingerprint != "":
-			return nil, configErrorf("config [station]: set one of fingerprint and ca_file, not both")
-		case st.CAFile != "":
-			if s.stationCA, err = certpem.ReadFile(st.CAFile); err != nil {
-				return nil, configErrorf("config [station] ca_file: %w", err)
-			}
-		case st.Fingerprint != "":
-			if s.stationPin, err = enroll.ParsePin(st.Fingerprint); err != nil {
-				return nil, configErrorf("config [station] fingerprint: %w", err)
-			}
-		default:
-			return nil, configErrorf("config [station]: set fingerprint or ca_file to authenticate the station")
+	// [station] matters only to enrollment (renewals use the station
+	// recorded then): its files are read when enrolling (stationTrust),
+	// so an enrolled agent does not depend on a bootstrap CA file kept.
+	if c.Station.CAFile != "" && c.Station.Fingerprint != "" {
+		return nil, configErrorf("station: set one of the fingerprint and the CA file ([station] fingerprint, ca_file; --station-fingerprint, --station-ca), not both")
+	}
+	if c.Station.Fingerprint != "" {
+		if _, err := enroll.ParsePin(c.Station.Fingerprint); err != nil {
+			return nil, configErrorf("station fingerprint ([station] fingerprint, --station-fingerprint): %w", err)
 		}
 	}
 	return s, nil
+}
+
+// stationTrust returns how enrollment authenticates the station on first
+// contact: its CA certificates, or a pin of a certificate in its chain.
+// Every error is a *ConfigError.
+func (c *Config) stationTrust() ([]*x509.Certificate, []byte, error) {
+	switch st := c.Station; {
+	case st.URL == "":
+		return nil, nil, &ConfigError{ErrNoStation}
+	case st.CAFile != "":
+		certs, err := certpem.ReadFile(st.CAFile)
+		if err != nil {
+			return nil, nil, configErrorf("station CA file ([station] ca_file, --station-ca): %w", err)
+		}
+		return certs, nil, nil
+	case st.Fingerprint != "":
+		pin, err := enroll.ParsePin(st.Fingerprint)
+		return nil, pin, err // checked by parse
+	}
+	return nil, nil, configErrorf("station: set its fingerprint or CA file to authenticate it ([station] fingerprint or ca_file; --station-fingerprint or --station-ca)")
 }
 
 // parseSize parses "64MiB", "512KiB", "1GB", "1048576".

@@ -27,7 +27,7 @@ func TestExampleConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if s.socket != "/tmp/x.sock" || s.maxBytes != 64<<20 || s.onFull != store.DropOldest ||
-		s.interval != time.Minute || s.maxPayload != 0 || s.keepKey || s.dir != "/var/lib/iotagent" || s.stationPin == nil { // max_payload: the uplink's default
+		s.interval != time.Minute || s.maxPayload != 0 || s.keepKey || s.dir != "/var/lib/iotagent" { // max_payload: the uplink's default
 		t.Errorf("settings = %+v", s)
 	}
 }
@@ -48,9 +48,8 @@ func TestConfigBadInput(t *testing.T) {
 		{"bad uplink scheme", "[uplink]\nurl = \"http://broker:80\"\n", `scheme "http" is not MQTT over TLS`},
 		{"bad CoAP port", "[uplink]\nurl = \"coaps://collector:99999\"\n", "is not a UDP port"},
 		{"missing uplink CA", "[uplink]\nca_file = \"/nonexistent/ca.pem\"\n", "uplink CA: open /nonexistent/ca.pem"},
-		{"station without trust", "[station]\nurl = \"https://st:8443\"\n", "set fingerprint or ca_file"},
 		{"station with both", "[station]\nurl = \"https://st:8443\"\nfingerprint = \"sha256:00\"\nca_file = \"/x\"\n", "not both"},
-		{"bad fingerprint", "[station]\nurl = \"https://st:8443\"\nfingerprint = \"md5:00\"\n", "[station] fingerprint"},
+		{"bad fingerprint", "[station]\nurl = \"https://st:8443\"\nfingerprint = \"md5:00\"\n", "station fingerprint ([station] fingerprint, --station-fingerprint)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := filepath.Join(t.TempDir(), "c.toml")
@@ -83,5 +82,31 @@ func TestParseSize(t *testing.T) {
 		if _, err := parseSize(bad); err == nil {
 			t.Errorf("parseSize(%q) succeeded", bad)
 		}
+	}
+}
+
+// [station] is read when enrolling, not before: an enrolled agent whose
+// bootstrap CA file is gone, or whose [station] has only a url, runs.
+func TestStationCheckedWhenEnrolling(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		station StationConfig
+		want    string
+	}{
+		{"no station", StationConfig{}, "no station to enroll with"},
+		{"no trust", StationConfig{URL: "https://st:8443"}, "set its fingerprint or CA file"},
+		{"CA file gone", StationConfig{URL: "https://st:8443", CAFile: "/nonexistent/root.pem"}, "station CA file ([station] ca_file, --station-ca): open /nonexistent/root.pem"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Config{Station: tc.station}
+			if _, err := c.parse(); err != nil {
+				t.Fatalf("parse = %v, want no error before enrolling", err)
+			}
+			_, _, err := c.stationTrust()
+			var ce *ConfigError
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.As(err, &ce) {
+				t.Errorf("stationTrust = %v, want a *ConfigError containing %q", err, tc.want)
+			}
+		})
 	}
 }

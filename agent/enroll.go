@@ -17,14 +17,21 @@ const (
 	enrollRetryCap  = 10 * time.Minute
 )
 
-// ErrNoStation is returned by Enroll when the configuration names no
-// station.
+// ErrNoStation is returned (in a *ConfigError) when enrollment is due and
+// the configuration names no station.
 var ErrNoStation = errors.New("no station to enroll with: give --station, or set [station] url in the config")
 
 // enrollConfig is the enrollment [station] configures.
-func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) enroll.EnrollConfig {
+func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) (enroll.EnrollConfig, error) {
+	cas, pin, err := a.cfg.stationTrust()
+	if err != nil {
+		return enroll.EnrollConfig{}, err
+	}
+	if _, err := enroll.ParseStationURL(a.cfg.Station.URL); err != nil {
+		return enroll.EnrollConfig{}, err // never works: not worth retrying
+	}
 	return enroll.EnrollConfig{TPM: t, Dir: string(a.s.dir), Station: a.cfg.Station.URL, Token: a.cfg.Station.Token,
-		StationCA: a.s.stationCA, Pin: a.s.stationPin, Clock: clock, Logger: a.log}
+		StationCA: cas, Pin: pin, Clock: clock, Logger: a.log}, nil
 }
 
 // Enroll enrolls the device with the configured station now (TPM
@@ -33,8 +40,8 @@ func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) enroll.EnrollConfi
 // (the result says Already). It takes the state directory's lock: with the
 // daemon running it fails with a *statedir.LockedError.
 func (a *Agent) Enroll(ctx context.Context) (*enroll.EnrollResult, error) {
-	if a.cfg.Station.URL == "" {
-		return nil, &ConfigError{ErrNoStation}
+	if _, _, err := a.cfg.stationTrust(); err != nil {
+		return nil, err
 	}
 	t, err := a.openTPMForKeys()
 	if err != nil {
@@ -46,16 +53,19 @@ func (a *Agent) Enroll(ctx context.Context) (*enroll.EnrollResult, error) {
 		return nil, err
 	}
 	defer lock.Close()
-	return enroll.Enroll(ctx, a.enrollConfig(t, a.clock()))
+	cfg, err := a.enrollConfig(t, a.clock())
+	if err != nil {
+		return nil, err
+	}
+	return enroll.Enroll(ctx, cfg)
 }
 
 // enrollFirst enrolls at first start (zero-touch provisioning), retrying
 // with the project's backoff, full jitter and the station's Retry-After,
 // until it succeeds or ctx ends.
-func (d *daemon) enrollFirst(ctx context.Context) error {
+func (d *daemon) enrollFirst(ctx context.Context, cfg enroll.EnrollConfig) error {
 	a := d.a
 	bo := backoff.New(a.enrollRetry)
-	cfg := a.enrollConfig(d.t, d.clock)
 	for {
 		_, err := enroll.Enroll(ctx, cfg)
 		if err == nil {

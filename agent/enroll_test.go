@@ -47,7 +47,11 @@ func enrollRetries(t *testing.T, st *stationtest.Station, base, cap time.Duratio
 		return fired
 	}
 	d := &daemon{a: a, t: sim.Open(t), clock: a.clock()}
-	if err := d.enrollFirst(ctx); err != nil {
+	cfg, err := a.enrollConfig(d.t, d.clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.enrollFirst(ctx, cfg); err != nil {
 		t.Fatalf("enrollFirst: %v", err)
 	}
 	// The log pairs each wait with the error before it.

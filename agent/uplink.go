@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"iotagent.dev/iotagent/dtls"
@@ -82,17 +83,32 @@ type caFile struct {
 	log  *slog.Logger
 
 	mu      sync.Mutex
-	modTime time.Time
-	size    int64
+	read    fileVersion // of the certificates in use
 	certs   *x509.CertPool
 	failing bool
+}
+
+// fileVersion tells a changed file apart: a replacement (rename) changes
+// the inode, an edit in place the size or the modification time.
+type fileVersion struct {
+	ino     uint64
+	size    int64
+	modTime time.Time
+}
+
+func versionOf(fi os.FileInfo) fileVersion {
+	v := fileVersion{size: fi.Size(), modTime: fi.ModTime()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		v.ino = st.Ino
+	}
+	return v
 }
 
 func (f *caFile) pool() *x509.CertPool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fi, err := os.Stat(f.path)
-	if err == nil && f.certs != nil && fi.ModTime().Equal(f.modTime) && fi.Size() == f.size {
+	if err == nil && f.certs != nil && versionOf(fi) == f.read {
 		return f.certs
 	}
 	var certs []*x509.Certificate
@@ -109,6 +125,6 @@ func (f *caFile) pool() *x509.CertPool {
 		}
 		return f.certs
 	}
-	f.certs, f.modTime, f.size, f.failing = certpem.Pool(certs), fi.ModTime(), fi.Size(), false
+	f.certs, f.read, f.failing = certpem.Pool(certs), versionOf(fi), false
 	return f.certs
 }

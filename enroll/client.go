@@ -86,11 +86,20 @@ func ParsePin(s string) ([]byte, error) {
 	return b, nil
 }
 
+// ParseStationURL checks a station URL, https://HOST[:PORT].
+func ParseStationURL(raw string) (*url.URL, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("station URL %q: want https://HOST[:PORT]", raw)
+	}
+	return u, nil
+}
+
 // NewClient returns a client for cfg.
 func NewClient(cfg ClientConfig) (*Client, error) {
-	u, err := url.Parse(cfg.URL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return nil, fmt.Errorf("station URL %q: want https://HOST[:PORT]", cfg.URL)
+	u, err := ParseStationURL(cfg.URL)
+	if err != nil {
+		return nil, err
 	}
 	if cfg.Roots == nil && cfg.Pin == nil {
 		return nil, errors.New("no way to authenticate the station: give its CA or its fingerprint")

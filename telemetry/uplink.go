@@ -169,15 +169,28 @@ func (l *Link[S]) PresentedCertificate(serial string) {
 	l.mu.Unlock()
 }
 
-// Worked reports whether a session that came up at start did what an
-// uplink reconnects for: it carried a delivery, or it stayed up longer
-// than cap (the reconnect backoff's cap: an idle but healthy link). After
-// such a session an uplink resets its reconnect backoff (the reset rule of
-// internal/backoff); after one that did not, the backoff keeps growing, so
-// a peer that accepts connections and refuses every payload does not
-// draw the fleet into reconnecting in a loop.
-func (l *Link[S]) Worked(start time.Time, cap time.Duration) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.state.LastAck.After(start) || time.Since(start) > cap
+// SessionWorked reports whether a session that came up at start worked: it
+// stayed up longer than cap (the reconnect backoff's cap). After such a
+// session an uplink resets its reconnect backoff (the reset rule of
+// internal/backoff); after a shorter one, whatever it delivered, the
+// backoff keeps growing, so a peer that keeps ending the session (a second
+// device with the same ID taking it over, a broker or collector refusing
+// the identity) does not draw the fleet into reconnecting in a loop.
+// Either way the uplink waits a jittered draw before it reconnects, so a
+// fleet whose broker restarted does not come back in lockstep.
+func SessionWorked(start time.Time, cap time.Duration) bool {
+	return time.Since(start) > cap
+}
+
+// ClientCertificate returns a GetClientCertificate for TLS and DTLS that
+// presents id's current certificate and records its serial
+// (UplinkState.CertSerial).
+func (l *Link[S]) ClientCertificate(id Identity) func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	return func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c, err := id.GetClientCertificate(cri)
+		if err == nil && c != nil && c.Leaf != nil {
+			l.PresentedCertificate(c.Leaf.SerialNumber.Text(16))
+		}
+		return c, err
+	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -12,9 +13,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/agent"
-	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/buildinfo"
-	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/telemetry"
 	"iotagent.dev/iotagent/tpm"
 )
@@ -28,19 +27,9 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	switch {
-	case *caFile != "" && *fingerprint != "":
+	if *caFile != "" && *fingerprint != "" {
 		return usagef("enroll: give exactly one of --station-ca and --station-fingerprint")
-	case *caFile != "":
-		if _, err := certpem.ReadFile(*caFile); err != nil {
-			return usageError{fmt.Errorf("--station-ca: %w", err)}
-		}
-	case *fingerprint != "":
-		if _, err := enroll.ParsePin(*fingerprint); err != nil {
-			return usageError{fmt.Errorf("--station-fingerprint: %w", err)}
-		}
 	}
-	var missing string
 	a, err := e.agent(func(c *agent.Config) {
 		st := &c.Station
 		if *station != "" {
@@ -55,18 +44,12 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 		if *token != "" {
 			st.Token = *token
 		}
-		switch {
-		case st.URL == "":
-			missing = "enroll: --station is required (or [station] url in the config)"
-		case st.CAFile == "" && st.Fingerprint == "":
-			missing = "enroll: give exactly one of --station-ca and --station-fingerprint (or [station] ca_file or fingerprint in the config)"
-		}
 	})
-	if missing != "" {
-		return usagef("%s", missing)
-	}
 	if err != nil {
 		return err
+	}
+	if !a.HasStation() {
+		return usagef("enroll: --station is required (or [station] url in the config)")
 	}
 	res, err := a.Enroll(ctx)
 	if err != nil {
@@ -117,9 +100,16 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		for range usr1 {
-			a.RequestRenewal()
+		for {
+			select {
+			case <-usr1:
+				a.RequestRenewal()
+			case <-done:
+				return
+			}
 		}
 	}()
 	return a.Run(ctx)
@@ -191,6 +181,9 @@ func printStatus(e *env, out *agent.Status) {
 // line, pipelined. Each line is answered once it is on disk.
 func cmdSend(ctx context.Context, e *env, args []string) error {
 	fs := e.flagSet("send")
+	fs.Func("socket", "renamed --ingest-socket, the same flag in every command", func(string) error {
+		return errors.New("--socket is now --ingest-socket, the same flag in every command")
+	})
 	name := fs.String("name", "", "measurement `NAME` (SenML n)")
 	value := fs.String("value", "", "`VALUE`: a number, true/false, or a string")
 	unit := fs.String("unit", "", "`UNIT` (SenML u, e.g. Cel, %RH, W)")
@@ -206,11 +199,11 @@ func cmdSend(ctx context.Context, e *env, args []string) error {
 	case !stdin && (*name == "" || *value == ""):
 		return usagef("send: --name and --value are required (or - to read SenML JSON lines from stdin)")
 	}
-	a, err := e.agent(nil)
+	socket, err := e.ingestSocket()
 	if err != nil {
 		return err
 	}
-	c, err := telemetry.DialIngest(ctx, a.Socket())
+	c, err := telemetry.DialIngest(ctx, socket)
 	if err != nil {
 		return err
 	}

@@ -161,6 +161,16 @@ func TestOneConfigForEveryCommand(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(state, "cert.pem")); err != nil {
 		t.Fatalf("enroll with the config alone stored no certificate: %v", err)
 	}
+	// Once enrolled, [station] is not needed: a bootstrap CA file removed
+	// after provisioning does not stop the agent.
+	gone := filepath.Join(t.TempDir(), "gone.toml")
+	if err := os.WriteFile(gone, fmt.Appendf(nil, "tpm = %q\nstate_dir = %q\n[station]\nurl = %q\nca_file = \"/nonexistent/bootstrap.pem\"\n",
+		sim.Spec, state, st.URL), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errs := cli(t, "--config", gone, "status"); code != 0 {
+		t.Errorf("status of an enrolled agent whose bootstrap CA file is gone = %d, %q, %q", code, out, errs)
+	}
 	// A flag beats the file: another state dir is not enrolled.
 	if code, _, errs := cli(t, "--config", cfg, "--state-dir", t.TempDir(), "status"); code != 1 || !strings.Contains(errs, "not enrolled") {
 		t.Errorf("status --state-dir OTHER = %d, %q; want not enrolled", code, errs)

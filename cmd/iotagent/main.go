@@ -17,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/signal"
 	"strings"
@@ -24,6 +25,8 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/agent"
+	"iotagent.dev/iotagent/telemetry"
+	"iotagent.dev/iotagent/tpm"
 )
 
 func main() {
@@ -153,6 +156,9 @@ func (e *env) config() (*agent.Config, error) {
 		return nil, err
 	}
 	if e.tpmSet {
+		if _, err := tpm.ParseSpec(e.tpmSpec); err != nil {
+			return nil, usageError{fmt.Errorf("--tpm: %w", err)}
+		}
 		c.TPM = e.tpmSpec
 	}
 	if e.stateDirSet {
@@ -163,6 +169,26 @@ func (e *env) config() (*agent.Config, error) {
 	}
 	c.LogOutput, c.Now = e.stderr, e.now
 	return c, nil
+}
+
+// ingestSocket is the ingest socket of --ingest-socket, else of the
+// configuration, which send reads for nothing else: producers may not be
+// allowed to read the whole file (it can hold a token), so a default file
+// it may not read is passed over.
+func (e *env) ingestSocket() (string, error) {
+	if e.socketSet {
+		return e.socket, nil
+	}
+	c, err := agent.LoadDefaultConfig(e.configFile)
+	switch {
+	case err != nil && e.configFile == "" && errors.Is(err, fs.ErrPermission):
+		return telemetry.DefaultSocket, nil
+	case err != nil:
+		return "", err
+	case c.Ingest.Socket != "":
+		return c.Ingest.Socket, nil
+	}
+	return telemetry.DefaultSocket, nil
 }
 
 // agent is the agent of the configuration, after edit applied the

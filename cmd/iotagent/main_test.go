@@ -162,6 +162,8 @@ func TestBadInput(t *testing.T) {
 		{"unknown tpm subcommand", sim.Spec, t.TempDir(), []string{"tpm", "erase"}, 2, `unknown subcommand "erase"`},
 		{"unknown flag", sim.Spec, t.TempDir(), []string{"tpm", "keygen", "--bogus"}, 2, "bogus"},
 		{"stray argument", sim.Spec, t.TempDir(), []string{"tpm", "info", "extra"}, 2, `unexpected argument "extra"`},
+		{"renamed send flag", sim.Spec, t.TempDir(), []string{"send", "--socket", "/run/x.sock", "-"}, 2, "--socket is now --ingest-socket"},
+		{"config file missing", sim.Spec, t.TempDir(), []string{"--config", "/nonexistent/agent.toml", "status"}, 2, "/nonexistent/agent.toml"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			parent := filepath.Dir(tc.state)

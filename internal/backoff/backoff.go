@@ -15,9 +15,10 @@
 // Reset returns the ceiling to Base. A caller resets when the operation
 // the backoff paces has done what it is retried for, not merely when a
 // step of it worked: an EST request answered with a certificate, an
-// uplink session that carried a delivery, a resend that was acknowledged.
-// A peer that accepts connections and then refuses every request must
-// see the waits grow, or the fleet would reconnect to it in a tight loop.
+// uplink session that stayed up longer than the cap, a resend that was
+// acknowledged. A peer that accepts connections and then ends or refuses
+// each of them must see the waits grow, or the fleet would reconnect to
+// it in a tight loop.
 //
 // # Retry-After
 //
@@ -103,6 +104,9 @@ func (b *Backoff) Ceiling() time.Duration {
 	}
 	return c
 }
+
+// Cap is the longest wait.
+func (b *Backoff) Cap() time.Duration { return b.cfg.Cap }
 
 // Failures returns the failures counted since New or the last Reset.
 func (b *Backoff) Failures() int { return b.failures }

@@ -11,9 +11,10 @@ import (
 	"os"
 )
 
-// MaxCertificates bounds how many certificates Parse returns: far above
-// any chain or trust bundle, far below what a large hostile file holds.
-const MaxCertificates = 256
+// MaxCertificates bounds how many certificates Parse returns: above any
+// chain or trust bundle (TPM manufacturers' bundles hold hundreds), far
+// below what a large hostile file holds.
+const MaxCertificates = 4096
 
 // Parse returns the certificates of every CERTIFICATE block in b, in
 // order; other blocks (a key beside the chain) are skipped. At least one

@@ -12,7 +12,6 @@ package coap
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
 	"errors"
@@ -173,12 +172,6 @@ func New(cfg Config) (*Uplink, error) {
 	if cfg.AckTimeout == 0 {
 		cfg.AckTimeout = 2 * time.Second
 	}
-	if cfg.BackoffBase == 0 {
-		cfg.BackoffBase = backoff.DefaultBase
-	}
-	if cfg.BackoffCap == 0 {
-		cfg.BackoffCap = backoff.DefaultCap
-	}
 	if cfg.MaxPayload == 0 {
 		cfg.MaxPayload = 1152
 	}
@@ -281,16 +274,6 @@ func (u *Uplink) Deliver(ctx context.Context, payload []byte) error {
 	}
 }
 
-// clientCertificate presents the identity's current certificate and notes
-// which one it was.
-func (u *Uplink) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-	c, err := u.cfg.Identity.GetClientCertificate(cri)
-	if err == nil && c != nil && c.Leaf != nil {
-		u.link.PresentedCertificate(c.Leaf.SerialNumber.Text(16))
-	}
-	return c, err
-}
-
 // resolve looks up the collector's address now.
 func (u *Uplink) resolve(ctx context.Context) (*net.UDPAddr, error) {
 	ips, err := u.cfg.Resolver.LookupNetIP(ctx, "ip", u.host)
@@ -310,7 +293,7 @@ func (u *Uplink) connect(ctx context.Context) (*dtls.Conn, *dtls.RebindableConn,
 	if err != nil {
 		return nil, nil, false, err
 	}
-	opts := dtls.ClientOptions(u.clientCertificate, u.cfg.RootCAs(), u.host)
+	opts := dtls.ClientOptions(u.link.ClientCertificate(u.cfg.Identity), u.cfg.RootCAs(), u.host)
 	if u.cfg.Sessions != nil {
 		if sealed, err := u.cfg.Sessions.Get(sessionKey); err == nil && len(sealed) > 0 {
 			// Never resume the same state twice: it is gone from the store
@@ -433,7 +416,8 @@ func (u *Uplink) exchangeTimeout() time.Duration {
 // Run keeps a session up until ctx ends. At a clean stop it seals the
 // session state into the store so the next start resumes it. The
 // reconnect backoff is reset after a session that worked
-// (telemetry.Link.Worked) or that a renewal ended.
+// (telemetry.SessionWorked), and a session a renewal ended reconnects at
+// once.
 func (u *Uplink) Run(ctx context.Context) error {
 	bo := backoff.New(backoff.Config{Base: u.cfg.BackoffBase, Cap: u.cfg.BackoffCap, Rand: u.rng})
 	defer u.link.Set(telemetry.LinkStopped, nil)
@@ -494,9 +478,12 @@ func (u *Uplink) Run(ctx context.Context) error {
 			return nil
 		}
 		u.log.Warn("DTLS session ended; reconnecting", "reason", why)
-		if errors.Is(why, errRenewed) || u.link.Worked(connectedAt, u.cfg.BackoffCap) {
+		if errors.Is(why, errRenewed) {
 			bo.Reset()
-			continue
+			continue // the device's own jittered schedule ended it
+		}
+		if telemetry.SessionWorked(connectedAt, bo.Cap()) {
+			bo.Reset()
 		}
 		u.link.Set(telemetry.LinkBackoff, why)
 		if bo.Sleep(ctx, bo.Fail()) != nil {

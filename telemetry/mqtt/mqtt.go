@@ -130,8 +130,6 @@ func New(cfg Config) (*Uplink, error) {
 	}
 	def(&cfg.KeepAlive, 30*time.Second)
 	def(&cfg.ConnectTimeout, 30*time.Second)
-	def(&cfg.BackoffBase, time.Second)
-	def(&cfg.BackoffCap, 5*time.Minute)
 	if cfg.MaxPayload == 0 {
 		cfg.MaxPayload = 64 << 10
 	}
@@ -217,19 +215,9 @@ func (m *Uplink) tlsConfig() *tls.Config {
 		},
 		RootCAs:              roots,
 		ServerName:           m.host,
-		GetClientCertificate: m.clientCertificate,
+		GetClientCertificate: m.link.ClientCertificate(m.cfg.Identity),
 		ClientSessionCache:   m.cache,
 	}
-}
-
-// clientCertificate presents the identity's current certificate and notes
-// which one it was.
-func (m *Uplink) clientCertificate(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-	c, err := m.cfg.Identity.GetClientCertificate(cri)
-	if err == nil && c != nil && c.Leaf != nil {
-		m.link.PresentedCertificate(c.Leaf.SerialNumber.Text(16))
-	}
-	return c, err
 }
 
 // dial opens the TLS connection paho speaks over, counting the handshake
@@ -349,7 +337,7 @@ func (m *Uplink) connect(ctx context.Context) (paho.Client, <-chan error, error)
 
 // Run keeps the uplink connected until ctx ends: connect, serve until the
 // connection is lost, back off, again. The backoff is reset after a
-// connection that worked (telemetry.Link.Worked). It returns nil when ctx
+// connection that worked (telemetry.SessionWorked). It returns nil when ctx
 // ends, after publishing the offline status and disconnecting cleanly.
 func (m *Uplink) Run(ctx context.Context) error {
 	bo := backoff.New(backoff.Config{Base: m.cfg.BackoffBase, Cap: m.cfg.BackoffCap, Rand: m.cfg.Rand})
@@ -386,10 +374,8 @@ func (m *Uplink) Run(ctx context.Context) error {
 			return nil
 		}
 		m.log.Warn("MQTT connection lost", "err", lostErr)
-		if m.link.Worked(connectedAt, m.cfg.BackoffCap) {
+		if telemetry.SessionWorked(connectedAt, bo.Cap()) {
 			bo.Reset()
-			m.link.Set(telemetry.LinkConnecting, lostErr)
-			continue
 		}
 		m.link.Set(telemetry.LinkBackoff, lostErr)
 		if bo.Sleep(ctx, bo.Fail()) != nil {

@@ -431,3 +431,52 @@ func TestRootsReadAtEachHandshake(t *testing.T) {
 	testsync.Until(t, 10*time.Second, "uplink connected", func() bool { return r.up.State().State == telemetry.LinkConnected })
 	collect(t, sub, r.ingest(10, "after-new-roots"), 10*time.Second)
 }
+
+// Two gateways with one identity (a cloned state dir) take the broker
+// session from each other: every session is short, and each may deliver
+// before it is taken over. The reconnect backoff keeps growing over short
+// sessions whatever they delivered, so the pair does not reconnect in a
+// loop (a session that delivered used to reset it).
+func TestSessionTakeOverBacksOff(t *testing.T) {
+	r := newRig(t, rigOptions{})
+	q2, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "queue.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q2.Close() })
+	twin, err := mqtt.New(mqtt.Config{URL: r.br.URL, RootCAs: r.renewer.Identity().RootCAs, Identity: r.renewer.Identity(),
+		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pipe, err := telemetry.NewPipeline(telemetry.PipelineConfig{Store: q2, Uplink: twin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r.run(ctx, twin.Run)
+	r.run(ctx, pipe.Run)
+	// Both keep something to deliver.
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := 0; ctx.Err() == nil; i++ {
+			p, _ := telemetry.EncodeForQueue(fmt.Appendf(nil, `[{"n":"twin","v":%d}]`, i), time.Now())
+			q2.Append(ctx, p...)
+			r.ingest(1, "original")
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	start := r.up.Attempts() + twin.Attempts()
+	const watch = 8 * time.Second
+	time.Sleep(watch)
+	cancel()
+	wg.Wait()
+	// Waits grow to the 500 ms cap: a few dozen attempts in 8 s between
+	// the two; resetting after each delivering session makes it hundreds.
+	if n := r.up.Attempts() + twin.Attempts() - start; n > 80 {
+		t.Errorf("%d connection attempts in %v by two gateways taking one session from each other; want the backoff to hold them to a few dozen", n, watch)
+	} else {
+		t.Logf("%d connection attempts in %v", n, watch)
+	}
+}
