@@ -25,7 +25,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"iotagent.dev/iotagent/agent/statedir"
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/internal/backoff"
 	"iotagent.dev/iotagent/internal/buildinfo"
@@ -74,12 +73,6 @@ func New(cfg Config) (*Agent, error) {
 	return &Agent{cfg: cfg, s: s, log: log, renew: make(chan struct{}, 1),
 		enrollRetry: backoff.Config{Base: enrollRetryBase, Cap: enrollRetryCap, Rand: cfg.Rand}}, nil
 }
-
-// StateDir is the agent's state directory.
-func (a *Agent) StateDir() statedir.Dir { return a.s.dir }
-
-// Socket is the ingest socket.
-func (a *Agent) Socket() string { return a.s.socket }
 
 // HasStation reports whether the configuration names a station to enroll
 // with.
