@@ -69,6 +69,11 @@ func (s *Station) createToken(id string, ttl time.Duration) (Token, error) {
 		return Token{}, err
 	} else if d != nil && d.Status == StatusRevoked {
 		return Token{}, fmt.Errorf("device %s is revoked", id)
+	} else if d != nil && d.EKSHA256 != "" {
+		return Token{}, fmt.Errorf("device %s is bound to a TPM (EK sha256:%s): a token cannot enroll it, only that TPM can", id, d.EKSHA256)
+	}
+	if err := s.manifestFree(id); err != nil {
+		return Token{}, err
 	}
 	raw := make([]byte, 24)
 	if _, err := io.ReadFull(s.rand, raw); err != nil {
@@ -97,6 +102,8 @@ func (s *Station) Approve(id string) error {
 type Admin interface {
 	Devices(ctx context.Context) ([]Device, error)
 	Revoke(ctx context.Context, id string) error
+	// RevokeService revokes every certificate issued to a service.
+	RevokeService(ctx context.Context, name string) error
 	Approve(ctx context.Context, id string) error
 	IssueService(ctx context.Context, req ServiceRequest) (*ServiceCert, error)
 	TrustPEM(ctx context.Context) ([]byte, error)
@@ -128,6 +135,9 @@ type localAdmin struct{ s *Station }
 func (l localAdmin) Devices(context.Context) ([]Device, error)  { return l.s.Devices() }
 func (l localAdmin) Revoke(_ context.Context, id string) error  { return l.s.Revoke(id) }
 func (l localAdmin) Approve(_ context.Context, id string) error { return l.s.Approve(id) }
+func (l localAdmin) RevokeService(_ context.Context, name string) error {
+	return l.s.RevokeService(name)
+}
 func (l localAdmin) IssueService(ctx context.Context, r ServiceRequest) (*ServiceCert, error) {
 	return l.s.IssueService(ctx, r)
 }
@@ -168,6 +178,10 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	})
 	mux.HandleFunc("POST /revoke", func(w http.ResponseWriter, r *http.Request) {
 		err := s.Revoke(r.URL.Query().Get("id"))
+		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /revoke-service", func(w http.ResponseWriter, r *http.Request) {
+		err := s.RevokeService(r.URL.Query().Get("name"))
 		adminReply(w, struct{}{}, err)
 	})
 	mux.HandleFunc("POST /approve", func(w http.ResponseWriter, r *http.Request) {
@@ -278,6 +292,10 @@ func (a *adminClient) Devices(ctx context.Context) ([]Device, error) {
 
 func (a *adminClient) Revoke(ctx context.Context, id string) error {
 	return a.call(ctx, http.MethodPost, "/revoke", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) RevokeService(ctx context.Context, name string) error {
+	return a.call(ctx, http.MethodPost, "/revoke-service", url.Values{"name": {name}}, &struct{}{})
 }
 
 func (a *adminClient) Approve(ctx context.Context, id string) error {

@@ -8,6 +8,7 @@ import (
 	"encoding/asn1"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -20,6 +21,14 @@ type refusal struct {
 	status int
 	code   string // short, fixed: the metrics label
 	reason string
+	// detail, when set, is the audit log's reason instead of reason: what
+	// the operator may know and the client may not.
+	detail string
+	// free: not counted against the client by the failure limiter.
+	free       bool
+	retryAfter time.Duration
+	// confirming: the refusal of an unconfirmed certificate's first use.
+	confirming bool
 }
 
 func (r *refusal) Error() string { return r.reason }

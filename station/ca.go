@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
@@ -239,8 +240,96 @@ func DeviceURI(id string) *url.URL {
 	return &url.URL{Scheme: "urn", Opaque: "iotagent:device:" + id}
 }
 
-// issueDevice signs a client certificate for device id with pub.
-func (c *ca) issueDevice(r io.Reader, id string, pub crypto.PublicKey, now time.Time, lifetime time.Duration) (*x509.Certificate, error) {
+// Role is what a certificate the station issued is for, as its
+// certificate policy says (a broker or backend can tell them apart).
+type Role int
+
+const (
+	// RoleUnknown: not one of the station's policies (a certificate from
+	// before policies were added, or not the station's).
+	RoleUnknown Role = iota
+	// RoleDeviceTPM: a device whose key was attested by TPM credential
+	// activation against an EK the station trusts.
+	RoleDeviceTPM
+	// RoleDeviceToken: a device enrolled with a one-time bootstrap token;
+	// its key was not attested.
+	RoleDeviceToken
+	// RoleService: a station service (broker, collector, subscriber),
+	// never a device.
+	RoleService
+)
+
+func (r Role) String() string {
+	switch r {
+	case RoleDeviceTPM:
+		return "device-tpm"
+	case RoleDeviceToken:
+		return "device-token"
+	case RoleService:
+		return "service"
+	}
+	return "unknown"
+}
+
+// PolicyArc is the OID arc of the station's certificate policies
+// (X.667 UUID arc, no registration needed); each role is PolicyArc.1.N.
+const PolicyArc = "2.25.156331948843846159360629348017936784726"
+
+var rolePolicies = func() map[Role]x509.OID {
+	m := map[Role]x509.OID{}
+	for r, suffix := range map[Role]string{RoleDeviceTPM: ".1.1", RoleDeviceToken: ".1.2", RoleService: ".1.3"} {
+		oid, err := x509.ParseOID(PolicyArc + suffix)
+		if err != nil {
+			panic(err)
+		}
+		m[r] = oid
+	}
+	return m
+}()
+
+// CertificateRole returns the role c's certificate policy names.
+func CertificateRole(c *x509.Certificate) Role {
+	for r, oid := range rolePolicies {
+		for _, p := range c.Policies {
+			if p.Equal(oid) {
+				return r
+			}
+		}
+	}
+	return RoleUnknown
+}
+
+// DeviceCertificateID returns the device ID a certificate names, or an
+// error if it is not a device certificate: a device's CN is a valid
+// device ID, its URI SAN is DeviceURI of it, and its policy (when it has
+// one of the station's) is a device role. A service certificate is never
+// a device's.
+func DeviceCertificateID(c *x509.Certificate) (string, error) {
+	id := c.Subject.CommonName
+	switch CertificateRole(c) {
+	case RoleService:
+		return "", fmt.Errorf("certificate %s is a station service's, not a device's", id)
+	case RoleUnknown:
+		if slices.Contains(c.Subject.OrganizationalUnit, "service") {
+			return "", fmt.Errorf("certificate %s is a station service's, not a device's", id)
+		}
+	}
+	if err := ValidDeviceID(id); err != nil {
+		return "", err
+	}
+	want := DeviceURI(id).String()
+	if !slices.ContainsFunc(c.URIs, func(u *url.URL) bool { return u.String() == want }) {
+		return "", fmt.Errorf("certificate %s has no device URI %s", id, want)
+	}
+	return id, nil
+}
+
+// issueDevice signs a client certificate for device id with pub, after
+// the key policy every issuing path shares (checkCSRKey).
+func (c *ca) issueDevice(r io.Reader, id string, pub crypto.PublicKey, now time.Time, lifetime time.Duration, role Role) (*x509.Certificate, error) {
+	if err := checkCSRKey(pub); err != nil {
+		return nil, refuse(400, "csr_key", "CSR: %v", err)
+	}
 	notAfter := now.Add(lifetime)
 	if notAfter.After(c.issuer.NotAfter) {
 		notAfter = c.issuer.NotAfter
@@ -256,6 +345,7 @@ func (c *ca) issueDevice(r io.Reader, id string, pub crypto.PublicKey, now time.
 		NotAfter:    notAfter,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		Policies:    []x509.OID{rolePolicies[role]},
 	}, c.issuer, pub, c.issuerKey)
 }
 
@@ -312,6 +402,7 @@ func (s *Station) issueService(cn string, sans []string, server bool, lifetime t
 		NotBefore: now.Add(-backdate),
 		NotAfter:  now.Add(lifetime),
 		KeyUsage:  x509.KeyUsageDigitalSignature,
+		Policies:  []x509.OID{rolePolicies[RoleService]},
 	}
 	if server {
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
@@ -330,6 +421,11 @@ func (s *Station) issueService(cn string, sans []string, server bool, lifetime t
 	}
 	c, err := createCert(s.rand, tmpl, s.ca.issuer, &key.PublicKey, s.ca.issuerKey)
 	if err != nil {
+		return nil, err
+	}
+	// Recorded like every certificate the station signs: revocable, and
+	// known to the station's own checks.
+	if err := s.reg.recordService(cn, c); err != nil {
 		return nil, err
 	}
 	der, err := x509.MarshalPKCS8PrivateKey(key)

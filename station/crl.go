@@ -206,19 +206,68 @@ func (s *Station) Revoke(id string) error {
 	return nil
 }
 
-// CertificateRevoked reports whether the registry knows c as revoked, or
-// as issued to a revoked device: the check for the station's own
-// services (the CoAP collector), fresher than any CRL file.
-func (s *Station) CertificateRevoked(c *x509.Certificate) bool {
-	ic, err := s.reg.certificate(c.SerialNumber)
-	if err != nil || ic == nil {
-		// Not issued to a device (a service certificate) or unknown: the
-		// chain check decides.
-		return false
+// RevokeService revokes every certificate issued to service name: they
+// go on the CRL, which is reissued at once. The name stays reserved.
+func (s *Station) RevokeService(name string) error {
+	n, err := s.reg.revokeService(name, s.now())
+	e := AuditEntry{Time: s.now().UTC(), Event: "revoke-service", Result: "accepted", Device: name}
+	if err != nil {
+		e.Result, e.Reason = "refused", err.Error()
+		s.audit.write(e)
+		return err
 	}
-	if !ic.RevokedAt.IsZero() {
-		return true
+	e.Reason = fmt.Sprintf("%d certificates revoked", n)
+	_, hookErr, err := s.refreshCRL(context.Background())
+	if err != nil {
+		return errors.Join(errors.New("service revoked but the CRL could not be reissued"), err)
+	}
+	if err := s.audit.write(e); err != nil {
+		return err
+	}
+	if hookErr != nil {
+		return fmt.Errorf("service revoked and crl.pem reissued, but %w", hookErr)
+	}
+	return nil
+}
+
+// CertificateRevoked reports whether c must be refused where a device is
+// expected: the check for the station's own services (the CoAP
+// collector), fresher than any CRL file. It refuses what is not a device
+// certificate (a service's), what the registry never recorded (the
+// station issued every certificate it accepts), what is revoked or
+// belongs to a revoked device, and a /tpmenroll certificate not yet
+// confirmed by its use with the station (the agent confirms it before
+// using it anywhere else).
+func (s *Station) CertificateRevoked(c *x509.Certificate) bool {
+	return s.checkDeviceCertificate(c) != nil
+}
+
+func (s *Station) checkDeviceCertificate(c *x509.Certificate) error {
+	if _, err := DeviceCertificateID(c); err != nil {
+		return err
+	}
+	serial := serialHex(c.SerialNumber)
+	ic, err := s.reg.certificate(c.SerialNumber)
+	switch {
+	case err != nil:
+		return err
+	case ic == nil:
+		return fmt.Errorf("certificate %s is not in the registry", serial)
+	case ic.Service != "":
+		return fmt.Errorf("certificate %s is service %s's", serial, ic.Service)
+	case !ic.RevokedAt.IsZero():
+		return fmt.Errorf("certificate %s is revoked", serial)
+	case ic.Unconfirmed:
+		return fmt.Errorf("certificate %s is not confirmed yet", serial)
+	case ic.Device != c.Subject.CommonName:
+		return fmt.Errorf("certificate %s was issued to %s, not %s", serial, ic.Device, c.Subject.CommonName)
 	}
 	d, err := s.reg.device(ic.Device)
-	return err == nil && d != nil && d.Status == StatusRevoked
+	if err != nil {
+		return err
+	}
+	if d == nil || d.Status == StatusRevoked {
+		return fmt.Errorf("device %s is revoked", ic.Device)
+	}
+	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -49,11 +50,36 @@ type Device struct {
 	Issued int `json:"certificates_issued"`
 }
 
-// issued is a certificate the station signed, by serial.
+// issued is a certificate the station signed, by serial: a device's
+// (Device) or a service's (Service). A device certificate from
+// /tpmenroll is Unconfirmed until the device first uses it over mutual
+// TLS, which proves that the TPM holding the EK recovered it: until then
+// it changes nothing about the device (see confirmTx).
 type issued struct {
-	Device    string    `json:"device"`
+	Device    string    `json:"device,omitempty"`
+	Service   string    `json:"service,omitempty"`
 	NotAfter  time.Time `json:"not_after"`
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+
+	Unconfirmed bool `json:"unconfirmed,omitempty"`
+	// ConfirmBy ends an unconfirmed certificate's window.
+	ConfirmBy time.Time `json:"confirm_by,omitzero"`
+	EK        string    `json:"ek,omitempty"`
+	KeySHA256 string    `json:"key_sha256,omitempty"`
+	// From is the certificate the request came with over mutual TLS (a
+	// rotation): it must still be current when this one is confirmed.
+	From string `json:"from,omitempty"`
+}
+
+// certInfo is what the registry records of a new device certificate.
+type certInfo struct {
+	serial    string
+	notAfter  time.Time
+	keySHA256 string
+}
+
+func infoOf(c *x509.Certificate) certInfo {
+	return certInfo{serial: serialHex(c.SerialNumber), notAfter: c.NotAfter, keySHA256: keyHash(c)}
 }
 
 // token is a one-time bootstrap credential for simpleenroll.
@@ -70,6 +96,8 @@ var (
 	bucketTokens  = []byte("tokens")   // id -> token
 	bucketMeta    = []byte("meta")     // crl number
 	bucketSvc     = []byte("services") // service name -> nothing: names devices may not take
+	bucketBySvc   = []byte("bysvc")    // name NUL serial hex -> nothing: a service's certificates
+	bucketUnconf  = []byte("unconf")   // ek NUL serial hex -> nothing: unconfirmed certificates by EK
 	keyCRLNumber  = []byte("crl_number")
 )
 
@@ -95,7 +123,7 @@ func openRegistry(path string) (*registry, error) {
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta, bucketSvc} {
+		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta, bucketSvc, bucketBySvc, bucketUnconf} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -174,15 +202,16 @@ func (r *registry) certificate(serial *big.Int) (*issued, error) {
 }
 
 // recordIssue binds id to ek (when non-empty) and records a newly issued
-// certificate, in one transaction. check runs inside the transaction with
-// the current entry (nil if new) and may refuse.
-func (r *registry) recordIssue(id, ek string, cert *x509.Certificate, now time.Time, check func(*Device) error) error {
+// certificate as the device's current one, in one transaction. check
+// runs inside the transaction with the current entry (nil if new) and
+// may refuse.
+func (r *registry) recordIssue(id, ek string, cert certInfo, now time.Time, check func(*Device) error) error {
 	return r.db.Update(func(tx *bolt.Tx) error {
 		return recordIssueTx(tx, id, ek, cert, now, check)
 	})
 }
 
-func recordIssueTx(tx *bolt.Tx, id, ek string, cert *x509.Certificate, now time.Time, check func(*Device) error) error {
+func recordIssueTx(tx *bolt.Tx, id, ek string, cert certInfo, now time.Time, check func(*Device) error) error {
 	if tx.Bucket(bucketSvc).Get([]byte(id)) != nil {
 		return errServiceName(id)
 	}
@@ -201,24 +230,218 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, cert *x509.Certificate, now time.
 	}
 	if ek != "" {
 		if other := tx.Bucket(bucketEKs).Get([]byte(ek)); other != nil && string(other) != id {
-			return fmt.Errorf("EK already bound to device %s", other)
+			return refuse(403, "ek_mismatch", "EK already bound to device %s", other)
 		}
 		d.EKSHA256 = ek
 		if err := tx.Bucket(bucketEKs).Put([]byte(ek), []byte(id)); err != nil {
 			return err
 		}
 	}
-	s := serialHex(cert.SerialNumber)
-	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, s, cert.NotAfter, now
-	d.KeySHA256 = keyHash(cert)
+	d.Status, d.CertSerial, d.NotAfter, d.LastSeen = StatusEnrolled, cert.serial, cert.notAfter, now
+	d.KeySHA256 = cert.keySHA256
 	d.Issued++
 	if err := putJSON(devs, id, d); err != nil {
 		return err
 	}
-	if err := tx.Bucket(bucketByDev).Put(devCertKey(id, s), nil); err != nil {
+	if err := tx.Bucket(bucketByDev).Put(devCertKey(id, cert.serial), nil); err != nil {
 		return err
 	}
-	return putJSON(tx.Bucket(bucketCerts), s, issued{Device: id, NotAfter: cert.NotAfter})
+	return putJSON(tx.Bucket(bucketCerts), cert.serial, issued{Device: id, NotAfter: cert.notAfter})
+}
+
+// MaxUnconfirmedPerEK bounds the unconfirmed certificates kept per EK:
+// a new one beyond it drops the oldest. Refusing instead would let
+// whoever holds a device's public EK data (anyone: it is readable from
+// NV without authorization) lock the device out of attestation; dropping
+// costs the real device at most a retry, since it confirms its
+// certificate the moment it receives it.
+const MaxUnconfirmedPerEK = 4
+
+// UnconfirmedLifetime is how long a device has to first use a
+// certificate from /tpmenroll before the station forgets it.
+const UnconfirmedLifetime = time.Hour
+
+// recordUnconfirmed records a certificate issued by /tpmenroll for id
+// and ek as unconfirmed. check runs inside the transaction with the
+// device's entry (nil if new), as for recordIssue; from is the serial of
+// the client certificate the request came with, if any. Nothing about
+// the device changes.
+func (r *registry) recordUnconfirmed(id, ek, from string, cert certInfo, now time.Time, check func(*Device) error) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketSvc).Get([]byte(id)) != nil {
+			return errServiceName(id)
+		}
+		d, err := getJSON[Device](tx.Bucket(bucketDevices), id)
+		if err != nil {
+			return err
+		}
+		if err := check(d); err != nil {
+			return err
+		}
+		if other := tx.Bucket(bucketEKs).Get([]byte(ek)); other != nil && string(other) != id {
+			return refuse(403, "ek_mismatch", "EK already bound to device %s", other)
+		}
+		// Expired ones go; beyond the bound, the oldest go.
+		var live []string
+		var liveBy []time.Time
+		prefix := devCertKey(ek, "")
+		cur := tx.Bucket(bucketUnconf).Cursor()
+		for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
+			serial := string(k[len(prefix):])
+			c, err := getJSON[issued](tx.Bucket(bucketCerts), serial)
+			if err != nil {
+				return err
+			}
+			if c == nil || !c.Unconfirmed || now.After(c.ConfirmBy) {
+				if err := dropUnconfirmedTx(tx, serial, c); err != nil {
+					return err
+				}
+				continue
+			}
+			live, liveBy = append(live, serial), append(liveBy, c.ConfirmBy)
+		}
+		for len(live) >= MaxUnconfirmedPerEK {
+			oldest := 0
+			for i := range liveBy {
+				if liveBy[i].Before(liveBy[oldest]) {
+					oldest = i
+				}
+			}
+			c, err := getJSON[issued](tx.Bucket(bucketCerts), live[oldest])
+			if err != nil {
+				return err
+			}
+			if err := dropUnconfirmedTx(tx, live[oldest], c); err != nil {
+				return err
+			}
+			live, liveBy = slices.Delete(live, oldest, oldest+1), slices.Delete(liveBy, oldest, oldest+1)
+		}
+		if err := tx.Bucket(bucketUnconf).Put(devCertKey(ek, cert.serial), nil); err != nil {
+			return err
+		}
+		// Indexed by device so that a revocation lists it too.
+		if err := tx.Bucket(bucketByDev).Put(devCertKey(id, cert.serial), nil); err != nil {
+			return err
+		}
+		return putJSON(tx.Bucket(bucketCerts), cert.serial, issued{
+			Device: id, NotAfter: cert.notAfter, Unconfirmed: true, ConfirmBy: now.Add(UnconfirmedLifetime),
+			EK: ek, KeySHA256: cert.keySHA256, From: from,
+		})
+	})
+}
+
+// dropUnconfirmedTx forgets an unconfirmed certificate (c may be nil: a
+// dangling index entry). A revoked one stays: it is on the CRL.
+func dropUnconfirmedTx(tx *bolt.Tx, serial string, c *issued) error {
+	if c == nil {
+		return nil
+	}
+	if err := tx.Bucket(bucketUnconf).Delete(devCertKey(c.EK, serial)); err != nil {
+		return err
+	}
+	if !c.RevokedAt.IsZero() {
+		return nil
+	}
+	if err := tx.Bucket(bucketByDev).Delete(devCertKey(c.Device, serial)); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketCerts).Delete([]byte(serial))
+}
+
+// confirm makes an unconfirmed certificate its device's current one: the
+// device used it over mutual TLS, so the TPM holding the EK recovered it
+// and holds its key. It re-runs the issuing checks (check, with the
+// device's entry) as of now: a device revoked or rotated meanwhile is
+// not overridden. It returns the certificate's record as it now stands;
+// confirming one that is already confirmed changes nothing.
+func (r *registry) confirm(serial string, now time.Time, check func(id, ek string) func(*Device) error) (*issued, error) {
+	var out *issued
+	err := r.db.Update(func(tx *bolt.Tx) error {
+		c, err := getJSON[issued](tx.Bucket(bucketCerts), serial)
+		if err != nil || c == nil || !c.Unconfirmed {
+			out = c
+			return err
+		}
+		if now.After(c.ConfirmBy) {
+			if err := dropUnconfirmedTx(tx, serial, c); err != nil {
+				return err
+			}
+			return refuse(403, "cert_unconfirmed", "certificate %s was not used within %v of its issue and is forgotten; re-attest through tpmenroll", serial, UnconfirmedLifetime)
+		}
+		base := check(c.Device, c.EK)
+		from := func(d *Device) error {
+			if err := base(d); err != nil {
+				return err
+			}
+			if c.From != "" && (d == nil || d.CertSerial != c.From) {
+				cur := ""
+				if d != nil {
+					cur = d.CertSerial
+				}
+				return refuse(403, "cert_superseded", "certificate %s was issued as a rotation from %s, which is no longer current (%s is)", serial, c.From, cur)
+			}
+			return nil
+		}
+		if err := tx.Bucket(bucketUnconf).Delete(devCertKey(c.EK, serial)); err != nil {
+			return err
+		}
+		if err := recordIssueTx(tx, c.Device, c.EK, certInfo{serial: serial, notAfter: c.NotAfter, keySHA256: c.KeySHA256}, now, from); err != nil {
+			return err
+		}
+		out, err = getJSON[issued](tx.Bucket(bucketCerts), serial)
+		return err
+	})
+	return out, err
+}
+
+// recordService records a service certificate: revocable by name, and
+// known to the station's checks (never as a device).
+func (r *registry) recordService(name string, c *x509.Certificate) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		s := serialHex(c.SerialNumber)
+		if err := tx.Bucket(bucketBySvc).Put(devCertKey(name, s), nil); err != nil {
+			return err
+		}
+		return putJSON(tx.Bucket(bucketCerts), s, issued{Service: name, NotAfter: c.NotAfter})
+	})
+}
+
+// revokeService revokes every certificate issued to service name at now.
+// It returns how many were not revoked before.
+func (r *registry) revokeService(name string, now time.Time) (int, error) {
+	n := 0
+	err := r.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketSvc).Get([]byte(name)) == nil {
+			return fmt.Errorf("unknown service %q: the station never issued a certificate under that name", name)
+		}
+		var err error
+		n, err = revokePrefixTx(tx, tx.Bucket(bucketBySvc), devCertKey(name, ""), now)
+		return err
+	})
+	return n, err
+}
+
+// revokePrefixTx marks revoked at now every certificate indexed in idx
+// under prefix.
+func revokePrefixTx(tx *bolt.Tx, idx *bolt.Bucket, prefix []byte, now time.Time) (int, error) {
+	n := 0
+	certs := tx.Bucket(bucketCerts)
+	cur := idx.Cursor()
+	for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
+		s := string(k[len(prefix):])
+		c, err := getJSON[issued](certs, s)
+		if err != nil {
+			return n, err
+		}
+		if c != nil && c.RevokedAt.IsZero() {
+			c.RevokedAt = now
+			n++
+			if err := putJSON(certs, s, c); err != nil {
+				return n, err
+			}
+		}
+	}
+	return n, nil
 }
 
 // keyHash is the SHA-256 (hex) of a certificate's SubjectPublicKeyInfo.
@@ -337,21 +560,8 @@ func (r *registry) revoke(id string, now time.Time) error {
 			return fmt.Errorf("%w %q", ErrUnknownDevice, id)
 		}
 		d.Status = StatusRevoked
-		certs := tx.Bucket(bucketCerts)
-		prefix := devCertKey(id, "")
-		cur := tx.Bucket(bucketByDev).Cursor()
-		for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
-			s := string(k[len(prefix):])
-			c, err := getJSON[issued](certs, s)
-			if err != nil {
-				return err
-			}
-			if c != nil && c.RevokedAt.IsZero() {
-				c.RevokedAt = now
-				if err := putJSON(certs, s, c); err != nil {
-					return err
-				}
-			}
+		if _, err := revokePrefixTx(tx, tx.Bucket(bucketByDev), devCertKey(id, ""), now); err != nil {
+			return err
 		}
 		return putJSON(devs, id, d)
 	})
@@ -420,26 +630,42 @@ var (
 	errTokenWrong   = errors.New("wrong token secret")
 )
 
+// checkToken checks the token of id without using it: the cheap test
+// every simpleenroll passes before the station signs anything.
+func (r *registry) checkToken(id, secret string, now time.Time) error {
+	return r.db.View(func(tx *bolt.Tx) error {
+		return checkTokenTx(tx, id, secret, now)
+	})
+}
+
+func checkTokenTx(tx *bolt.Tx, id, secret string, now time.Time) error {
+	t, err := getJSON[token](tx.Bucket(bucketTokens), id)
+	if err != nil {
+		return err
+	}
+	if t == nil {
+		// Compared anyway: the answer's timing tells nothing either.
+		subtle.ConstantTimeCompare([]byte(hashSecret("")), []byte(hashSecret(secret)))
+		return errTokenUnknown
+	}
+	if subtle.ConstantTimeCompare([]byte(t.SecretSHA256), []byte(hashSecret(secret))) != 1 {
+		return errTokenWrong
+	}
+	if now.After(t.Expires) {
+		return errTokenExpired
+	}
+	return nil
+}
+
 // consumeToken checks and deletes the token of id, then runs issue in the
 // same transaction: a token can never be used twice, even by two requests
 // at once.
 func (r *registry) consumeToken(id, secret string, now time.Time, issue func(tx *bolt.Tx) error) error {
 	return r.db.Update(func(tx *bolt.Tx) error {
-		tb := tx.Bucket(bucketTokens)
-		t, err := getJSON[token](tb, id)
-		if err != nil {
+		if err := checkTokenTx(tx, id, secret, now); err != nil {
 			return err
 		}
-		if t == nil {
-			return errTokenUnknown
-		}
-		if subtle.ConstantTimeCompare([]byte(t.SecretSHA256), []byte(hashSecret(secret))) != 1 {
-			return errTokenWrong
-		}
-		if now.After(t.Expires) {
-			return errTokenExpired
-		}
-		if err := tb.Delete([]byte(id)); err != nil {
+		if err := tx.Bucket(bucketTokens).Delete([]byte(id)); err != nil {
 			return err
 		}
 		return issue(tx)

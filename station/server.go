@@ -2,6 +2,7 @@ package station
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -74,22 +75,44 @@ func remoteIP(r *http.Request) string {
 	return host
 }
 
-// fail answers a refused request: audit line, metrics, failure counted
-// against the client, text/plain reason.
+// fail answers a refused request that holds a reservation of the failure
+// limiter (begin): audit line, metrics, the attempt settled, text/plain
+// reason.
 func (s *Station) fail(w http.ResponseWriter, r *http.Request, e AuditEntry, err error) {
+	rf := s.refusalOf(e, err)
+	outcome := outcomeFailed
+	if rf.free {
+		outcome = outcomeDone
+	}
+	s.limiter.end(sourceOf(r), outcome)
+	s.answerRefusal(w, r, e, rf)
+}
+
+func (s *Station) refusalOf(e AuditEntry, err error) *refusal {
 	var rf *refusal
 	if !errors.As(err, &rf) {
 		s.log.Error("enrollment error", "event", e.Event, "err", err)
 		rf = refuse(http.StatusInternalServerError, "internal", "internal error")
+		rf.free = true // the station's fault, not the client's
 	}
-	e.Time, e.Result, e.Reason, e.Remote = s.now().UTC(), "refused", rf.reason, remoteIP(r)
+	return rf
+}
+
+func (s *Station) answerRefusal(w http.ResponseWriter, r *http.Request, e AuditEntry, rf *refusal) {
+	e.Time, e.Result, e.Reason, e.Remote = s.now().UTC(), "refused", cmp.Or(rf.detail, rf.reason), remoteIP(r)
 	if aerr := s.audit.write(e); aerr != nil {
 		s.log.Error("audit log", "err", aerr)
 	}
 	s.metrics.enrollment(e.Event, "refused", rf.code)
-	s.limiter.fail(remoteIP(r))
+	writeRefusal(w, rf)
+}
+
+func writeRefusal(w http.ResponseWriter, rf *refusal) {
 	if rf.status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="est"`)
+	}
+	if rf.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(int(rf.retryAfter/time.Second)+1))
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(rf.status)
@@ -99,6 +122,7 @@ func (s *Station) fail(w http.ResponseWriter, r *http.Request, e AuditEntry, err
 // pending answers 202 with Retry-After (RFC 7030 §4.2.3): the device is
 // held for an operator's approval.
 func (s *Station) pending(w http.ResponseWriter, r *http.Request, e AuditEntry) {
+	s.limiter.end(sourceOf(r), outcomeDone)
 	e.Time, e.Result, e.Remote = s.now().UTC(), "pending", remoteIP(r)
 	e.Reason = "awaiting approval: iotstation approve " + e.Device
 	if err := s.audit.write(e); err != nil {
@@ -111,24 +135,39 @@ func (s *Station) pending(w http.ResponseWriter, r *http.Request, e AuditEntry) 
 	fmt.Fprintln(w, e.Reason)
 }
 
-// accept records an accepted decision.
-func (s *Station) accept(r *http.Request, e AuditEntry) {
+// accept records an accepted decision. proven says the client proved
+// who it is (a token, its certificate): its failures are forgotten. An
+// unconfirmed /tpmenroll certificate proves nothing yet.
+func (s *Station) accept(r *http.Request, e AuditEntry, proven bool) {
 	e.Time, e.Result, e.Remote = s.now().UTC(), "accepted", remoteIP(r)
 	if err := s.audit.write(e); err != nil {
 		s.log.Error("audit log", "err", err)
 	}
 	s.metrics.enrollment(e.Event, "accepted", "")
-	s.limiter.succeed(remoteIP(r))
+	outcome := outcomeDone
+	if proven {
+		outcome = outcomeProven
+	}
+	s.limiter.end(sourceOf(r), outcome)
 }
 
 // begin applies what every enrollment request gets before its body is
-// read: the failure limiter and the body cap. It returns the body or
+// read: it reserves the attempt with the failure limiter (settled by
+// fail, pending or accept) and caps the body. It returns the body or
 // writes the refusal.
 func (s *Station) begin(w http.ResponseWriter, r *http.Request, e AuditEntry) ([]byte, bool) {
-	if wait, blocked := s.limiter.blocked(remoteIP(r)); blocked {
+	switch wait := s.limiter.begin(sourceOf(r)); {
+	case wait == limitBusy:
+		rf := refuse(http.StatusTooManyRequests, "busy", "too many requests in flight from this address; retry in 1s")
+		rf.retryAfter = time.Millisecond
+		s.answerRefusal(w, r, e, rf)
+		return nil, false
+	case wait > 0:
 		secs := int(wait/time.Second) + 1
-		w.Header().Set("Retry-After", strconv.Itoa(secs))
-		s.fail(w, r, e, refuse(http.StatusTooManyRequests, "rate_limited", "too many failed requests from this address; retry in %ds", secs))
+		s.limiter.fail(sourceOf(r))
+		rf := refuse(http.StatusTooManyRequests, "rate_limited", "too many failed requests from this address; retry in %ds", secs)
+		rf.retryAfter = wait
+		s.answerRefusal(w, r, e, rf)
 		return nil, false
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, est.MaxBody))
@@ -151,9 +190,44 @@ func writeBase64(w http.ResponseWriter, contentType string, der []byte) {
 	w.Write(est.EncodeBase64(der))
 }
 
+// confirm makes the unconfirmed certificate leaf current (its first use
+// over mutual TLS, from r), audited either way.
+func (s *Station) confirm(r *http.Request, leaf *x509.Certificate) (*issued, error) {
+	serial := serialHex(leaf.SerialNumber)
+	ic, err := s.reg.confirm(serial, s.now(), func(id, ek string) func(*Device) error { return canIssue(id, ek) })
+	e := AuditEntry{Time: s.now().UTC(), Event: "confirm", Result: "accepted", Device: leaf.Subject.CommonName, Serial: serial, Remote: remoteIP(r)}
+	if err != nil {
+		rf := s.refusalOf(e, err)
+		if errors.Is(err, errPending) {
+			rf = refuse(http.StatusForbidden, "device_pending", "device %s awaits approval", e.Device)
+		}
+		e.Result, e.Reason = "refused", rf.reason
+		rf.confirming = true
+		err = rf
+	}
+	if aerr := s.audit.write(e); aerr != nil {
+		s.log.Error("audit log", "err", aerr)
+	}
+	if err == nil {
+		s.limiter.forgive(sourceOf(r))
+	}
+	return ic, err
+}
+
+// handleCACerts serves the CA certificates to anyone. A device asking
+// with its certificate is alive (its "last seen"), and a device asking
+// with a certificate fresh from /tpmenroll confirms it: the agent does
+// this first thing, so a confirmation that fails is answered (403) rather
+// than hidden; other problems with a client certificate are answered
+// where the certificate is needed.
 func (s *Station) handleCACerts(w http.ResponseWriter, r *http.Request) {
-	// A device asking with its certificate is alive: that is "last seen".
-	if d, _, err := s.clientDevice(r); err == nil && d != nil {
+	d, _, err := s.clientDevice(r)
+	var rf *refusal
+	if errors.As(err, &rf) && rf.confirming {
+		writeRefusal(w, rf) // audited as the confirmation
+		return
+	}
+	if err == nil && d != nil {
 		if err := s.reg.touch(d.ID, s.now()); err != nil {
 			s.log.Warn("registry", "err", err)
 		}
@@ -208,9 +282,6 @@ func parseCSR(r *http.Request, body []byte) (*x509.CertificateRequest, error) {
 	if err := csr.CheckSignature(); err != nil {
 		return nil, refuse(http.StatusBadRequest, "csr_signature", "CSR signature does not verify: %v", err)
 	}
-	if err := checkCSRKey(csr.PublicKey); err != nil {
-		return nil, refuse(http.StatusBadRequest, "csr_key", "CSR: %v", err)
-	}
 	return csr, nil
 }
 
@@ -245,6 +316,16 @@ func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, err
 	}
 	if ic == nil {
 		return nil, nil, refuse(http.StatusForbidden, "cert_unknown", "client certificate %s is not in the registry", serialHex(leaf.SerialNumber))
+	}
+	if ic.Service != "" {
+		return nil, nil, refuse(http.StatusForbidden, "cert_service", "client certificate %s is service %s's, not a device's", serialHex(leaf.SerialNumber), ic.Service)
+	}
+	if ic.Unconfirmed && ic.RevokedAt.IsZero() {
+		// The handshake proved the key; holding the certificate proves the
+		// TPM with the EK recovered it: this use confirms it.
+		if ic, err = s.confirm(r, leaf); err != nil {
+			return nil, nil, err
+		}
 	}
 	if !ic.RevokedAt.IsZero() {
 		return nil, nil, refuse(http.StatusForbidden, "cert_revoked", "client certificate %s was revoked at %s", serialHex(leaf.SerialNumber), ic.RevokedAt.UTC().Format(time.RFC3339))
@@ -350,6 +431,15 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	// Each attestation costs a CA signature and a credential: bounded per
+	// source before any of it (SPIRE rate-limits attestation per source
+	// too).
+	if wait, ok := s.attestRate.take(sourceOf(r)); !ok {
+		rf := refuse(http.StatusTooManyRequests, "rate_limited", "too many attestation requests from this address; retry in %ds", int(wait/time.Second)+1)
+		rf.free, rf.retryAfter = true, wait
+		s.fail(w, r, e, rf)
+		return
+	}
 	req, err := est.DecodeTPMEnrollRequest(r.Header.Get("Content-Type"), bytes.NewReader(body))
 	if err != nil {
 		status := http.StatusBadRequest
@@ -384,11 +474,11 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, refuse(http.StatusForbidden, "other_device", "client certificate belongs to device %s, the EK to device %s", presented.ID, id))
 		return
 	}
-	check := canIssue(id, att.ekHash)
+	check, from := canIssue(id, att.ekHash), ""
 	if presented != nil {
 		// Over mTLS the certificate vouches for the request: only the
-		// current one may.
-		check = currentCert(leaf, false, check)
+		// current one may, and it must still be current at confirmation.
+		check, from = currentCert(leaf, false, check), serialHex(leaf.SerialNumber)
 	}
 	if d, err := s.reg.device(id); err != nil {
 		s.fail(w, r, e, err)
@@ -402,7 +492,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	}
 
 	now := s.now()
-	cert, err := s.ca.issueDevice(s.rand, id, att.csr.PublicKey, now, s.certLifetime)
+	cert, err := s.ca.issueDevice(s.rand, id, att.csr.PublicKey, now, s.certLifetime, RoleDeviceTPM)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
@@ -435,15 +525,38 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, err)
 		return
 	}
-	if err := s.reg.recordIssue(id, att.ekHash, cert, now, check); err != nil {
+	// Anyone holding the EK's public data gets this far: nothing about the
+	// device changes until the certificate is used (confirm).
+	if err := s.reg.recordUnconfirmed(id, att.ekHash, from, infoOf(cert), now, check); err != nil {
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return
 	}
-	s.accept(r, e)
+	e.Reason = fmt.Sprintf("unconfirmed until the device uses it (within %v)", UnconfirmedLifetime)
+	s.accept(r, e, false)
 	w.Header().Set("Content-Type", ct)
 	w.WriteHeader(http.StatusOK)
 	w.Write(out)
+}
+
+// errTokenRefused is the one answer to a token that does not work,
+// whatever the reason (the audit log has it): an outsider learns nothing
+// about which device IDs have a token.
+const errTokenRefused = "token not accepted for this device ID (unknown, used, expired or wrong)"
+
+// canIssueByToken is canIssue for simpleenroll: a token never issues for
+// an ID bound to an EK (another TPM cannot take it over, nor can a
+// software key).
+func canIssueByToken(id string) func(*Device) error {
+	return func(d *Device) error {
+		if err := canIssue(id, "")(d); err != nil {
+			return err
+		}
+		if d != nil && d.EKSHA256 != "" {
+			return refuse(http.StatusForbidden, "ek_bound", "device %s is bound to a TPM (EK sha256:%s): only that TPM enrolls it", id, d.EKSHA256)
+		}
+		return nil
+	}
 }
 
 func (s *Station) handleEnroll(w http.ResponseWriter, r *http.Request) {
@@ -462,33 +575,61 @@ func (s *Station) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, refuse(http.StatusUnauthorized, "token_invalid", "%v", err))
 		return
 	}
+	now := s.now()
+	// Authenticated before anything is signed (libest does the same).
+	if err := s.reg.checkToken(id, secret, now); err != nil {
+		rf := refuse(http.StatusUnauthorized, "token_invalid", errTokenRefused)
+		rf.detail = err.Error()
+		s.fail(w, r, e, rf)
+		return
+	}
+	if err := s.manifestFree(id); err != nil {
+		s.fail(w, r, e, err)
+		return
+	}
 	csr, err := parseCSR(r, body)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
 	}
-	now := s.now()
-	cert, err := s.ca.issueDevice(s.rand, id, csr.PublicKey, now, s.certLifetime)
+	cert, err := s.ca.issueDevice(s.rand, id, csr.PublicKey, now, s.certLifetime, RoleDeviceToken)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
 	}
 	e.Serial = serialHex(cert.SerialNumber)
 	err = s.reg.consumeToken(id, secret, now, func(tx *bolt.Tx) error {
-		return recordIssueTx(tx, id, "", cert, now, canIssue(id, ""))
+		return recordIssueTx(tx, id, "", infoOf(cert), now, canIssueByToken(id))
 	})
 	switch {
 	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenExpired), errors.Is(err, errTokenWrong):
 		e.Serial = ""
-		s.fail(w, r, e, refuse(http.StatusUnauthorized, "token_invalid", "%v", err))
+		rf := refuse(http.StatusUnauthorized, "token_invalid", errTokenRefused)
+		rf.detail = err.Error()
+		s.fail(w, r, e, rf)
 		return
 	case err != nil:
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return
 	}
-	s.accept(r, e)
+	s.accept(r, e, true)
 	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly([][]byte{cert.Raw}))
+}
+
+// manifestFree refuses a device ID the manifest gives to an EK: only
+// that TPM may enroll under it.
+func (s *Station) manifestFree(id string) error {
+	m, err := s.manifest.get()
+	if err != nil {
+		s.log.Warn("manifest", "err", err)
+	}
+	for ek, mid := range m {
+		if mid == id {
+			return refuse(http.StatusForbidden, "ek_bound", "device ID %s belongs to EK sha256:%s (manifest): only that TPM enrolls it", id, ek)
+		}
+	}
+	return nil
 }
 
 func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
@@ -521,19 +662,25 @@ func (s *Station) handleReenroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, refuse(http.StatusForbidden, "csr_key_mismatch", "simplereenroll renews the same key; a new key is certified through tpmenroll"))
 		return
 	}
+	// The renewal keeps how the device enrolled: an EK-bound device's key
+	// was attested, a token device's was not.
+	role := RoleDeviceToken
+	if d.EKSHA256 != "" {
+		role = RoleDeviceTPM
+	}
 	now := s.now()
-	cert, err := s.ca.issueDevice(s.rand, d.ID, csr.PublicKey, now, s.certLifetime)
+	cert, err := s.ca.issueDevice(s.rand, d.ID, csr.PublicKey, now, s.certLifetime, role)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
 	}
 	e.Serial = serialHex(cert.SerialNumber)
-	if err := s.reg.recordIssue(d.ID, "", cert, now, check); err != nil {
+	if err := s.reg.recordIssue(d.ID, "", infoOf(cert), now, check); err != nil {
 		e.Serial = ""
 		s.fail(w, r, e, err)
 		return
 	}
-	s.accept(r, e)
+	s.accept(r, e, true)
 	writeBase64(w, est.MediaCertsOnly, est.MarshalCertsOnly([][]byte{cert.Raw}))
 }
 

@@ -110,6 +110,11 @@ func Init(opts InitOptions) error {
 	if _, err := os.Stat(filepath.Join(opts.Dir, fileConfig)); err == nil {
 		return fmt.Errorf("%w: %s", ErrInitialized, opts.Dir)
 	}
+	// The directory will hold the CA's keys: one others can enter or list
+	// is refused, not silently kept.
+	if fi, err := os.Stat(opts.Dir); err == nil && fi.IsDir() && fi.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("station directory %s has mode %04o: it will hold the CA keys, so only its owner may use it (chmod 700 %s)", opts.Dir, fi.Mode().Perm(), opts.Dir)
+	}
 	// Validate every input before writing anything.
 	var roots []byte
 	for _, f := range opts.TPMRoots {
@@ -198,6 +203,14 @@ func RootFingerprint(dir string) (string, error) {
 	return Fingerprint(c[0]), nil
 }
 
+// Per source (IPv4 address or IPv6 /64), /tpmenroll requests beyond
+// AttestationBurst at once are answered 429 with Retry-After, one more
+// allowed each AttestationInterval.
+const (
+	AttestationBurst    = 10
+	AttestationInterval = time.Second
+)
+
 // Config configures Open.
 type Config struct {
 	Dir string
@@ -223,7 +236,11 @@ type Config struct {
 	// client address may make within a minute before it is answered 429
 	// (default 5).
 	FailuresBeforeSlowdown int
-	Logger                 *slog.Logger
+	// AttestationBurst is how many /tpmenroll requests a client address
+	// may make at once (default AttestationBurst); after them, one per
+	// AttestationInterval.
+	AttestationBurst int
+	Logger           *slog.Logger
 	Now                    func() time.Time
 	Rand                   io.Reader
 }
@@ -245,8 +262,9 @@ type Station struct {
 	tpmInter *x509.CertPool
 	reg      *registry
 	audit    *auditLog
-	limiter  *failureLimiter
-	manifest manifestCache
+	limiter    *failureLimiter
+	attestRate *rateLimiter
+	manifest   manifestCache
 	crl      atomic.Pointer[[]byte]
 	crlMu    sync.Mutex
 	crlHook  string
@@ -294,6 +312,7 @@ func Open(cfg Config) (*Station, error) {
 	if cfg.FailuresBeforeSlowdown > 0 {
 		s.limiter.maxFailures = cfg.FailuresBeforeSlowdown
 	}
+	s.attestRate = newRateLimiter(s.now, cmp.Or(cfg.AttestationBurst, AttestationBurst), AttestationInterval)
 	s.certLifetime = cfg.CertLifetime
 	if s.certLifetime == 0 {
 		if s.certLifetime, err = time.ParseDuration(fc.CertLifetime); err != nil {

@@ -323,7 +323,9 @@ func enrolledClient(t testing.TB, st *stationtest.Station, d *tpmDevice) (*http.
 		t.Fatal(err)
 	}
 	tc := &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: d.key, Leaf: cert}
-	return client(t, st, tc), cert
+	c := client(t, st, tc)
+	confirm(t, c, st) // as the agent does: the first use makes it current
+	return c, cert
 }
 
 // issuedCert reads the one certificate of a simpleenroll or
@@ -482,6 +484,7 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	confirm(t, mtlsClient(t, st, secondCert, d2.key), st)
 	devs, _ := st.Devices()
 	if len(devs) != 1 || devs[0].CertSerial != secondCert.SerialNumber.Text(16) {
 		t.Fatalf("registry after rotation = %+v, want current serial %x", devs, secondCert.SerialNumber)
@@ -533,27 +536,27 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 	}
 	current := mtlsClient(t, st, issuedCert(t, a), d2.key)
 
-	// Rotations from one certificate: of simultaneous ones, the first to
-	// reach the registry supersedes the certificate for the others.
-	type request struct {
-		body []byte
-		ct   string
-	}
-	var reqs []request
-	for range 4 {
+	// Rotations from one certificate: each is issued unconfirmed; of
+	// their simultaneous first uses, the first to reach the registry
+	// supersedes the certificate for the other.
+	var rotated []*http.Client
+	for range 2 {
 		nk := d2.newKey(t)
-		body, ct, err := nk.request(t).Encode()
+		a := tpmEnroll(t, current, st, nk.request(t))
+		if a.status != http.StatusOK {
+			t.Fatalf("rotation = %d %s", a.status, a.body)
+		}
+		c, err := nk.activate(t, a)
 		if err != nil {
 			t.Fatal(err)
 		}
-		nk.key.Close() // the request is made: free the TPM's object slot
-		reqs = append(reqs, request{body, ct})
+		rotated = append(rotated, mtlsClient(t, st, c, nk.key))
 	}
-	answers := make(chan answer, len(reqs))
-	for _, rq := range reqs {
+	answers := make(chan answer, len(rotated))
+	for _, c := range rotated {
 		go func() {
-			// Not post: t.Fatal belongs to the test's goroutine.
-			resp, err := current.Post(st.URL+est.PathTPMEnroll, rq.ct, bytes.NewReader(rq.body))
+			// Not confirm: t.Fatal belongs to the test's goroutine.
+			resp, err := c.Get(st.URL + est.PathCACerts)
 			if err != nil {
 				answers <- answer{body: []byte(err.Error())}
 				return
@@ -563,17 +566,17 @@ func TestSupersededCertificateIsRefused(t *testing.T) {
 			answers <- answer{resp.StatusCode, resp.Header, b}
 		}()
 	}
-	rotated := 0
+	confirmed := 0
 	for range cap(answers) {
 		switch a := <-answers; {
 		case a.status == http.StatusOK:
-			rotated++
-		case a.status != http.StatusForbidden || !strings.Contains(string(a.body), reason):
-			t.Errorf("concurrent tpmenroll = %d %q, want 200 or 403 %q", a.status, a.body, reason)
+			confirmed++
+		case a.status != http.StatusForbidden || !strings.Contains(string(a.body), "is no longer current"):
+			t.Errorf("first use of a rotated certificate = %d %q, want 200 or 403 \"is no longer current\"", a.status, a.body)
 		}
 	}
-	if rotated != 1 {
-		t.Errorf("%d of %d simultaneous rotations with one certificate succeeded, want 1", rotated, cap(answers))
+	if confirmed != 1 {
+		t.Errorf("%d of %d simultaneous rotations from one certificate became current, want 1", confirmed, cap(answers))
 	}
 	// A device left with a superseded certificate re-attests by its EK.
 	d3 := d.newKey(t)
@@ -713,14 +716,19 @@ func TestTokens(t *testing.T) {
 			} else {
 				a = post(t, c, st, est.PathEnroll, est.MediaPKCS10, reenrollBody(t, key), user, pass)
 			}
-			if a.status != tc.status || !strings.Contains(string(a.body), tc.reason) {
-				t.Errorf("= %d %q, want %d containing %q", a.status, a.body, tc.status, tc.reason)
+			// The answer is one for every bad token; the audit log says why.
+			answer := tc.reason
+			if user != "" {
+				answer = "token not accepted for this device ID"
+			}
+			if a.status != tc.status || !strings.Contains(string(a.body), answer) {
+				t.Errorf("= %d %q, want %d containing %q", a.status, a.body, tc.status, answer)
 			}
 			if a.header.Get("WWW-Authenticate") == "" {
 				t.Error("401 without WWW-Authenticate")
 			}
-			if e := lastAudit(t, st); e.Event != "simpleenroll" || e.Result != "refused" {
-				t.Errorf("audit = %+v", e)
+			if e := lastAudit(t, st); e.Event != "simpleenroll" || e.Result != "refused" || !strings.Contains(e.Reason, tc.reason) {
+				t.Errorf("audit = %+v, want refused with %q", e, tc.reason)
 			}
 			if registryJSON(t, st) != before {
 				t.Error("registry changed")
@@ -772,9 +780,11 @@ func TestHoldForApproval(t *testing.T) {
 	if a.status != http.StatusOK {
 		t.Fatalf("tpmenroll after approval = %d %s", a.status, a.body)
 	}
-	if _, err := d.activate(t, a); err != nil {
+	cert, err := d.activate(t, a)
+	if err != nil {
 		t.Fatal(err)
 	}
+	confirm(t, mtlsClient(t, st, cert, d.key), st)
 	devs, _ = st.Devices()
 	if devs[0].Status != station.StatusEnrolled {
 		t.Errorf("status after enrollment = %s", devs[0].Status)

@@ -58,7 +58,7 @@ func commands() []command {
 		{"fingerprint", "print the root CA fingerprint agents pin", cmdFingerprint},
 		{"devices", "list enrolled devices", cmdDevices},
 		{"approve", "let a device held for approval enroll", cmdApprove},
-		{"revoke", "revoke a device", cmdRevoke},
+		{"revoke", "revoke a device, or a service (--service NAME)", cmdRevoke},
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
 		{"watch", "subscribe to every device's telemetry and report delivery per device", cmdWatch},
@@ -311,7 +311,35 @@ func cmdDevices(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdRevoke(ctx context.Context, e *env, args []string) error {
-	return deviceAction(ctx, e, "revoke", args, station.Admin.Revoke, "revoked %s; the CRL lists its certificates\n")
+	fs, dir := newFlags(e, "revoke")
+	service := fs.String("service", "", "revoke every certificate of the station service `NAME` (iotstation issue) instead of a device")
+	pos, err := parse(fs, dir, args, 1)
+	if err != nil {
+		return err
+	}
+	switch {
+	case *service != "" && len(pos) > 0:
+		return usagef("revoke: a device ID or --service NAME, not both")
+	case *service == "" && len(pos) != 1:
+		return usagef("revoke: want the device ID, or --service NAME")
+	}
+	a, err := station.OpenAdmin(*dir)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	if *service != "" {
+		if err := a.RevokeService(ctx, *service); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "revoked service %s; the CRL lists its certificates\n", *service)
+		return nil
+	}
+	if err := a.Revoke(ctx, pos[0]); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "revoked %s; the CRL lists its certificates\n", pos[0])
+	return nil
 }
 
 func cmdApprove(ctx context.Context, e *env, args []string) error {

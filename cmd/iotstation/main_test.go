@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"os"
@@ -112,6 +113,22 @@ func TestStationCLI(t *testing.T) {
 	if trust, err := certpem.ReadFile(prefix + "-ca.pem"); err != nil || len(trust) != 2 {
 		t.Errorf("broker-ca.pem = %d certificates, %v", len(trust), err)
 	}
+	// A service is revoked by name: its certificates go on the CRL.
+	code, out, errs = stationCLI(t, "revoke", "--dir", dir, "--service", "broker")
+	if code != 0 || !strings.Contains(out, "revoked service broker") {
+		t.Errorf("revoke --service broker = %d, %q, %q", code, out, errs)
+	}
+	if crl := readCRL(t, dir); len(crl.RevokedCertificateEntries) != 1 || crl.RevokedCertificateEntries[0].SerialNumber.Cmp(chain[0].SerialNumber) != 0 {
+		t.Errorf("CRL after revoke --service broker = %+v, want the broker's serial", crl.RevokedCertificateEntries)
+	}
+	code, _, errs = stationCLI(t, "revoke", "--dir", dir, "--service", "gw-nope")
+	if code != 1 || !strings.Contains(errs, `unknown service "gw-nope"`) {
+		t.Errorf("revoke --service unknown = %d, %q", code, errs)
+	}
+	code, _, errs = stationCLI(t, "revoke", "--dir", dir, "--service", "broker", "gw-1")
+	if code != 2 || !strings.Contains(errs, "not both") {
+		t.Errorf("revoke with both = %d, %q", code, errs)
+	}
 	code, _, errs = stationCLI(t, "issue", "--dir", dir, "--name", "x", "--server", "--out", prefix)
 	if code != 2 || !strings.Contains(errs, "needs at least one --san") {
 		t.Errorf("issue --server without --san = %d, %q", code, errs)
@@ -123,6 +140,23 @@ func TestStationCLI(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "admin.sock")); !os.IsNotExist(err) {
 		t.Error("admin socket left behind")
 	}
+}
+
+func readCRL(t *testing.T, dir string) *x509.RevocationList {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "crl.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatal("crl.pem: no PEM")
+	}
+	crl, err := x509.ParseRevocationList(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return crl
 }
 
 func waitSock(t *testing.T, p string) {

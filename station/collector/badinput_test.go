@@ -123,6 +123,9 @@ func TestBadInput(t *testing.T) {
 			}))},
 		{"CN is not a device ID", handshake(issue(t, f.st, "not a device", nil, false), "not_device")},
 		{"expired certificate", handshake(issueFor(t, f.st, "gw-old", -time.Minute), "expired")},
+		// Finding 5 of issue 10: a service's certificate chains to the same
+		// CA and its CN is a valid device ID, but it is not a device.
+		{"service certificate as a device", handshake(issueCert(t, f.st, "gw-svc", nil, false, time.Hour), "not_device")},
 		{"garbage datagrams", func(t *testing.T) {
 			conn, err := net.DialUDP("udp4", nil, c.Addr().(*net.UDPAddr))
 			if err != nil {

@@ -9,9 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
-	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/collector"
 )
 
@@ -31,12 +29,9 @@ func TestLibcoapClients(t *testing.T) {
 			}
 			device := "gw-" + strings.TrimPrefix(tool, "coap-client-")
 			dir := t.TempDir()
-			dev, err := f.st.IssueService(context.Background(), station.ServiceRequest{Name: device, Lifetime: time.Hour})
-			if err != nil {
-				t.Fatal(err)
-			}
+			dev := f.st.Device(t, device)
 			files := map[string][]byte{
-				"cert.pem": dev.Chain, "key.pem": dev.Key, "ca.pem": f.st.TrustPEM(),
+				"cert.pem": dev.ChainPEM, "key.pem": dev.KeyPEM, "ca.pem": f.st.TrustPEM(),
 				"body.cbor": mustCBOR(t, batch(device, 1, 20)),
 				"body.json": mustJSON(t, batch(device, 21, 20)),
 				"bad.cbor":  []byte("not cbor"),

@@ -70,17 +70,25 @@ func newFixture(t testing.TB) *fixture {
 }
 
 // issue has the station issue a certificate: for a server, or (server
-// false) a client certificate with CN name, as a device's would be.
+// false) a device's: enrolled by token when name is a device ID, else
+// signed outside the registry (stationtest.SignDevice).
 func issue(t testing.TB, st *stationtest.Station, name string, sans []string, server bool) tls.Certificate {
 	t.Helper()
-	return issueCert(t, st, name, sans, server, time.Hour)
+	if server {
+		return issueCert(t, st, name, sans, server, time.Hour)
+	}
+	if station.ValidDeviceID(name) != nil {
+		return st.SignDevice(t, name, time.Now().Add(-time.Hour), time.Now().Add(time.Hour)).TLS
+	}
+	return st.Device(t, name).TLS
 }
 
-// issueFor issues a device-like client certificate valid for lifetime
-// from now (backdated by the station), which may be negative.
+// issueFor signs a device-shaped client certificate valid for lifetime
+// from now (backdated a minute), which may be negative.
 func issueFor(t testing.TB, st *stationtest.Station, name string, lifetime time.Duration) tls.Certificate {
 	t.Helper()
-	return issueCert(t, st, name, nil, false, lifetime)
+	now := time.Now()
+	return st.SignDevice(t, name, now.Add(-time.Minute+min(lifetime, 0)*2), now.Add(lifetime)).TLS
 }
 
 func issueCert(t testing.TB, st *stationtest.Station, name string, sans []string, server bool, lifetime time.Duration) tls.Certificate {

@@ -27,9 +27,13 @@ type Options struct {
 	Manifest string
 	// Now overrides the station's clock.
 	Now func() time.Time
-	// Lenient lets a client fail many times before it is slowed down
+	// Lenient lets a client fail many times before it is slowed down,
+	// and attest many times at once
 	// (tests that send many bad requests in a row).
 	Lenient bool
+	// FailuresBeforeSlowdown is station.Config.FailuresBeforeSlowdown
+	// (default 5) when Lenient is off.
+	FailuresBeforeSlowdown int
 	// CRLHook is the station's crl_hook (station.Config.CRLHook), and
 	// CRLHookRetry its first retry delay.
 	CRLHook      string
@@ -105,8 +109,9 @@ func Start(t testing.TB, opts Options) *Station {
 
 func (s *Station) open() {
 	cfg := station.Config{Dir: s.Dir, Now: s.opts.Now, CRLHook: s.opts.CRLHook, CRLHookRetry: s.opts.CRLHookRetry}
+	cfg.FailuresBeforeSlowdown = s.opts.FailuresBeforeSlowdown
 	if s.opts.Lenient {
-		cfg.FailuresBeforeSlowdown = 1000
+		cfg.FailuresBeforeSlowdown, cfg.AttestationBurst = 1000, 1000
 	}
 	st, err := station.Open(cfg)
 	if err != nil {
