@@ -241,8 +241,8 @@ type Config struct {
 	// AttestationInterval.
 	AttestationBurst int
 	Logger           *slog.Logger
-	Now                    func() time.Time
-	Rand                   io.Reader
+	Now              func() time.Time
+	Rand             io.Reader
 }
 
 // Station is an opened station directory. Safe for concurrent use; Close
@@ -257,19 +257,19 @@ type Station struct {
 	now          func() time.Time
 	rand         io.Reader
 
-	ca       *ca
-	tpmRoots *x509.CertPool
-	tpmInter *x509.CertPool
-	reg      *registry
-	audit    *auditLog
+	ca         *ca
+	tpmRoots   *x509.CertPool
+	tpmInter   *x509.CertPool
+	reg        *registry
+	audit      *auditLog
 	limiter    *failureLimiter
 	attestRate *rateLimiter
 	manifest   manifestCache
-	crl      atomic.Pointer[[]byte]
-	crlMu    sync.Mutex
-	crlHook  string
-	caTPMKey *tpmCAKey  // with ca_tpm: the issuing CA key, in the TPM
-	hookMu   sync.Mutex // one CRL hook at a time
+	crl        atomic.Pointer[[]byte]
+	crlMu      sync.Mutex
+	crlHook    string
+	caTPMKey   *tpmCAKey  // with ca_tpm: the issuing CA key, in the TPM
+	hookMu     sync.Mutex // one CRL hook at a time
 	// hookPending: the last hook run failed; hookFailed tells serve's
 	// CRL loop to schedule a retry.
 	hookPending atomic.Bool
