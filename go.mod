@@ -12,6 +12,7 @@ require (
 	github.com/plgd-dev/go-coap/v3 v3.8.1
 	github.com/smallstep/pkcs7 v0.2.3
 	go.etcd.io/bbolt v1.5.0
+	go.mozilla.org/pkcs7 v0.0.0-20200128120323-432b2356ecb1
 	golang.org/x/net v0.62.0
 )
 

@@ -21,11 +21,12 @@ var (
 
 // DER tags used below.
 const (
-	tagInteger   = 0x02
-	tagSequence  = 0x30
-	tagSet       = 0x31
-	tagContext0  = 0xa0 // [0] constructed
-	tagImplicit0 = 0x80 // [0] primitive
+	tagInteger     = 0x02
+	tagOctetString = 0x04
+	tagSequence    = 0x30
+	tagSet         = 0x31
+	tagContext0    = 0xa0 // [0] constructed
+	tagImplicit0   = 0x80 // [0] primitive
 )
 
 // tlv encodes one DER element.
@@ -184,6 +185,12 @@ const gcmNonceSize = 12
 // [UNIVERSAL 16] element, and the nonce is tagged [4] instead of OCTET
 // STRING. Clients using that library decode nothing else; OpenEncryptedData
 // accepts both this and the RFC 5084 form.
+//
+// encryptedContent is sent constructed, [0] { OCTET STRING }, valid BER
+// where DER would make it a primitive [0]: the go.mozilla.org/pkcs7 that
+// GlobalSign's client links declares the field EXPLICIT, reads a primitive
+// [0] as absent, and fails with "cipher: message authentication failed".
+// OpenEncryptedData reads both forms.
 func SealEncryptedData(rand io.Reader, key, plaintext []byte) ([]byte, error) {
 	var alg asn1.ObjectIdentifier
 	switch len(key) {
@@ -211,7 +218,7 @@ func SealEncryptedData(rand io.Reader, key, plaintext []byte) ([]byte, error) {
 	eci := tlv(tagSequence,
 		mustOID(oidData),
 		tlv(tagSequence, mustOID(alg), tlv(0x10, params)),
-		tlv(tagImplicit0, ct),
+		tlv(tagContext0, tlv(tagOctetString, ct)),
 	)
 	ed := tlv(tagSequence, tlv(tagInteger, []byte{0}), eci)
 	return tlv(tagSequence, mustOID(oidEncryptedData), tlv(tagContext0, ed)), nil

@@ -81,8 +81,9 @@ func TestCertsOnlyInterop(t *testing.T) {
 	c1, c2 := testCert(t, "issuing"), testCert(t, "root")
 	ours := MarshalCertsOnly([][]byte{c1.Raw, c2.Raw})
 
-	// go.mozilla.org/pkcs7's maintained fork (what GlobalSign's client
-	// uses) reads ours.
+	// smallstep/pkcs7, a maintained fork of go.mozilla.org/pkcs7, reads
+	// ours. GlobalSign's client links go.mozilla.org/pkcs7 itself, which
+	// TestEncryptedDataInteropGlobalSignClient runs.
 	p7, err := pkcs7.Parse(ours)
 	if err != nil {
 		t.Fatalf("pkcs7.Parse(ours) = %v", err)
@@ -128,6 +129,9 @@ func TestEncryptedDataInterop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// smallstep/pkcs7 reads encryptedContent in either form, so this
+	// proves nothing about GlobalSign's client (see
+	// TestEncryptedDataInteropGlobalSignClient).
 	p7, err := pkcs7.Parse(ours)
 	if err != nil {
 		t.Fatalf("pkcs7.Parse(ours) = %v", err)
@@ -149,7 +153,9 @@ func TestEncryptedDataInterop(t *testing.T) {
 	}
 
 	// RFC 5084 form: GCMParameters as a plain SEQUENCE with an OCTET STRING
-	// nonce and the default ICV length.
+	// nonce and the default ICV length, and the DER (primitive [0])
+	// encryptedContent, which this package sent before it sent the
+	// constructed form.
 	rfc := rfc5084EncryptedData(t, key, plain)
 	if got, err := OpenEncryptedData(key, rfc); err != nil || !bytes.Equal(got, plain) {
 		t.Fatalf("OpenEncryptedData(RFC 5084 form) = %q, %v", got, err)
