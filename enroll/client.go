@@ -151,10 +151,10 @@ func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
 //
 // now is a lower bound on the real time: a gateway without RTC knows only
 // that it is at least its floor. A certificate that expired before now is
-// refused; one whose notBefore is after now may well be valid (a station
-// set up after the agent was built), so the chain is checked at the latest
-// notBefore it holds when that is later than now. The station's Date header
-// then teaches the clock.
+// refused, a pinned leaf included; one whose notBefore is after now may
+// well be valid (a station set up after the agent was built), so the chain
+// is checked at the latest notBefore it holds when that is later than now.
+// The station's Date header then teaches the clock.
 func verifyStation(chain []*x509.Certificate, roots *x509.CertPool, pin []byte, host string, now time.Time) error {
 	if len(chain) == 0 {
 		return errors.New("station presented no certificate")
@@ -175,6 +175,12 @@ func verifyStation(chain []*x509.Certificate, roots *x509.CertPool, pin []byte, 
 			return fmt.Errorf("station TLS chain holds no certificate with fingerprint sha256:%x", pin)
 		}
 		if i == 0 {
+			// The pin names the key to trust, not for how long: an
+			// expired station certificate is refused pinned or not.
+			if leaf := chain[0]; now.After(leaf.NotAfter) {
+				return fmt.Errorf("pinned station certificate: %w", x509.CertificateInvalidError{Cert: leaf, Reason: x509.Expired,
+					Detail: fmt.Sprintf("the device's time %s is after %s", now.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))})
+			}
 			return chain[0].VerifyHostname(host)
 		}
 		roots = x509.NewCertPool()

@@ -1,13 +1,19 @@
 package enroll
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +21,13 @@ import (
 
 // chainFor makes root → leaf for host, valid from nb to na.
 func chainFor(t *testing.T, host string, nb, na time.Time) []*x509.Certificate {
+	t.Helper()
+	chain, _ := chainWithKey(t, host, nb, na)
+	return chain
+}
+
+// chainWithKey is chainFor with the leaf's private key.
+func chainWithKey(t *testing.T, host string, nb, na time.Time) ([]*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
 	rk, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	lk, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -29,7 +42,7 @@ func chainFor(t *testing.T, host string, nb, na time.Time) []*x509.Certificate {
 		t.Fatal(err)
 	}
 	leaf, _ := x509.ParseCertificate(lder)
-	return []*x509.Certificate{leaf, root}
+	return []*x509.Certificate{leaf, root}, lk
 }
 
 func TestVerifyStation(t *testing.T) {
@@ -57,6 +70,8 @@ func TestVerifyStation(t *testing.T) {
 		// after it may be valid now.
 		{"not yet valid by the device clock", future, nil, pin(future[1]), "station.example", ""},
 		{"expired", expired, nil, pin(expired[1]), "station.example", "expired"},
+		{"expired, leaf pinned", expired, nil, pin(expired[0]), "station.example", "expired"},
+		{"not yet valid by the device clock, leaf pinned", future, nil, pin(future[0]), "station.example", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := verifyStation(tc.chain, tc.roots, tc.pin, tc.host, now)
@@ -77,4 +92,57 @@ func TestParsePin(t *testing.T) {
 			t.Errorf("ParsePin(%q) = %v, want an error", bad, err)
 		}
 	}
+}
+
+// TestAttackExpiredPinnedStation: a station certificate pinned by its own
+// fingerprint (iotstation fingerprint of the leaf) that has expired is
+// refused like any other expired certificate: the pin says which key to
+// trust, not until when. Whoever holds an expired (and maybe retired,
+// leaked) station key must not enroll devices with it. The clock is the
+// agent's floor, so a device whose wall clock reads 1970 still refuses a
+// certificate that expired before its build.
+func TestAttackExpiredPinnedStation(t *testing.T) {
+	now := time.Now()
+	chain, key := chainWithKey(t, "127.0.0.1", now.Add(-48*time.Hour), now.Add(-24*time.Hour))
+	chain[0] = reissueWithIP(t, chain, key)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("the agent sent %s %s to a station whose pinned certificate expired", r.Method, r.URL.Path)
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{chain[0].Raw}, PrivateKey: key, Leaf: chain[0]}}}
+	srv.StartTLS()
+	defer srv.Close()
+	sum := sha256.Sum256(chain[0].Raw)
+	for _, tc := range []struct {
+		name  string
+		clock *Clock
+	}{
+		{"wall clock", NewClock(nil)},
+		{"wall clock at 1970, floor past the expiry", NewClock(func() time.Time { return time.Unix(0, 0) }, now.Add(-time.Hour))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := NewClient(ClientConfig{URL: srv.URL, Pin: sum[:], Clock: tc.clock, Timeout: 10 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.CloseIdleConnections()
+			_, err = c.CACerts(context.Background())
+			var inv x509.CertificateInvalidError
+			if !errors.As(err, &inv) || inv.Reason != x509.Expired || !strings.Contains(err.Error(), "pinned station certificate") {
+				t.Errorf("CACerts against an expired pinned leaf = %v, want x509.Expired naming the pinned station certificate", err)
+			}
+		})
+	}
+}
+
+// reissueWithIP re-signs chain's leaf for 127.0.0.1, keeping its validity.
+func reissueWithIP(t *testing.T, chain []*x509.Certificate, key *ecdsa.PrivateKey) *x509.Certificate {
+	t.Helper()
+	tmpl := *chain[0]
+	tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, &tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return c
 }
