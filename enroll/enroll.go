@@ -107,19 +107,28 @@ func (i *Identity) close() error {
 	return i.key.Close()
 }
 
-// newCSR makes a PKCS#10 request signed by key. The subject is a
-// placeholder: the station decides the device's names.
-func newCSR(key *tpm.Key) ([]byte, error) {
+// newCSR makes a PKCS#10 request signed by key for the device deviceID.
+// Our station names devices itself (manifest, registry, or the EK) and
+// ignores the subject; a CA that copies the subject into the certificate
+// (GlobalSign's, many others) makes it the device's identity, so it must
+// name this device and no other.
+func newCSR(key *tpm.Key, deviceID string) ([]byte, error) {
 	return x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		Subject: pkix.Name{CommonName: "iotagent"},
+		Subject: pkix.Name{CommonName: deviceID},
 	}, key)
 }
 
-// attest enrolls key through /tpmenroll with ek: the station encrypts the
-// certificate so that only this TPM, holding both the EK and key, recovers
-// it.
-func attest(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK) (*x509.Certificate, error) {
-	csr, err := newCSR(key)
+// ekDeviceID is the subject of a device that has no ID yet: the name our
+// station gives a device it admits by its EK alone (est.EKDeviceID).
+func ekDeviceID(ek *tpm.EK) string {
+	return est.EKDeviceID(est.EKHash(ek.Certificate.Cert))
+}
+
+// attest enrolls key through /tpmenroll with ek, asking for a certificate
+// for deviceID: the station encrypts the certificate so that only this
+// TPM, holding both the EK and key, recovers it.
+func attest(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, deviceID string) (*x509.Certificate, error) {
+	csr, err := newCSR(key, deviceID)
 	if err != nil {
 		return nil, fmt.Errorf("signing CSR in the TPM: %w", err)
 	}
@@ -222,10 +231,12 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = NewClock(nil)
 	}
+	var deviceID string // the ID of an earlier enrollment, if any
 	if st, err := recoverState(cfg.Dir); err == nil {
 		if keyMatches(st.Leaf(), st.Key) && cfg.Clock.Now().Before(st.Leaf().NotAfter) {
 			return &EnrollResult{State: st, Already: true}, nil
 		}
+		deviceID = st.Enrollment.DeviceID
 		log.Info("existing certificate is expired or does not match the key; enrolling again")
 	} else if !errors.Is(err, ErrNotEnrolled) {
 		return nil, err
@@ -261,7 +272,11 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	switch {
 	case ekErr == nil:
 		log.Info("enrolling by TPM credential activation", "ek", eks[0].KeyType)
-		cert, err = attestWaiting(ctx, c, cfg.TPM, key, &eks[0], log)
+		id := deviceID
+		if id == "" {
+			id = ekDeviceID(&eks[0])
+		}
+		cert, err = attestWaiting(ctx, c, cfg.TPM, key, &eks[0], id, log)
 		var se *StatusError
 		if err != nil && cfg.Token != "" && errors.As(err, &se) && se.Refused() {
 			log.Info("tpmenroll refused; trying the token", "reason", se.Message)
@@ -283,6 +298,11 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	if method == "tpmenroll" {
+		if err := confirmIssued(ctx, ClientConfig{URL: cfg.Station, Roots: roots, Pin: cfg.Pin, Clock: cfg.Clock}, chain, key); err != nil {
+			return nil, err
+		}
+	}
 	en := Enrollment{Station: cfg.Station, DeviceID: cert.Subject.CommonName, Method: method, EnrolledAt: cfg.Clock.Now().UTC()}
 	if err := saveIdentity(cfg.Dir, chain, trust, en); err != nil {
 		return nil, err
@@ -301,9 +321,9 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 // attestWaiting is attest that, while the station holds the device for an
 // operator's approval (202 Accepted), waits as told by Retry-After and asks
 // again, until ctx ends.
-func attestWaiting(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, log *slog.Logger) (*x509.Certificate, error) {
+func attestWaiting(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, deviceID string, log *slog.Logger) (*x509.Certificate, error) {
 	for {
-		cert, err := attest(ctx, c, t, key, ek)
+		cert, err := attest(ctx, c, t, key, ek, deviceID)
 		var se *StatusError
 		if !errors.As(err, &se) || se.Code != http.StatusAccepted {
 			return cert, err
@@ -327,7 +347,7 @@ func tokenEnroll(ctx context.Context, c *Client, key *tpm.Key, token string) (*x
 	if !ok || id == "" || secret == "" {
 		return nil, errors.New("token: want DEVICE_ID:SECRET as iotstation token create prints it")
 	}
-	csr, err := newCSR(key)
+	csr, err := newCSR(key, id)
 	if err != nil {
 		return nil, fmt.Errorf("signing CSR in the TPM: %w", err)
 	}

@@ -322,7 +322,7 @@ func (r *Renewer) reenroll(ctx context.Context) error {
 		return err
 	}
 	key := r.currentKey()
-	csr, err := newCSR(key)
+	csr, err := newCSR(key, r.id.DeviceID())
 	if err != nil {
 		return fmt.Errorf("signing CSR in the TPM: %w", err)
 	}
@@ -379,12 +379,15 @@ func (r *Renewer) tpmRenew(ctx context.Context, ek *tpm.EK, newKey, mtls bool) (
 			}
 		}()
 	}
-	cert, err := attest(ctx, c, r.cfg.TPM, key, ek)
+	cert, err := attest(ctx, c, r.cfg.TPM, key, ek, r.id.DeviceID())
 	if err != nil {
 		return err
 	}
 	chain, err := verifyIssued(cert, key, trust, r.clock)
 	if err != nil {
+		return err
+	}
+	if err := confirmIssued(ctx, ClientConfig{URL: r.st.Enrollment.Station, Roots: r.st.TrustPool(), Clock: r.clock}, chain, key); err != nil {
 		return err
 	}
 	return r.install(chain, trust, key, kf)

@@ -107,6 +107,12 @@ func EKHash(ekCert *x509.Certificate) string {
 	return hex.EncodeToString(s[:])
 }
 
+// EKDeviceID is the device ID a station gives a device it admits by its EK
+// alone (no manifest entry): "dev-" and the first 16 hex digits of
+// ekHash, an EKHash. It is also the subject of the device's first CSR,
+// before it has any other name.
+func EKDeviceID(ekHash string) string { return "dev-" + ekHash[:min(16, len(ekHash))] }
+
 // MediaTypeIs reports whether the Content-Type header value ct has the
 // media type of want (parameters are ignored, case-insensitive).
 func MediaTypeIs(ct, want string) bool {
