@@ -58,7 +58,10 @@ type StationConfig struct {
 	URL         string `toml:"url"`
 	Fingerprint string `toml:"fingerprint"`
 	CAFile      string `toml:"ca_file"`
-	Token       string `toml:"token"`
+	// Token is the one-time DEVICE_ID:SECRET, or TokenFile a file holding
+	// it (read when enrolling): one of the two.
+	Token     string `toml:"token"`
+	TokenFile string `toml:"token_file"`
 }
 
 // UplinkConfig is [uplink].
@@ -243,6 +246,12 @@ func (c *Config) parse() (*settings, error) {
 	if c.Station.CAFile != "" && c.Station.Fingerprint != "" {
 		return nil, configErrorf("station: set one of the fingerprint and the CA file ([station] fingerprint, ca_file; --station-fingerprint, --station-ca), not both")
 	}
+	switch {
+	case c.Station.Token != "" && c.Station.TokenFile != "":
+		return nil, configErrorf("station: set one of the token and the token file ([station] token, token_file; --token, --token-file), not both")
+	case c.Station.TokenFile == "-":
+		return nil, configErrorf(`config [station] token_file "-": stdin is read by iotagent enroll --token-file - only`)
+	}
 	if c.Station.Fingerprint != "" {
 		if _, err := enroll.ParsePin(c.Station.Fingerprint); err != nil {
 			return nil, configErrorf("station fingerprint ([station] fingerprint, --station-fingerprint): %w", err)
@@ -269,6 +278,59 @@ func (c *Config) stationTrust() ([]*x509.Certificate, []byte, error) {
 		return nil, pin, err // checked by parse
 	}
 	return nil, nil, configErrorf("station: set its fingerprint or CA file to authenticate it ([station] fingerprint or ca_file; --station-fingerprint or --station-ca)")
+}
+
+// maxTokenFile bounds a token file: a token is a device ID and a secret.
+const maxTokenFile = 4 << 10
+
+// stationToken returns the enrollment token: [station] token, or the
+// content of [station] token_file, surrounding white space removed. Every
+// error is a *ConfigError.
+func (c *Config) stationToken() (string, error) {
+	if c.Station.TokenFile == "" {
+		return c.Station.Token, nil
+	}
+	tok, err := ReadToken(c.Station.TokenFile, nil)
+	if err != nil {
+		return "", &ConfigError{fmt.Errorf("station token file ([station] token_file, --token-file): %w", err)}
+	}
+	return tok, nil
+}
+
+// ReadToken reads an enrollment token from the file at path, or from
+// stdin when path is "-": a token given on the command line shows in
+// /proc/PID/cmdline and ps to every local user, one read from a file or a
+// pipe does not. Surrounding white space is removed; an empty token is an
+// error.
+func ReadToken(path string, stdin io.Reader) (string, error) {
+	r := stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		r = f
+	}
+	b, err := io.ReadAll(io.LimitReader(r, maxTokenFile+1))
+	if err != nil {
+		return "", err
+	}
+	if len(b) > maxTokenFile {
+		return "", fmt.Errorf("%s: over %d bytes, not a token", tokenSource(path), maxTokenFile)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("%s: empty", tokenSource(path))
+	}
+	return tok, nil
+}
+
+func tokenSource(path string) string {
+	if path == "-" {
+		return "token from stdin"
+	}
+	return path
 }
 
 // parseSize parses "64MiB", "512KiB", "1GB", "1048576".

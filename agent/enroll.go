@@ -30,7 +30,11 @@ func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) (enroll.EnrollConf
 	if _, err := enroll.ParseStationURL(a.cfg.Station.URL); err != nil {
 		return enroll.EnrollConfig{}, err // never works: not worth retrying
 	}
-	return enroll.EnrollConfig{TPM: t, Dir: string(a.s.dir), Station: a.cfg.Station.URL, Token: a.cfg.Station.Token,
+	token, err := a.cfg.stationToken()
+	if err != nil {
+		return enroll.EnrollConfig{}, err
+	}
+	return enroll.EnrollConfig{TPM: t, Dir: string(a.s.dir), Station: a.cfg.Station.URL, Token: token,
 		StationCA: cas, Pin: pin, Clock: clock, Logger: a.log}, nil
 }
 
@@ -41,6 +45,9 @@ func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) (enroll.EnrollConf
 // daemon running it fails with a *statedir.LockedError.
 func (a *Agent) Enroll(ctx context.Context) (*enroll.EnrollResult, error) {
 	if _, _, err := a.cfg.stationTrust(); err != nil {
+		return nil, err
+	}
+	if _, err := a.cfg.stationToken(); err != nil {
 		return nil, err
 	}
 	t, err := a.openTPMForKeys()

@@ -23,12 +23,23 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 	station := fs.String("station", "", "station `URL`, https://HOST:PORT ([station] url)")
 	caFile := fs.String("station-ca", "", "PEM `FILE` of the station's CA (root) certificate ([station] ca_file)")
 	fingerprint := fs.String("station-fingerprint", "", "pin the station by a certificate fingerprint `sha256:HEX` (iotstation fingerprint; [station] fingerprint)")
-	token := fs.String("token", "", "one-time `DEVICE_ID:SECRET` for TPMs without an EK certificate ([station] token)")
+	token := fs.String("token", "", "one-time `DEVICE_ID:SECRET` for TPMs without an EK certificate ([station] token); visible to local users in ps and /proc: prefer --token-file")
+	tokenFile := fs.String("token-file", "", "read the one-time token from `FILE`, or from stdin with - ([station] token_file)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *caFile != "" && *fingerprint != "" {
 		return usagef("enroll: give exactly one of --station-ca and --station-fingerprint")
+	}
+	if *token != "" && *tokenFile != "" {
+		return usagef("enroll: give at most one of --token and --token-file")
+	}
+	if *tokenFile == "-" {
+		tok, err := agent.ReadToken("-", e.stdin)
+		if err != nil {
+			return usagef("enroll: --token-file -: %w", err)
+		}
+		*token, *tokenFile = tok, ""
 	}
 	a, err := e.agent(func(c *agent.Config) {
 		st := &c.Station
@@ -42,7 +53,10 @@ func cmdEnroll(ctx context.Context, e *env, args []string) error {
 			st.CAFile, st.Fingerprint = "", *fingerprint
 		}
 		if *token != "" {
-			st.Token = *token
+			st.Token, st.TokenFile = *token, ""
+		}
+		if *tokenFile != "" {
+			st.Token, st.TokenFile = "", *tokenFile
 		}
 	})
 	if err != nil {
