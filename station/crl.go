@@ -200,8 +200,8 @@ func (s *Station) Revoke(id string) error {
 	if err := s.audit.write(AuditEntry{Time: s.now().UTC(), Event: "revoke", Result: "accepted", Device: id}); err != nil {
 		return err
 	}
-	if hookErr != nil {
-		return fmt.Errorf("device revoked and crl.pem reissued, but %w", hookErr)
+	if err := errors.Join(hookErr, s.endSessions(context.Background(), id)); err != nil {
+		return fmt.Errorf("device revoked and crl.pem reissued, but %w", err)
 	}
 	return nil
 }

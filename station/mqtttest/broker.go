@@ -35,10 +35,16 @@ const (
 
 // DefaultACL is the broker's ACL (mosquitto acl_file syntax; %u is the
 // user, which is the certificate's CN): the fleet reader reads every
-// device's topics, a device writes its telemetry, reads and writes its
-// status and reads its commands, and nothing else.
+// device's topics, the station's session ender (station.SessionsClientName)
+// sends commands to the dynamic-security plugin and reads its answers, a
+// device writes its telemetry, reads and writes its status and reads its
+// commands, and nothing else.
 const DefaultACL = `user ` + ReaderName + `
 topic read devices/#
+
+user ` + station.SessionsClientName + `
+topic write $CONTROL/dynamic-security/v1
+topic read $CONTROL/dynamic-security/v1/response
 
 pattern write devices/%u/telemetry
 pattern readwrite devices/%u/status
@@ -74,6 +80,13 @@ type Options struct {
 	// Debug logs everything (log_type all): every packet in and out. Noisy;
 	// for debugging a test, not for committed tests.
 	Debug bool
+	// DynSec loads mosquitto's dynamic-security plugin, its configuration
+	// in DynSecFile (empty at start: no dynsec client, role or group), as
+	// the broker the station ends revoked devices' sessions through
+	// (station.SessionsConfig). The plugin defers every check on a user it
+	// does not know to the ACL file, so devices need not be dynsec
+	// clients.
+	DynSec bool
 }
 
 // Broker is a mosquitto process serving mutual TLS on a loopback port,
@@ -93,10 +106,14 @@ type Broker struct {
 	// Dir holds mosquitto.conf, acl, the broker's key and certificate and
 	// mosquitto.log. It is removed at cleanup.
 	Dir string
+	// DynSecFile is the dynamic-security plugin's configuration, which the
+	// plugin rewrites on every change; empty without Options.DynSec.
+	DynSecFile string
 
 	t        testing.TB
 	st       *stationtest.Station
 	bin      string
+	dynsec   string // the plugin's path, with Options.DynSec
 	opts     Options
 	logFile  string
 	trust    *x509.CertPool
@@ -136,6 +153,12 @@ func Start(t testing.TB, st *stationtest.Station, opts Options) *Broker {
 	b := &Broker{t: t, st: st, bin: bin, opts: opts, Dir: t.TempDir()}
 	b.logFile = filepath.Join(b.Dir, "mosquitto.log")
 	b.CAFile = filepath.Join(b.Dir, "ca.pem")
+	if opts.DynSec {
+		if b.dynsec, err = lookDynSec(); err != nil {
+			t.Fatal(err)
+		}
+		b.DynSecFile = filepath.Join(b.Dir, "dynamic-security.json")
+	}
 	if err := b.writeFiles(); err != nil {
 		t.Fatalf("mqtttest: %v", err)
 	}
@@ -170,6 +193,18 @@ func lookMosquitto() (string, error) {
 		return "/usr/sbin/mosquitto", nil
 	}
 	return "", errors.New("mqtttest: mosquitto not found; install mosquitto and mosquitto-clients (scripts/test.sh does)")
+}
+
+// lookDynSec finds the dynamic-security plugin: Debian's mosquitto
+// package installs it in the multiarch library directory.
+func lookDynSec() (string, error) {
+	const name = "mosquitto_dynamic_security.so"
+	for _, pattern := range []string{"/usr/lib/*/" + name, "/usr/lib/" + name, "/usr/lib/mosquitto/" + name, "/usr/local/lib/" + name} {
+		if m, _ := filepath.Glob(pattern); len(m) > 0 {
+			return m[0], nil
+		}
+	}
+	return "", errors.New("mqtttest: " + name + " not found; Debian's mosquitto package ships it")
 }
 
 func freeAddr() (string, error) {
@@ -207,12 +242,16 @@ func (b *Broker) writeFiles() error {
 	if len(b.opts.ACL) > 0 {
 		acl += "\n" + strings.Join(b.opts.ACL, "\n") + "\n"
 	}
-	for name, data := range map[string][]byte{
+	files := map[string][]byte{
 		"ca.pem":     trust,
 		"server.pem": srv.Chain,
 		"server.key": srv.Key,
 		"acl":        []byte(acl),
-	} {
+	}
+	if b.opts.DynSec {
+		files[filepath.Base(b.DynSecFile)] = nil // the plugin accepts an empty file
+	}
+	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(b.Dir, name), data, 0o600); err != nil {
 			return err
 		}
@@ -253,6 +292,10 @@ func (b *Broker) config() string {
 	line("use_username_as_clientid true")
 	if !b.opts.NoCRL {
 		line("crlfile %s", filepath.Join(b.st.Dir, "crl.pem"))
+	}
+	if b.opts.DynSec {
+		line("plugin %s", b.dynsec)
+		line("plugin_opt_config_file %s", b.DynSecFile)
 	}
 	for _, l := range b.opts.Config {
 		line("%s", l)

@@ -33,7 +33,15 @@
 //     coming.
 //   - mosquitto reads crlfile at start and on SIGHUP, never by itself: after
 //     st.Revoke a test calls Broker.ReloadCRL (keeps connections) or
-//     Broker.Restart (drops them).
+//     Broker.Restart (drops them). A station whose end_sessions names a
+//     broker started with Options.DynSec ends the revoked device's
+//     connections itself, through the dynamic-security plugin.
+//   - With use_identity_as_username mosquitto never asks the
+//     dynamic-security plugin to authenticate a client, and the plugin
+//     defers every ACL check on a user name it does not know to the ACL
+//     file: loading it changes nothing for devices until the station
+//     makes one of them a (revoked) dynsec client. Its disableClient
+//     closes every connection with that user name at once.
 //   - mosquitto issues session tickets (TLS 1.3 and 1.2, lifetime 7200 s)
 //     to clients that authenticated with a certificate. A Go client with a
 //     tls.Config.ClientSessionCache resumes without sending its certificate
