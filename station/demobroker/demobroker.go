@@ -5,7 +5,10 @@
 // It applies the same policy as that mosquitto configuration: mutual TLS
 // with certificates from the station's CA, the identity (user name and
 // client ID) taken from the certificate's CN, the station's CRL at
-// handshake, and the per-device ACL: a device writes devices/ID/telemetry,
+// handshake and on live connections (a client whose certificate is
+// revoked is disconnected within Config.RevocationCheck, as the station
+// makes mosquitto do through its dynamic-security plugin), and the
+// per-device ACL: a device writes devices/ID/telemetry,
 // reads and writes devices/ID/status, reads devices/ID/cmd; the backend
 // client fleet-reader reads devices/#; coap-collector writes
 // devices/+/telemetry.
@@ -53,8 +56,14 @@ type Config struct {
 	Certificate tls.Certificate
 	ClientCAs   *x509.CertPool
 	// Revoked reports whether a certificate is revoked (the station's
-	// CRL); nil accepts all.
+	// CRL); nil accepts all. It is asked at each handshake, at each
+	// publish and subscription, and every RevocationCheck for each
+	// connected client, which is disconnected once it answers true.
 	Revoked func(*x509.Certificate) bool
+	// RevocationCheck is how often connected clients' certificates are
+	// checked against Revoked (default 1 s): how long a revoked client
+	// that publishes nothing keeps its connection.
+	RevocationCheck time.Duration
 	// ReaderFirst admits devices only once the fleet reader has
 	// subscribed. The embedded broker keeps no sessions across a restart,
 	// so without this a device reconnecting faster than the reader would
@@ -86,8 +95,11 @@ func New(cfg Config) (*Broker, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.RevocationCheck <= 0 {
+		cfg.RevocationCheck = time.Second
+	}
 	srv := mqtt.New(&mqtt.Options{InlineClient: false, Logger: log})
-	if err := srv.AddHook(&policy{readerFirst: cfg.ReaderFirst}, nil); err != nil {
+	if err := srv.AddHook(&policy{readerFirst: cfg.ReaderFirst, revoked: cfg.Revoked}, nil); err != nil {
 		return nil, err
 	}
 	tc := &tls.Config{
@@ -206,17 +218,24 @@ func (b *Broker) Run(ctx context.Context) error {
 		ln.Close()
 		return err
 	}
-	var tick <-chan time.Time
+	var tick, check <-chan time.Time
 	if b.cfg.TicketKeyFile != "" {
 		t := time.NewTicker(time.Hour)
 		defer t.Stop()
 		tick = t.C
+	}
+	if b.cfg.Revoked != nil {
+		t := time.NewTicker(b.cfg.RevocationCheck)
+		defer t.Stop()
+		check = t.C
 	}
 	for {
 		select {
 		case <-ctx.Done():
 			b.shutdown(gate)
 			return b.srv.Close()
+		case <-check:
+			b.dropRevoked()
 		case now := <-tick:
 			keys, err := LoadTicketKeys(b.cfg.TicketKeyFile, now)
 			if err != nil {
@@ -228,11 +247,24 @@ func (b *Broker) Run(ctx context.Context) error {
 	}
 }
 
+// dropRevoked disconnects every client whose certificate is revoked: the
+// CRL is checked at a handshake, and a revocation must also end the
+// sessions already established.
+func (b *Broker) dropRevoked() {
+	for _, cl := range b.srv.Clients.GetAll() {
+		if c := peerCert(cl); !cl.Closed() && c != nil && b.cfg.Revoked(c) {
+			b.srv.Log.Info("disconnecting a client whose certificate is revoked", "client", cl.ID, "serial", fmt.Sprintf("%x", c.SerialNumber))
+			b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		}
+	}
+}
+
 // policy authenticates by certificate and enforces the per-device ACL.
 type policy struct {
 	mqtt.HookBase
 	readerFirst bool
 	readerIn    atomic.Bool
+	revoked     func(*x509.Certificate) bool // nil: none
 }
 
 func (p *policy) ID() string { return "iotagent-policy" }
@@ -241,17 +273,25 @@ func (p *policy) Provides(b byte) bool {
 	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSubscribed}, []byte{b})
 }
 
-// certName returns the CN of the client's certificate.
-func certName(cl *mqtt.Client) string {
+// peerCert returns the client's certificate, nil if it has none.
+func peerCert(cl *mqtt.Client) *x509.Certificate {
 	tc, ok := cl.Net.Conn.(*tls.Conn)
 	if !ok {
-		return ""
+		return nil
 	}
 	st := tc.ConnectionState()
 	if len(st.PeerCertificates) == 0 {
-		return ""
+		return nil
 	}
-	return st.PeerCertificates[0].Subject.CommonName
+	return st.PeerCertificates[0]
+}
+
+// certName returns the CN of the client's certificate.
+func certName(cl *mqtt.Client) string {
+	if c := peerCert(cl); c != nil {
+		return c.Subject.CommonName
+	}
+	return ""
 }
 
 // OnConnectAuthenticate admits a client whose certificate names it and
@@ -276,8 +316,13 @@ func (p *policy) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
 	}
 }
 
-// OnACLCheck applies the per-device topics.
+// OnACLCheck applies the per-device topics, and denies everything to a
+// client whose certificate was revoked since it connected (mochi then
+// disconnects an MQTT 3.1.1 client that publishes at QoS 1).
 func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if c := peerCert(cl); p.revoked != nil && (c == nil || p.revoked(c)) {
+		return false
+	}
 	name := string(cl.Properties.Username)
 	if name == ReaderName {
 		return !write && (topic == "devices/#" || strings.HasPrefix(topic, "devices/"))

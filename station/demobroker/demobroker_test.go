@@ -12,6 +12,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/enroll/enrolltest"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
@@ -189,5 +191,74 @@ func TestShutdownWithHalfOpenConnection(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run still running 5 s after its context ended: a silent connection holds up the shutdown")
+	}
+}
+
+// A revocation ends the live connection of the revoked device, not only
+// its next handshake: within RevocationCheck for a device that stays
+// quiet, at once for one that publishes. Other clients keep theirs, and
+// the revoked device cannot get back in.
+func TestRevokedDeviceDisconnected(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	if _, err := st.CRL(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := brokerConfig(t, st)
+	cfg.Revoked = CRLFile(filepath.Join(st.Dir, "crl.pem"))
+	cfg.RevocationCheck = 50 * time.Millisecond
+	cancel, done := runBroker(t, cfg)
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	dev := enrolltest.New(t, st, enroll.RenewerConfig{})
+	id := dev.DeviceID()
+	devTLS := &tls.Config{GetClientCertificate: dev.Identity().GetClientCertificate, RootCAs: cfg.ClientCAs}
+	connect := func(cn string, tc *tls.Config, lost chan<- error) (paho.Client, error) {
+		c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + cfg.Addr).SetClientID(cn).SetAutoReconnect(false).
+			SetTLSConfig(tc).SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err }))
+		var err error
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			tok := c.Connect()
+			if !tok.WaitTimeout(10 * time.Second) {
+				t.Fatal("connect timed out")
+			}
+			if err = tok.Error(); err == nil || !strings.Contains(err.Error(), "connection refused") {
+				break
+			}
+		}
+		return c, err
+	}
+	devLost, otherLost := make(chan error, 1), make(chan error, 1)
+	d, err := connect(id, devTLS, devLost)
+	if err != nil {
+		t.Fatalf("device connect: %v", err)
+	}
+	defer d.Disconnect(0)
+	o, err := connect("gw-2", &tls.Config{Certificates: []tls.Certificate{st.ServiceCert(t, "gw-2", nil, false)}, RootCAs: cfg.ClientCAs}, otherLost)
+	if err != nil {
+		t.Fatalf("other client connect: %v", err)
+	}
+	defer o.Disconnect(0)
+
+	revoked := time.Now()
+	if err := st.Revoke(id); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-devLost:
+		t.Logf("quiet revoked device disconnected %v after Revoke: %v", time.Since(revoked).Round(time.Millisecond), err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the revoked device kept its connection 5 s after Revoke")
+	}
+	select {
+	case err := <-otherLost:
+		t.Fatalf("another client lost its connection: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if _, err := connect(id, devTLS, make(chan error, 1)); err == nil {
+		t.Error("the revoked device connected again")
 	}
 }
