@@ -15,6 +15,11 @@ type Record struct {
 	Data []byte
 }
 
+// MaxBytes returns the queue's bound, Options.MaxBytes or its default: what
+// a writer needs to keep one append from taking too much of the queue
+// (under DropOldest, evicting it).
+func (s *Store) MaxBytes() int64 { return s.opts.MaxBytes }
+
 // Append queues payloads as consecutive records, first to last, and returns
 // nil only when they are committed and fsynced. The payloads must not be
 // modified until Append returns. Calling it with no payloads does nothing

@@ -56,7 +56,13 @@ type IngestConfig struct {
 // Ingest serves the local ingest protocol on a unix socket: one SenML JSON
 // pack per line, answered "ok SEQ" once every record of the line is
 // committed to disk (SEQ is the sequence number of its last record), or
-// "error REASON" with nothing stored.
+// "error REASON" with nothing stored and nothing evicted.
+//
+// A line is refused if it is over MaxLine bytes, breaks a limit of
+// package senml (its fields' lengths, or what it resolves to:
+// senml.MaxResolvedSize) or would take more than an eighth of the queue's
+// bound; a line that passes evicts at most that much under the drop-oldest
+// policy, whatever its base fields expand to.
 type Ingest struct {
 	cfg   IngestConfig
 	log   *slog.Logger
@@ -303,12 +309,24 @@ func readLine(r *bufio.Reader, max int) ([]byte, error) {
 	}
 }
 
-// handle stores the records of lines (nil: a line over MaxLine) in one
-// append and returns one answer per line, in order.
+// queueShare is the largest part of the queue's bound that one line, and
+// one append of pipelined lines, may take: the queue's bound over
+// queueShare. Under the drop-oldest policy an append evicts as much as it
+// adds, so no line, however it expands, evicts more than an eighth of the
+// queue. A line resolves to at most senml.MaxResolvedSize, which costs at
+// most 1.24 MB in the queue (23 bytes a record more: the queue's overhead
+// and each payload's head, for at most MaxLine/8 records), far below an
+// eighth of the default 64 MiB: the share is what bounds a line in a small
+// queue.
+const queueShare = 8
+
+// handle stores the records of lines (nil: a line over MaxLine) and
+// returns one answer per line, in order. The lines are appended together,
+// in as few appends as keep each within the queue's share.
 func (i *Ingest) handle(ctx context.Context, lines [][]byte) []string {
 	answers := make([]string, len(lines))
-	counts := make([]int, len(lines))
-	var payloads [][]byte
+	share := i.cfg.Store.MaxBytes() / queueShare
+	var b batch
 	now := i.cfg.Now()
 	for k, line := range lines {
 		if line == nil {
@@ -320,13 +338,41 @@ func (i *Ingest) handle(ctx context.Context, lines [][]byte) []string {
 			answers[k] = "error " + err.Error()
 			continue
 		}
-		counts[k] = len(p)
-		payloads = append(payloads, p...)
+		var cost int64
+		for _, r := range p {
+			cost += int64(len(r)) + store.RecordOverhead
+		}
+		if cost > share {
+			answers[k] = fmt.Sprintf("error pack takes %d bytes of the queue, more than an eighth of its %d", cost, i.cfg.Store.MaxBytes())
+			continue
+		}
+		if b.cost+cost > share {
+			i.store(ctx, &b, answers)
+		}
+		b.lines = append(b.lines, k)
+		b.counts = append(b.counts, len(p))
+		b.payloads = append(b.payloads, p...)
+		b.cost += cost
 	}
-	if len(payloads) == 0 {
-		return answers
+	i.store(ctx, &b, answers)
+	return answers
+}
+
+// batch is lines to append at once.
+type batch struct {
+	lines    []int // their indexes
+	counts   []int // the records of each
+	payloads [][]byte
+	cost     int64 // what they count against the queue's bound
+}
+
+// store appends b's records in one append, answers its lines and empties
+// it.
+func (i *Ingest) store(ctx context.Context, b *batch, answers []string) {
+	if len(b.lines) == 0 {
+		return
 	}
-	first, _, err := i.cfg.Store.Append(ctx, payloads...)
+	first, _, err := i.cfg.Store.Append(ctx, b.payloads...)
 	var fail string
 	switch {
 	case err == nil:
@@ -341,26 +387,24 @@ func (i *Ingest) handle(ctx context.Context, lines [][]byte) []string {
 		fail = "error storing records: " + err.Error()
 	}
 	next := first
-	for k := range lines {
-		if counts[k] == 0 {
-			continue
-		}
+	for j, k := range b.lines {
 		if fail != "" {
 			answers[k] = fail
 			continue
 		}
-		next += uint64(counts[k])
+		next += uint64(b.counts[j])
 		answers[k] = fmt.Sprintf("ok %d", next-1)
 	}
 	if fail == "" && i.cfg.OnIngest != nil {
-		i.cfg.OnIngest(len(payloads))
+		i.cfg.OnIngest(len(b.payloads))
 	}
-	return answers
+	*b = batch{lines: b.lines[:0], counts: b.counts[:0]}
 }
 
 // EncodeForQueue validates a SenML JSON pack, resolves it (absolute times,
-// base fields applied) at now and returns one queue payload per record:
-// each a single-record SenML CBOR pack, compact on flash.
+// base fields applied, at most senml.MaxResolvedSize) at now and returns
+// one queue payload per record: each a single-record SenML CBOR pack,
+// compact on flash.
 func EncodeForQueue(jsonPack []byte, now time.Time) ([][]byte, error) {
 	p, err := senml.ParseJSON(jsonPack)
 	if err != nil {

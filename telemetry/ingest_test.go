@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +21,15 @@ import (
 // and the test fails if Run does not return.
 func startIngest(t *testing.T, opts store.Options) (*Ingest, *store.Store) {
 	t.Helper()
+	ing, q, _ := startIngestWith(t, opts, IngestConfig{})
+	return ing, q
+}
+
+// startIngestWith is startIngest with cfg, whose store and clock it sets,
+// and its socket unless cfg has one. It also returns a function that stops
+// the ingest before cleanup.
+func startIngestWith(t *testing.T, opts store.Options, cfg IngestConfig) (*Ingest, *store.Store, func()) {
+	t.Helper()
 	if opts.Path == "" {
 		opts.Path = filepath.Join(t.TempDir(), "q.db")
 	}
@@ -27,11 +37,16 @@ func startIngest(t *testing.T, opts store.Options) (*Ingest, *store.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "ing")
-	if err != nil {
-		t.Fatal(err)
+	if cfg.Socket == "" {
+		sockDir, err := os.MkdirTemp("", "ing") // short: a socket path has at most 107 bytes
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(sockDir) })
+		cfg.Socket = filepath.Join(sockDir, "sock")
 	}
-	ing, err := NewIngest(IngestConfig{Socket: filepath.Join(sockDir, "sock"), Store: q, Now: func() time.Time { return time.Unix(1_800_000_000, 0) }})
+	cfg.Store, cfg.Now = q, func() time.Time { return time.Unix(1_800_000_000, 0) }
+	ing, err := NewIngest(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +58,7 @@ func startIngest(t *testing.T, opts store.Options) (*Ingest, *store.Store) {
 	case err := <-done:
 		t.Fatalf("Run: %v", err)
 	}
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		select {
 		case err := <-done:
@@ -53,10 +68,12 @@ func startIngest(t *testing.T, opts store.Options) (*Ingest, *store.Store) {
 		case <-time.After(5 * time.Second):
 			t.Error("ingest did not stop")
 		}
-		q.Close()
-		os.RemoveAll(sockDir)
 	})
-	return ing, q
+	t.Cleanup(func() {
+		stop()
+		q.Close()
+	})
+	return ing, q, stop
 }
 
 type client struct {

@@ -111,12 +111,23 @@ func (c *Collector) handle(ctx context.Context, s *session, r *request) answer {
 	if err != nil {
 		return answer{code: codes.BadRequest, diag: err.Error()}
 	}
-	resolved, err := p.Resolve(now)
+	resolved, err := p.ResolveWithin(now, resolvedPerPayload*c.cfg.MaxPayload)
 	if err != nil {
 		return answer{code: codes.BadRequest, diag: err.Error()}
 	}
 	return c.store(ctx, s.device, resolved)
 }
+
+// resolvedPerPayload bounds what a request may become once resolved, as a
+// multiple of Config.MaxPayload (counted as senml.ResolveWithin does): base
+// fields are copied into every record, so without it a 61 KB POST of bare
+// values under one long base unit wrote 118 MB to the sink. At the default
+// MaxPayload the limit is senml.MaxResolvedSize, what the agent allows a
+// 64 KiB ingest line. An agent's batches hold resolved records, each with
+// its own name and time, and count less than six times their size. A
+// record's line in the JSON-lines sink is a small multiple of what it
+// counts (the device and the time of receipt on every line, escapes).
+const resolvedPerPayload = 16
 
 func (c *Collector) tooLarge() answer {
 	var opts message.Options

@@ -115,6 +115,9 @@ func (d *decoder) record(i int, r *Record) error {
 				f, known = fSeq, true
 				break
 			}
+			if len(s) > MaxLabelLen {
+				return recordf(i, "a label is %d bytes long, more than %d", len(s), MaxLabelLen)
+			}
 			key = labelKey{major: majorText, text: string(s)} // whatever the chunks
 			if f, ok := fieldByLabel(key.text); ok {
 				return recordf(i, "text label %s, want the integer label %d", key, cborLabels[f])

@@ -32,7 +32,8 @@
 // numbers are finite; no label appears twice in a record; labels ending in
 // "_" (must-understand extensions) are rejected, other unknown labels are
 // skipped and dropped; "bver" is at most 10 and the same for every record.
-// Units are free text and pass through unchanged. The encoders apply the
+// Units are free text, at most MaxUnitLen bytes, and pass through
+// unchanged; see Limits for the other caps. The encoders apply the
 // same checks (Pack.Validate), so whatever they write, the parsers read.
 //
 // # CBOR
@@ -66,6 +67,21 @@
 // actually there, and skipped fields are not kept. Beyond that, what a
 // parser keeps is bounded by its input, whose size it does not limit: a
 // caller reading from the network bounds it first.
+//
+// Every text and data field kept is capped, and a pack over a cap is
+// invalid, in the parsers and the encoders alike: names (base name and
+// name together) at MaxNameLen bytes, units ("u", "bu") at MaxUnitLen,
+// "vs" and "vd" at MaxValueLen, and the labels of skipped fields at
+// MaxLabelLen.
+//
+// What a pack becomes when resolved is bounded too, not only what it
+// holds: base fields are copied into every record, so a pack of a few
+// bytes per record could otherwise stand for megabytes. Resolve counts
+// the resolved records (64 bytes each plus their text and data) and fails
+// past MaxResolvedSize; ResolveWithin takes another limit. Within these
+// caps a record of a few bytes can still resolve to some hundred bytes
+// (a name of MaxNameLen, a unit of MaxUnitLen); the resolved limit is
+// what bounds the pack.
 //
 // # Caveats
 //

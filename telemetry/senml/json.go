@@ -34,7 +34,7 @@ func ParseJSON(b []byte) (Pack, error) {
 		return nil, invalidf("pack is %s, want an array of records", jsonKind(c))
 	}
 	s.off++
-	var p Pack
+	p := make(Pack, 0, s.records())
 	for s.next(']') {
 		if len(p) == MaxRecords {
 			return nil, invalidf("pack has more than %d records", MaxRecords)
@@ -48,6 +48,20 @@ func ParseJSON(b []byte) (Pack, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// records counts the records of the pack the scanner is in, up to
+// MaxRecords+1, without reading them, so that the pack is allocated once:
+// grown by append, it would take five times its size in garbage.
+func (s jsonScanner) records() int {
+	n := 0
+	for s.next(']') && n <= MaxRecords {
+		if s.skip(2) != nil {
+			break // reported when the record is read
+		}
+		n++
+	}
+	return n
 }
 
 // jsonSyntaxError describes the first syntax error in b.
@@ -267,6 +281,9 @@ func (s *jsonScanner) record(i int, r *Record) error {
 		s.off++ // the colon
 		f, known := fieldByLabel(string(key))
 		if !known {
+			if len(key) > MaxLabelLen {
+				return recordf(i, "a label is %d bytes long, more than %d", len(key), MaxLabelLen)
+			}
 			label := string(key)
 			if strings.HasSuffix(label, "_") {
 				return recordf(i, "label %q must be understood and is not supported", label)

@@ -32,6 +32,30 @@ const (
 	// RFC 8428 sets no limit; backends store names as keys.
 	MaxNameLen = 255
 
+	// MaxUnitLen is the longest unit, "u" or "bu", in bytes. RFC 8428 sets
+	// no limit; the units registered for SenML are a few characters long
+	// ("Cel", "m/s2", "beat/min"). A base unit is copied into every record
+	// without a unit of its own, so its length is multiplied by the records
+	// of the pack.
+	MaxUnitLen = 32
+
+	// MaxValueLen is the longest string value ("vs") and data value ("vd",
+	// in bytes once decoded). Larger blobs are no measurement; a record
+	// must also fit one message of an uplink (1152 bytes for CoAP by
+	// default).
+	MaxValueLen = 4096
+
+	// MaxLabelLen is the longest label of a field the parsers skip. The
+	// labels registered for SenML are a few bytes long.
+	MaxLabelLen = 64
+
+	// MaxResolvedSize is the most bytes Resolve lets a resolved pack count
+	// (see Resolve). It bounds what one pack can become once base fields
+	// are copied into its records: 16 times a 64 KiB ingest line. A line of
+	// that size whose base name and base unit have 64 bytes together
+	// resolves within it, whatever its records.
+	MaxResolvedSize = 1 << 20
+
 	// MaxDepth is the deepest nesting of arrays, maps (objects) and tags:
 	// the pack is at depth 1, a record at 2, an array or tag in a field's
 	// value at 3. Only the values of unknown fields, which are skipped, and
@@ -285,6 +309,17 @@ func (v *validator) record(i int, r *Record) error {
 		}
 		v.version = b
 	}
+	for _, x := range [...]struct {
+		f        field
+		len, max int
+	}{
+		{fBaseUnit, lenOf(r.BaseUnit), MaxUnitLen}, {fUnit, len(r.Unit), MaxUnitLen},
+		{fStringValue, lenOf(r.StringValue), MaxValueLen}, {fDataValue, len(r.DataValue), MaxValueLen},
+	} {
+		if x.len > x.max {
+			return recordf(i, "%q is %d bytes long, more than %d", labels[x.f], x.len, x.max)
+		}
+	}
 	if !validUTF8(r.BaseUnit) {
 		return recordf(i, `"bu" is not valid UTF-8`)
 	}
@@ -382,6 +417,13 @@ func checkName(base, name string) *nameError {
 }
 
 func validUTF8(s *string) bool { return s == nil || utf8.ValidString(*s) }
+
+func lenOf(s *string) int {
+	if s == nil {
+		return 0
+	}
+	return len(*s)
+}
 
 func isAlnum(c byte) bool {
 	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'

@@ -53,9 +53,34 @@ func (b *bases) apply(r *Record) {
 // value in effect, and a record with a value gets "s" from a base sum in
 // effect. A base value is not added to "vs", "vb" or "vd".
 //
+// Base fields are copied into every record they apply to, so a small pack
+// can stand for a large resolved one. Resolve bounds it: a resolved record
+// counts 64 bytes, more than its CBOR encoding takes besides its text and
+// data, plus the bytes of its name, unit and "vs" or "vd"; if the records
+// count more than MaxResolvedSize, Resolve fails, naming the first one past
+// it, before building any. The resolved pack, its CBOR encoding and what
+// Resolve allocates are bounded by that and MaxRecords.
+//
 // The result shares nothing with p.
 func (p Pack) Resolve(now time.Time) (Pack, error) {
+	return p.ResolveWithin(now, MaxResolvedSize)
+}
+
+// resolvedRecordCost is what a resolved record counts towards the limit
+// of ResolveWithin besides its text and data: at least the rest of its
+// CBOR encoding, which takes at most 62 bytes (the map's head; "bver";
+// labels and heads of name and unit; "t", "ut", "v" and "s" as float64;
+// "seq" with a 64-bit number).
+const resolvedRecordCost = 64
+
+// ResolveWithin is Resolve with a limit of maxSize bytes in place of
+// MaxResolvedSize, for a caller that accepts larger packs: the station's
+// collector, whose largest request is configured.
+func (p Pack) ResolveWithin(now time.Time, maxSize int) (Pack, error) {
 	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	if err := p.checkResolvedSize(maxSize); err != nil {
 		return nil, err
 	}
 	nowSec := float64(now.Unix()) + float64(now.Nanosecond())/1e9
@@ -103,6 +128,31 @@ func (p Pack) Resolve(now time.Time) (Pack, error) {
 	}
 	slices.SortStableFunc(out, func(a, b Record) int { return cmp.Compare(*a.Time, *b.Time) })
 	return out, nil
+}
+
+// checkResolvedSize counts p's resolved records as ResolveWithin does,
+// without building them, so that a pack over maxSize costs nothing more.
+func (p Pack) checkResolvedSize(maxSize int) error {
+	var b bases
+	size := 0
+	for i := range p {
+		r := &p[i]
+		b.apply(r)
+		if r.baseOnly() {
+			continue
+		}
+		unit := cmp.Or(r.Unit, b.unit)
+		value := len(r.DataValue)
+		if r.StringValue != nil {
+			value = len(*r.StringValue)
+		}
+		size += resolvedRecordCost + len(b.name) + len(r.Name) + len(unit) + value
+		if size > maxSize {
+			return recordf(i, `resolved pack over %d bytes, the limit: a resolved record counts %d bytes and its name, unit and "vs" or "vd" (here %d, %d and %d bytes)`,
+				maxSize, resolvedRecordCost, len(b.name)+len(r.Name), len(unit), value)
+		}
+	}
+	return nil
 }
 
 func deref(x *float64) float64 {
