@@ -724,6 +724,11 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 		defer close(crlDone)
 		s.crlLoop(crlCtx)
 	}()
+	sessionsDone := make(chan struct{})
+	go func() {
+		defer close(sessionsDone)
+		s.RunSessionEnds(crlCtx) // returns nil when crlCtx ends
+	}()
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -734,6 +739,7 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	defer cancel()
 	err = errors.Join(srv.Shutdown(sctx), admin.close())
 	<-crlDone
+	<-sessionsDone
 	if runErr != nil && !errors.Is(runErr, http.ErrServerClosed) {
 		return runErr
 	}

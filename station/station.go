@@ -14,6 +14,7 @@
 //	audit.log           JSON lines: every decision with its reason
 //	crl.pem             the current CRL, for brokers (mosquitto crlfile)
 //	admin.sock          while serving: the admin API used by iotstation commands
+//	sessions-pending.json  revoked devices whose broker sessions are still to be ended
 //
 // Keys are written 0600 and atomically.
 package station
@@ -28,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -50,6 +52,8 @@ type fileConfigJSON struct {
 	HoldUnknown  bool     `json:"hold_unknown"`
 	CRLHook      string   `json:"crl_hook,omitempty"`
 	CATPM        string   `json:"ca_tpm,omitempty"`
+	// EndSessions is read at each use (sessionsConfig).
+	EndSessions *SessionsConfig `json:"end_sessions,omitempty"`
 }
 
 // InitOptions configures Init.
@@ -81,7 +85,11 @@ type InitOptions struct {
 	// device certificate and CRL is then signed by a key that cannot leave
 	// the station's TPM. Kept in station.json as ca_tpm.
 	CATPM string
-	Now   func() time.Time
+	// EndSessions says how a revocation ends a device's live sessions at
+	// the broker (see SessionsConfig); kept in station.json as
+	// end_sessions.
+	EndSessions SessionsConfig
+	Now         func() time.Time
 }
 
 // ErrInitialized: Init on a directory that already holds a station.
@@ -138,6 +146,22 @@ func Init(opts InitOptions) error {
 		}
 		manifest = b
 	}
+	if u := opts.EndSessions.MosquittoDynsec; u != "" {
+		if pu, err := url.Parse(u); err != nil || pu.Scheme != "mqtts" || pu.Host == "" {
+			return fmt.Errorf("--end-sessions-dynsec %q: want mqtts://HOST:PORT", u)
+		}
+	}
+	if f := opts.EndSessions.CAFile; f != "" {
+		if _, err := certpem.ReadFile(f); err != nil {
+			return fmt.Errorf("--end-sessions-ca: %w", err)
+		}
+		// Kept in station.json: serve may start in another directory.
+		abs, err := filepath.Abs(f)
+		if err != nil {
+			return fmt.Errorf("--end-sessions-ca: %w", err)
+		}
+		opts.EndSessions.CAFile = abs
+	}
 	// The TPM comes before anything is written: a bad spec changes nothing.
 	var caKey crypto.Signer
 	var caKeyFile *tpm.KeyFile
@@ -182,10 +206,14 @@ func Init(opts InitOptions) error {
 	if err := atomicfile.Write(filepath.Join(opts.Dir, fileManifest), manifest, 0o644); err != nil {
 		return err
 	}
-	cfg, err := json.MarshalIndent(fileConfigJSON{
+	fc := fileConfigJSON{
 		Name: opts.Name, SANs: opts.SANs, CertLifetime: opts.CertLifetime.String(), AutoApprove: opts.AutoApprove, HoldUnknown: opts.HoldUnknown,
 		CRLHook: opts.CRLHook, CATPM: opts.CATPM,
-	}, "", "  ")
+	}
+	if opts.EndSessions != (SessionsConfig{}) {
+		fc.EndSessions = &opts.EndSessions
+	}
+	cfg, err := json.MarshalIndent(fc, "", "  ")
 	if err != nil {
 		return err
 	}

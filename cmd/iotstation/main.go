@@ -180,6 +180,8 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	manifest := fs.String("manifest", "", "`FILE` of 'EK_SHA256 DEVICE_ID' lines")
 	autoApprove := fs.Bool("auto-approve", false, "admit any device whose EK chains to a trusted TPM root")
 	crlHook := fs.String("crl-hook", "", "shell `COMMAND` run after every change of crl.pem (revocation, 12-hourly reissue), e.g. 'systemctl reload mosquitto'")
+	dynsec := fs.String("end-sessions-dynsec", "", "mqtts://`HOST:PORT` of a mosquitto broker with the dynamic-security plugin: a revocation ends the device's live sessions there (station.json end_sessions)")
+	dynsecCA := fs.String("end-sessions-ca", "", "PEM `FILE` verifying that broker's certificate (default: the station's CA)")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval (202 + Retry-After) instead of refusing them")
 	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
 	caTPM := fs.String("ca-tpm", "", "create the issuing CA key in the TPM at `SPEC` (/dev/tpmrm0, unix:PATH, tcp:HOST:PORT) instead of ca.key")
@@ -192,6 +194,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	err := station.Init(station.InitOptions{
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
 		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook,
+		EndSessions: station.SessionsConfig{MosquittoDynsec: *dynsec, CAFile: *dynsecCA},
 		CATPM: *caTPM,
 	})
 	if err != nil {

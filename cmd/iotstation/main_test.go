@@ -316,6 +316,18 @@ func tpmEnrollCLI(t *testing.T, dir, addr string) (int, string, *x509.Certificat
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Its first use over mutual TLS confirms it, as the agent does.
+	mc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool,
+		Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}}}}
+	defer mc.CloseIdleConnections()
+	cresp, err := mc.Get("https://" + addr + est.PathCACerts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cresp.Body.Close()
+	if cresp.StatusCode != http.StatusOK {
+		t.Fatalf("confirming the certificate: GET cacerts = %d", cresp.StatusCode)
+	}
 	return resp.StatusCode, string(data), cert, ek.Certificate.Cert
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/telemetry/senml"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -37,8 +38,11 @@ func TestServeCoAPCollector(t *testing.T) {
 	}
 	files := t.TempDir()
 	prefix := filepath.Join(files, "gw-9")
-	if code, out, errs := stationCLI(t, "issue", "--dir", dir, "--name", "gw-9", "--out", prefix); code != 0 {
-		t.Fatalf("issue = %d, %q, %q", code, out, errs)
+	code, out, errs := stationCLI(t, "token", "create", "--dir", dir, "--device", "gw-9")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	device, secret, ok := strings.Cut(lines[len(lines)-1], ":")
+	if code != 0 || !ok {
+		t.Fatalf("token create = %d, %q, %q", code, out, errs)
 	}
 	pack := func(from uint64, n int) string {
 		p := make(senml.Pack, n)
@@ -80,7 +84,22 @@ func TestServeCoAPCollector(t *testing.T) {
 		}
 	}
 
-	_, stop := serveCLIStop(t, dir, "--coap-listen", coapAddr)
+	addr, stop := serveCLIStop(t, dir, "--coap-listen", coapAddr)
+	// A device enrolled by token: a service certificate is not a device's.
+	roots, err := certpem.ReadFile(filepath.Join(dir, "root.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := stationtest.EnrollByToken(t, "https://"+addr, roots[0], device, secret)
+	trust, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{".crt": dev.ChainPEM, ".key": dev.KeyPEM, "-ca.pem": append(trust, certpem.Encode(roots[0])...)} {
+		if err := os.WriteFile(prefix+name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	post(first)
 	stop()
 	fi, err := os.Stat(filepath.Join(dir, "collector-dedupe.bin"))

@@ -37,6 +37,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
+	"iotagent.dev/iotagent/station"
 )
 
 // ReaderName is the backend client allowed to read every device's topics;
@@ -331,6 +332,11 @@ func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		parts := strings.Split(topic, "/")
 		return write && len(parts) == 3 && parts[0] == "devices" && parts[2] == "telemetry" && parts[1] != "+" && parts[1] != "#"
 	}
+	// Only a device certificate gets a device's topics: a service's CN is
+	// reserved, never a device's, but it would pass as a device ID.
+	if c := peerCert(cl); c == nil || !isDevice(c) {
+		return false
+	}
 	switch topic {
 	case "devices/" + name + "/telemetry":
 		return write
@@ -340,6 +346,11 @@ func (p *policy) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		return !write
 	}
 	return false
+}
+
+func isDevice(c *x509.Certificate) bool {
+	_, err := station.DeviceCertificateID(c)
+	return err == nil
 }
 
 // TicketKeyLifetime is how long a session-ticket key encrypts new

@@ -14,7 +14,6 @@ import (
 
 	"iotagent.dev/iotagent/enroll"
 	"iotagent.dev/iotagent/enroll/enrolltest"
-	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
@@ -61,12 +60,15 @@ func TestPolicy(t *testing.T) {
 		}
 	}()
 
+	// Devices enroll (by token); the fleet reader and services get
+	// service certificates.
 	client := func(cn string) paho.Client {
-		sc, err := st.IssueService(context.Background(), station.ServiceRequest{Name: cn, Lifetime: time.Hour})
-		if err != nil {
-			t.Fatal(err)
+		var kp tls.Certificate
+		if cn == ReaderName || strings.HasSuffix(cn, "-svc") {
+			kp = st.ServiceCert(t, cn, nil, false)
+		} else {
+			kp = st.Device(t, cn).TLS
 		}
-		kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
 		return paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID(cn).SetAutoReconnect(false).
 			SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}))
 	}
@@ -110,12 +112,23 @@ func TestPolicy(t *testing.T) {
 		t.Fatalf("reader got %q: a device published into another's topic", m)
 	case <-time.After(500 * time.Millisecond):
 	}
+	// A service's certificate is not a device's, though the name would
+	// pass as a device ID (issue 10, finding 5).
+	svc := client("gw-svc")
+	if err := connect(svc); err != nil {
+		t.Fatalf("service client: %v", err)
+	}
+	svc.Publish("devices/gw-svc/telemetry", 1, false, "posing").WaitTimeout(5 * time.Second)
+	svc.Disconnect(100)
+	select {
+	case m := <-got:
+		t.Fatalf("reader got %q: a service certificate published as a device", m)
+	case <-time.After(500 * time.Millisecond):
+	}
 	// A client ID other than the certificate's name is refused.
 	imp := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID("gw-1").SetAutoReconnect(false).
 		SetTLSConfig(func() *tls.Config {
-			sc, _ := st.IssueService(context.Background(), station.ServiceRequest{Name: "gw-3", Lifetime: time.Hour})
-			kp, _ := tls.X509KeyPair(sc.Chain, sc.Key)
-			return &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: pool}
+			return &tls.Config{Certificates: []tls.Certificate{st.Device(t, "gw-3").TLS}, RootCAs: pool}
 		}()))
 	if err := connect(imp); err == nil {
 		t.Error("gw-3's certificate connected as client gw-1")

@@ -41,6 +41,13 @@ func (s *Station) Device(t testing.TB, id string) DeviceCert {
 	if err != nil {
 		t.Fatalf("token for %s: %v", id, err)
 	}
+	return EnrollByToken(t, s.URL, s.Root(), tok.Device, tok.Secret)
+}
+
+// EnrollByToken enrolls device id at the station serving url (whose root
+// is root) with a one-time token secret and a software P-256 key.
+func EnrollByToken(t testing.TB, url string, root *x509.Certificate, id, secret string) DeviceCert {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -49,12 +56,12 @@ func (s *Station) Device(t testing.TB, id string) DeviceCert {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req, _ := http.NewRequest(http.MethodPost, s.URL+est.PathEnroll, bytes.NewReader(est.EncodeBase64(csr)))
+	req, _ := http.NewRequest(http.MethodPost, url+est.PathEnroll, bytes.NewReader(est.EncodeBase64(csr)))
 	req.Header.Set("Content-Type", est.MediaPKCS10)
-	req.SetBasicAuth(id, tok.Secret)
+	req.SetBasicAuth(id, secret)
 	pool := x509.NewCertPool()
-	pool.AddCert(s.Root())
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}}
+	pool.AddCert(root)
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 	defer c.CloseIdleConnections()
 	resp, err := c.Do(req)
 	if err != nil {
@@ -77,7 +84,29 @@ func (s *Station) Device(t testing.TB, id string) DeviceCert {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return deviceCert(t, cert, s.CACerts()[0], key)
+	// The chain a client presents: the certificate, then its issuer from
+	// /cacerts.
+	cresp, err := c.Get(url + est.PathCACerts)
+	if err != nil {
+		t.Fatalf("cacerts: %v", err)
+	}
+	defer cresp.Body.Close()
+	cbody, _ := io.ReadAll(cresp.Body)
+	cder, err := est.DecodeBase64(cbody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	craw, err := est.ParseCertsOnly(cder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range craw {
+		if ca, err := x509.ParseCertificate(r); err == nil && cert.CheckSignatureFrom(ca) == nil {
+			return deviceCert(t, cert, ca, key)
+		}
+	}
+	t.Fatalf("simpleenroll %s: no issuer of the certificate in /cacerts", id)
+	return DeviceCert{}
 }
 
 // SignDevice signs a device-shaped certificate for id valid from
