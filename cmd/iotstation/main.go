@@ -195,7 +195,7 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
 		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook,
 		EndSessions: station.SessionsConfig{MosquittoDynsec: *dynsec, CAFile: *dynsecCA},
-		CATPM: *caTPM,
+		CATPM:       *caTPM,
 	})
 	if err != nil {
 		return err
