@@ -29,8 +29,9 @@ const MaxLine = 64 << 10
 // defaults.
 type IngestConfig struct {
 	// Socket is the unix socket path (default DefaultSocket). Its directory
-	// is created 0750 if missing; the socket is 0660 so a producers' group
-	// can write.
+	// is created 0750 if missing; the socket is 0660 from the moment it
+	// appears, so that only the agent's user and a producers' group can
+	// write.
 	Socket string
 	Store  *store.Store
 	// Now resolves SenML times given relative to "now" (the agent's
@@ -99,28 +100,49 @@ func (i *Ingest) Ready() <-chan struct{} { return i.ready }
 // Socket returns the socket path.
 func (i *Ingest) Socket() string { return i.cfg.Socket }
 
-// listen creates the socket.
+// listen creates the socket with its final mode from the first moment it
+// is reachable. bind(2) creates the file 0777 minus the umask, and only a
+// chmod afterwards sets another mode: bound at its path, the socket would
+// be open to whatever the umask allows until then. Setting the umask
+// around bind does not help, as it is the whole process's and would race
+// with every goroutine creating a file. So the socket is bound in a new
+// directory of mode 0700 beside its path, where no other user can reach
+// it, given its mode there and renamed into place: rename(2) is atomic,
+// so at its path it is 0660 from the start. The rename also replaces a
+// socket a crash left behind.
 func (i *Ingest) listen() (*net.UnixListener, error) {
 	path := i.cfg.Socket
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("ingest socket directory: %w", err)
 	}
-	// A socket left by a crash would make Listen fail; one that answers
-	// belongs to a running agent.
+	// One that answers belongs to a running agent.
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("ingest socket %s is in use by another agent", path)
 	}
-	os.Remove(path)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	// A short name: the bound path, at most 15 bytes longer than the
+	// directory, must fit a socket address (107 bytes).
+	private, err := os.MkdirTemp(dir, ".i")
 	if err != nil {
 		return nil, fmt.Errorf("ingest socket: %w", err)
 	}
-	if err := os.Chmod(path, 0o660); err != nil {
+	defer os.RemoveAll(private)
+	bound := filepath.Join(private, "s")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: bound, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("ingest socket: %w", err)
+	}
+	// Close would unlink the bound path, which is gone; Run removes path.
+	l.SetUnlinkOnClose(false)
+	if err := os.Chmod(bound, 0o660); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("ingest socket: %w", err)
 	}
-	l.SetUnlinkOnClose(true)
+	if err := os.Rename(bound, path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("ingest socket: %w", err)
+	}
 	return l, nil
 }
 
@@ -131,6 +153,10 @@ func (i *Ingest) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer func() {
+		l.Close()
+		os.Remove(i.cfg.Socket)
+	}()
 	close(i.ready)
 	var wg sync.WaitGroup
 	conns := make(chan struct{}, i.cfg.MaxConns)
