@@ -19,6 +19,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"os"
@@ -121,6 +122,8 @@ type daemon struct {
 	q        *store.Store
 	tlsStats *telemetry.TLSStats
 	started  time.Time
+	// ekIntermediates are ek_chain_file's certificates, read at start.
+	ekIntermediates []*x509.Certificate
 
 	renewer  atomic.Pointer[enroll.Renewer]
 	delivery atomic.Pointer[delivery]
@@ -162,12 +165,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	} else if err != nil {
 		return err
 	}
+	inter, err := a.cfg.ekIntermediates()
+	if err != nil {
+		return err
+	}
 	t, err := a.openTPM()
 	if err != nil {
 		return err
 	}
 	defer t.Close()
-	d := &daemon{a: a, t: t, clock: a.clock(), tlsStats: &telemetry.TLSStats{}, started: time.Now()}
+	d := &daemon{a: a, t: t, clock: a.clock(), ekIntermediates: inter, tlsStats: &telemetry.TLSStats{}, started: time.Now()}
 	var first enroll.EnrollConfig // first enrollment, checked before anything starts
 	if !enrolled {
 		if first, err = a.enrollConfig(t, d.clock); err != nil {
@@ -226,7 +233,8 @@ func (d *daemon) runIdentity(ctx context.Context, enrolled bool, first enroll.En
 			return err
 		}
 	}
-	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: d.t, Dir: string(a.s.dir), KeepKey: a.s.keepKey, Clock: d.clock, Logger: a.log, Rand: a.cfg.Rand})
+	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: d.t, Dir: string(a.s.dir), KeepKey: a.s.keepKey, EKIntermediates: d.ekIntermediates,
+		Clock: d.clock, Logger: a.log, Rand: a.cfg.Rand})
 	if err != nil {
 		return err
 	}

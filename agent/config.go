@@ -32,6 +32,11 @@ const DefaultConfigFile = "/etc/iotagent/config.toml"
 type Config struct {
 	// TPM is the TPM spec: /dev/tpmrm0 (default), unix:PATH, tcp:HOST:PORT.
 	TPM string `toml:"tpm"`
+	// EKChainFile is a PEM file of the TPM vendor's CA certificates
+	// between the EK certificate and the root a station trusts, sent with
+	// the EK certificate at each attestation along with those the TPM
+	// holds in its EK chain NV range (read by enroll, run and renew).
+	EKChainFile string `toml:"ek_chain_file"`
 	// StateDir is the state directory (default statedir.Default).
 	StateDir   string           `toml:"state_dir"`
 	Station    StationConfig    `toml:"station"`
@@ -278,6 +283,19 @@ func (c *Config) stationTrust() ([]*x509.Certificate, []byte, error) {
 		return nil, pin, err // checked by parse
 	}
 	return nil, nil, configErrorf("station: set its fingerprint or CA file to authenticate it ([station] fingerprint or ca_file; --station-fingerprint or --station-ca)")
+}
+
+// ekIntermediates reads ek_chain_file (none when unset). Every error is a
+// *ConfigError.
+func (c *Config) ekIntermediates() ([]*x509.Certificate, error) {
+	if c.EKChainFile == "" {
+		return nil, nil
+	}
+	certs, err := certpem.ReadFile(c.EKChainFile)
+	if err != nil {
+		return nil, configErrorf("EK chain file (ek_chain_file): %w", err)
+	}
+	return certs, nil
 }
 
 // maxTokenFile bounds a token file: a token is a device ID and a secret.

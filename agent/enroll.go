@@ -34,8 +34,12 @@ func (a *Agent) enrollConfig(t *tpm.TPM, clock *enroll.Clock) (enroll.EnrollConf
 	if err != nil {
 		return enroll.EnrollConfig{}, err
 	}
+	inter, err := a.cfg.ekIntermediates()
+	if err != nil {
+		return enroll.EnrollConfig{}, err
+	}
 	return enroll.EnrollConfig{TPM: t, Dir: string(a.s.dir), Station: a.cfg.Station.URL, Token: token,
-		StationCA: cas, Pin: pin, Clock: clock, Logger: a.log}, nil
+		StationCA: cas, Pin: pin, EKIntermediates: inter, Clock: clock, Logger: a.log}, nil
 }
 
 // Enroll enrolls the device with the configured station now (TPM
@@ -48,6 +52,9 @@ func (a *Agent) Enroll(ctx context.Context) (*enroll.EnrollResult, error) {
 		return nil, err
 	}
 	if _, err := a.cfg.stationToken(); err != nil {
+		return nil, err
+	}
+	if _, err := a.cfg.ekIntermediates(); err != nil {
 		return nil, err
 	}
 	t, err := a.openTPMForKeys()

@@ -42,12 +42,16 @@ func (a *Agent) Renew(ctx context.Context) (*RenewResult, error) {
 		return nil, err
 	}
 	defer lock.Close()
+	inter, err := a.cfg.ekIntermediates()
+	if err != nil {
+		return nil, err
+	}
 	t, err := a.openTPM()
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
-	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: t, Dir: dir, KeepKey: a.s.keepKey, Clock: a.clock(), Logger: a.log, Rand: a.cfg.Rand})
+	r, err := enroll.NewRenewer(enroll.RenewerConfig{TPM: t, Dir: dir, KeepKey: a.s.keepKey, EKIntermediates: inter, Clock: a.clock(), Logger: a.log, Rand: a.cfg.Rand})
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@
 package enroll
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -16,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -124,24 +126,63 @@ func ekDeviceID(ek *tpm.EK) string {
 	return est.EKDeviceID(est.EKHash(ek.Certificate.Cert))
 }
 
-// attest enrolls key through /tpmenroll with ek, asking for a certificate
-// for deviceID: the station encrypts the certificate so that only this
-// TPM, holding both the EK and key, recovers it.
-func attest(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, deviceID string) (*x509.Certificate, error) {
-	csr, err := newCSR(key, deviceID)
+// claim is what a device presents to /tpmenroll: its EK, the EK's
+// certificate chain (EK certificate first) and the device ID its CSR
+// names.
+type claim struct {
+	ek       *tpm.EK
+	chain    [][]byte
+	deviceID string
+}
+
+// ekChain is the chain /tpmenroll sends for ek: its certificate, then the
+// intermediates the TPM holds in NV and the configured ones, each once, so
+// that a station trusting only the TPM vendor's root admits the EK. NV
+// certificates that do not parse are left out (our station refuses a
+// request holding one); problems reading NV are logged, not fatal: the
+// station may know the intermediates itself.
+func ekChain(t *tpm.TPM, ek *tpm.EK, configured []*x509.Certificate, log *slog.Logger) [][]byte {
+	chain := [][]byte{ek.Certificate.Raw}
+	add := func(der []byte) {
+		if !slices.ContainsFunc(chain, func(b []byte) bool { return bytes.Equal(b, der) }) {
+			chain = append(chain, der)
+		}
+	}
+	nv, err := t.EKChain()
+	if err != nil {
+		log.Warn("reading the EK certificate chain from the TPM", "err", err)
+	}
+	for _, der := range nv {
+		if _, err := x509.ParseCertificate(der); err != nil {
+			log.Warn("leaving out an EK chain certificate from the TPM that does not parse", "err", err)
+			continue
+		}
+		add(der)
+	}
+	for _, c := range configured {
+		add(c.Raw)
+	}
+	return chain
+}
+
+// attest enrolls key through /tpmenroll with cl: the station encrypts the
+// certificate so that only this TPM, holding both the EK and key,
+// recovers it.
+func attest(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, cl claim) (*x509.Certificate, error) {
+	csr, err := newCSR(key, cl.deviceID)
 	if err != nil {
 		return nil, fmt.Errorf("signing CSR in the TPM: %w", err)
 	}
 	resp, err := c.TPMEnroll(ctx, &est.TPMEnrollRequest{
 		CSR:       csr,
-		EKChain:   [][]byte{ek.Certificate.Raw},
-		EKPublic:  ek.MarshalPublicArea(),
+		EKChain:   cl.chain,
+		EKPublic:  cl.ek.MarshalPublicArea(),
 		KeyPublic: key.MarshalPublicArea(),
 	})
 	if err != nil {
 		return nil, err
 	}
-	secret, err := t.ActivateCredential(key, ek, resp.CredentialBlob, resp.EncryptedSeed)
+	secret, err := t.ActivateCredential(key, cl.ek, resp.CredentialBlob, resp.EncryptedSeed)
 	if err != nil {
 		return nil, fmt.Errorf("tpmenroll: the TPM could not recover the credential (not made for this TPM and key): %w", err)
 	}
@@ -205,9 +246,13 @@ type EnrollConfig struct {
 	Pin       []byte
 	// Token is DEVICE_ID:SECRET from iotstation token create, for TPMs
 	// without an EK certificate (or an EK the station does not admit).
-	Token  string
-	Clock  *Clock
-	Logger *slog.Logger
+	Token string
+	// EKIntermediates are sent after the EK certificate, with those the
+	// TPM holds in its EK chain NV range: the TPM vendor's CAs between the
+	// EK certificate and the root a station trusts.
+	EKIntermediates []*x509.Certificate
+	Clock           *Clock
+	Logger          *slog.Logger
 }
 
 // EnrollResult says what Enroll did.
@@ -271,12 +316,12 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 	eks, ekErr := cfg.TPM.EndorsementKeys()
 	switch {
 	case ekErr == nil:
-		log.Info("enrolling by TPM credential activation", "ek", eks[0].KeyType)
-		id := deviceID
-		if id == "" {
-			id = ekDeviceID(&eks[0])
+		cl := claim{ek: &eks[0], chain: ekChain(cfg.TPM, &eks[0], cfg.EKIntermediates, log), deviceID: deviceID}
+		if cl.deviceID == "" {
+			cl.deviceID = ekDeviceID(cl.ek)
 		}
-		cert, err = attestWaiting(ctx, c, cfg.TPM, key, &eks[0], id, log)
+		log.Info("enrolling by TPM credential activation", "ek", cl.ek.KeyType, "ek_chain", len(cl.chain))
+		cert, err = attestWaiting(ctx, c, cfg.TPM, key, cl, log)
 		var se *StatusError
 		if err != nil && cfg.Token != "" && errors.As(err, &se) && se.Refused() {
 			log.Info("tpmenroll refused; trying the token", "reason", se.Message)
@@ -321,9 +366,9 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 // attestWaiting is attest that, while the station holds the device for an
 // operator's approval (202 Accepted), waits as told by Retry-After and asks
 // again, until ctx ends.
-func attestWaiting(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, ek *tpm.EK, deviceID string, log *slog.Logger) (*x509.Certificate, error) {
+func attestWaiting(ctx context.Context, c *Client, t *tpm.TPM, key *tpm.Key, cl claim, log *slog.Logger) (*x509.Certificate, error) {
 	for {
-		cert, err := attest(ctx, c, t, key, ek, deviceID)
+		cert, err := attest(ctx, c, t, key, cl)
 		var se *StatusError
 		if !errors.As(err, &se) || se.Code != http.StatusAccepted {
 			return cert, err

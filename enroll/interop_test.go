@@ -26,15 +26,7 @@ import (
 func TestTPMEnrollInteropGlobalSignClient(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
 	tp := tpmtest.New(t).Open(t)
-	kf, err := tp.CreateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := tp.LoadKey(kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer key.Close()
+	key := tpmtest.NewKey(t, tp)
 	eks, err := tp.EndorsementKeys()
 	if err != nil {
 		t.Fatal(err)

@@ -25,6 +25,9 @@ type RenewerConfig struct {
 	// instead of rotating to a new TPM key and re-attesting (the default,
 	// rotate_key = true).
 	KeepKey bool
+	// EKIntermediates are sent with the EK certificate when re-attesting
+	// (see EnrollConfig.EKIntermediates).
+	EKIntermediates []*x509.Certificate
 	// BackoffBase and BackoffCap bound the wait after a failed attempt:
 	// a random duration in [0, min(cap, base·2^failures)) (full jitter).
 	// Defaults 10s and 1h.
@@ -379,7 +382,7 @@ func (r *Renewer) tpmRenew(ctx context.Context, ek *tpm.EK, newKey, mtls bool) (
 			}
 		}()
 	}
-	cert, err := attest(ctx, c, r.cfg.TPM, key, ek, r.id.DeviceID())
+	cert, err := attest(ctx, c, r.cfg.TPM, key, claim{ek: ek, chain: ekChain(r.cfg.TPM, ek, r.cfg.EKIntermediates, r.log), deviceID: r.id.DeviceID()})
 	if err != nil {
 		return err
 	}

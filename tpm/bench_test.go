@@ -15,7 +15,7 @@ import (
 
 func benchKey(b *testing.B) *tpm.Key {
 	b.Helper()
-	return loadNewKey(b, tpmtest.New(b).Open(b))
+	return tpmtest.NewKey(b, tpmtest.New(b).Open(b))
 }
 
 // BenchmarkSign measures one ECDSA P-256 signature by the TPM (including

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 
@@ -75,7 +76,14 @@ func (t *TPM) EKCertificates() ([]EKCertificate, error) {
 
 var errNVAbsent = errors.New("NV index not defined")
 
-// readNV reads a whole NV index in chunks the TPM accepts. t.mu held.
+// maxNVRead bounds one NV index read: an EK certificate, or a few chain
+// certificates, is a few KiB; NV indices hold up to 64 KiB.
+const maxNVRead = 8 << 10
+
+// readNV reads a whole NV index of at most maxNVRead bytes in chunks the
+// TPM accepts, authorized by the index's own empty auth value (AUTHREAD,
+// as EK certificate indices are) or else the owner's (OWNERREAD). t.mu
+// held.
 func (t *TPM) readNV(index uint32) ([]byte, error) {
 	h := tpm2.TPMHandle(index)
 	pub, err := tpm2.NVReadPublic{NVIndex: h}.Execute(t.tr)
@@ -89,6 +97,16 @@ func (t *TPM) readNV(index uint32) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	if nvPub.DataSize > maxNVRead {
+		return nil, fmt.Errorf("NV index of %d bytes, over the %d this agent reads", nvPub.DataSize, maxNVRead)
+	}
+	var auth interface {
+		HandleValue() uint32
+		KnownName() *tpm2.TPM2BName
+	} = tpm2.NamedHandle{Handle: h, Name: pub.NVName}
+	if !nvPub.Attributes.AuthRead && nvPub.Attributes.OwnerRead {
+		auth = tpm2.TPMRHOwner
+	}
 	chunk := 1024
 	if v, err := t.properties(tpm2.TPMPTNVBufferMax, 1); err == nil && v[tpm2.TPMPTNVBufferMax] > 0 && int(v[tpm2.TPMPTNVBufferMax]) < chunk {
 		chunk = int(v[tpm2.TPMPTNVBufferMax])
@@ -98,7 +116,7 @@ func (t *TPM) readNV(index uint32) ([]byte, error) {
 	for off := 0; off < size; off += chunk {
 		n := min(chunk, size-off)
 		rsp, err := tpm2.NVRead{
-			AuthHandle: tpm2.NamedHandle{Handle: h, Name: pub.NVName},
+			AuthHandle: auth,
 			NVIndex:    tpm2.NamedHandle{Handle: h, Name: pub.NVName},
 			Size:       uint16(n),
 			Offset:     uint16(off),
@@ -290,3 +308,78 @@ func (t *TPM) ActivateCredential(k *Key, ek *EK, credentialBlob, encryptedSecret
 
 // MarshalPublicArea returns the EK's TPMT_PUBLIC, as /tpmenroll sends it.
 func (e *EK) MarshalPublicArea() []byte { return tpm2.Marshal(&e.Public) }
+
+// The EK certificate chain range (TCG EK Credential Profile 2.x): NV
+// indices where a TPM or platform vendor provisions the certificates
+// between the EK certificate and the vendor's root, from the first index
+// on. An index holds one or more DER certificates back to back (Intel PTT
+// keeps its whole chain in 0x01c00100), possibly followed by padding.
+const (
+	NVIndexEKChainFirst = 0x01c00100
+	NVIndexEKChainLast  = 0x01c001ff
+)
+
+// Bounds of EKChain: a chain is a few intermediates, and each one costs
+// TPM commands on a slow bus and bytes in every /tpmenroll request.
+const (
+	maxEKChainIndices = 8
+	maxEKChainCerts   = 8
+	maxEKChainBytes   = 16 << 10
+)
+
+// EKChain returns the DER certificates the TPM holds in the EK chain
+// range, in index order, unparsed (the EK certificates of some vendors
+// need special handling, and so may their CAs). It reads at most 8
+// indices of at most 8 KiB each, 16 KiB in all, and returns at most 8
+// certificates. A TPM without any returns nil and no error.
+//
+// An index it cannot read, or whose content is not DER, is skipped: the
+// certificates of the others are returned with an error naming what was
+// skipped.
+func (t *TPM) EKChain() ([][]byte, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	indices, err := t.handlesIn(NVIndexEKChainFirst, NVIndexEKChainLast, maxEKChainIndices)
+	if err != nil {
+		return nil, fmt.Errorf("EK chain: %w", err)
+	}
+	var certs [][]byte
+	var errs []error
+	total := 0
+	for _, h := range indices {
+		if len(certs) == maxEKChainCerts {
+			break
+		}
+		raw, err := t.readNV(uint32(h))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("EK chain NV %#x: %w", uint32(h), err))
+			continue
+		}
+		if total += len(raw); total > maxEKChainBytes {
+			errs = append(errs, fmt.Errorf("EK chain NV %#x and after: over %d bytes in all, not read", uint32(h), maxEKChainBytes))
+			break
+		}
+		found := splitDER(raw, maxEKChainCerts-len(certs))
+		if len(found) == 0 {
+			errs = append(errs, fmt.Errorf("EK chain NV %#x holds no DER certificate", uint32(h)))
+		}
+		certs = append(certs, found...)
+	}
+	return certs, errors.Join(errs...)
+}
+
+// splitDER returns up to limit DER SEQUENCEs from the front of b,
+// stopping at the first byte that does not start one (padding).
+func splitDER(b []byte, limit int) [][]byte {
+	var out [][]byte
+	for len(b) > 0 && b[0] == 0x30 && len(out) < limit {
+		var rv asn1.RawValue
+		rest, err := asn1.Unmarshal(b, &rv)
+		if err != nil {
+			break
+		}
+		out = append(out, rv.FullBytes)
+		b = rest
+	}
+	return out
+}

@@ -106,8 +106,8 @@ func TestActivateCredential(t *testing.T) {
 	tpA := simA.Open(t)
 	tpB := tpmtest.Start(t, tpmtest.Options{Identity: 1}).Open(t)
 
-	key := loadNewKey(t, tpA)
-	otherKey := loadNewKey(t, tpA)
+	key := tpmtest.NewKey(t, tpA)
+	otherKey := tpmtest.NewKey(t, tpA)
 
 	eksA, err := tpA.EndorsementKeys()
 	if err != nil {

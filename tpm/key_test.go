@@ -46,21 +46,6 @@ func newKey(t *testing.T) (*tpmtest.Simulator, *tpm.TPM, *tpm.Key, string) {
 	return sim, tp, k, path
 }
 
-// loadNewKey creates a key on tp, loads it and closes it at cleanup.
-func loadNewKey(t testing.TB, tp *tpm.TPM) *tpm.Key {
-	t.Helper()
-	kf, err := tp.CreateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := tp.LoadKey(kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
-	return k
-}
-
 func TestCSRSignedByTPMKeyVerifies(t *testing.T) {
 	_, _, k, _ := newKey(t)
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
@@ -295,7 +280,7 @@ func TestLiveKeySurvivesTPMRestart(t *testing.T) {
 	sim, tp, k, _ := newKey(t)
 	sim.Restart()
 	// Occupy the handle the key used to have with another key.
-	loadNewKey(t, tp)
+	tpmtest.NewKey(t, tp)
 	d := sha256.Sum256([]byte("x"))
 	sig, err := k.Sign(rand.Reader, d[:], crypto.SHA256)
 	if err != nil {

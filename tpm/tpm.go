@@ -221,13 +221,23 @@ func (t *TPM) OpenSessions() ([]tpm2.TPMHandle, error) {
 
 // handles lists handles of the range starting at first. t.mu held.
 func (t *TPM) handles(first uint32) ([]tpm2.TPMHandle, error) {
+	return t.handlesIn(first, first|0x00ffffff, 0)
+}
+
+// handlesIn lists the handles from first to last, at most limit of them
+// (0: all). t.mu held.
+func (t *TPM) handlesIn(first, last uint32, limit int) ([]tpm2.TPMHandle, error) {
 	var out []tpm2.TPMHandle
 	next := first
 	for {
+		n := uint32(64)
+		if limit > 0 {
+			n = min(n, uint32(limit-len(out)))
+		}
 		rsp, err := tpm2.GetCapability{
 			Capability:    tpm2.TPMCapHandles,
 			Property:      next,
-			PropertyCount: 64,
+			PropertyCount: n,
 		}.Execute(t.tr)
 		if err != nil {
 			return nil, fmt.Errorf("listing TPM handles: %w", err)
@@ -237,12 +247,12 @@ func (t *TPM) handles(first uint32) ([]tpm2.TPMHandle, error) {
 			return nil, err
 		}
 		for _, h := range hl.Handle {
-			if uint32(h)>>24 != first>>24 {
+			if uint32(h) > last || (limit > 0 && len(out) == limit) {
 				return out, nil
 			}
 			out = append(out, h)
 		}
-		if !rsp.MoreData || len(hl.Handle) == 0 {
+		if !rsp.MoreData || len(hl.Handle) == 0 || (limit > 0 && len(out) == limit) {
 			return out, nil
 		}
 		next = uint32(hl.Handle[len(hl.Handle)-1]) + 1

@@ -1,16 +1,21 @@
 // Package enrolltest gives a test an enrolled device: its own manufactured
 // swtpm (package tpmtest), a state dir, enrollment by TPM attestation at a
-// station of package stationtest, and a renewer serving the live identity.
-// For tests only.
+// station of package stationtest, and a renewer serving the live identity;
+// and a station that trusts the TPM manufacturer's root alone. For tests
+// only.
 package enrolltest
 
 import (
 	"context"
 	"crypto/x509"
+	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"iotagent.dev/iotagent/enroll"
+	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm"
 	"iotagent.dev/iotagent/tpm/tpmtest"
@@ -61,3 +66,48 @@ func (d *Device) DeviceID() string { return d.State.Enrollment.DeviceID }
 
 // RootCAs is the device's current trust bundle (its identity's).
 func (d *Device) RootCAs() *x509.CertPool { return d.Identity().RootCAs() }
+
+// RootOnlyStation serves a station that trusts the TPM manufacturer's
+// root alone, not the intermediate that signs the simulated TPMs' EK
+// certificates (stationtest's station trusts both), as a station does
+// that was given a TPM vendor's root. It auto-approves the EKs it admits
+// and stops at cleanup. It returns the station's URL and its root's
+// fingerprint (sha256:HEX).
+func RootOnlyStation(t testing.TB) (url, fingerprint string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "st")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	roots := filepath.Join(dir, "tpm-root.pem")
+	if err := os.WriteFile(roots, tpmtest.ManufacturerRootPEM(t), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sdir := filepath.Join(dir, "station")
+	if err := station.Init(station.InitOptions{Dir: sdir, TPMRoots: []string{roots}, AutoApprove: true, CertLifetime: time.Hour}); err != nil {
+		t.Fatalf("station.Init: %v", err)
+	}
+	if fingerprint, err = station.RootFingerprint(sdir); err != nil {
+		t.Fatal(err)
+	}
+	st, err := station.Open(station.Config{Dir: sdir})
+	if err != nil {
+		t.Fatalf("station.Open: %v", err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- st.Serve(ctx, l) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("station Serve: %v", err)
+		}
+		st.Close()
+	})
+	return "https://" + l.Addr().String(), fingerprint
+}

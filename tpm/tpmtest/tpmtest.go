@@ -33,6 +33,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
+
 	"iotagent.dev/iotagent/tpm"
 )
 
@@ -186,15 +189,7 @@ func caFile(t testing.TB, name string) []byte {
 // ManufacturerRoot returns the manufacturer root as a certificate.
 func ManufacturerRoot(t testing.TB) *x509.Certificate {
 	t.Helper()
-	blk, _ := pem.Decode(ManufacturerRootPEM(t))
-	if blk == nil {
-		t.Fatal("tpmtest: manufacturer root is not PEM")
-	}
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		t.Fatalf("tpmtest: %v", err)
-	}
-	return c
+	return parsePEM(t, ManufacturerRootPEM(t))
 }
 
 // Options configure a simulator.
@@ -328,6 +323,95 @@ func (s *Simulator) start() {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// NewKey creates a device key in tp and loads it; it is closed at
+// cleanup.
+func NewKey(t testing.TB, tp *tpm.TPM) *tpm.Key {
+	t.Helper()
+	kf, err := tp.CreateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := tp.LoadKey(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return k
+}
+
+// NVIndex is an NV index WriteNV provisions.
+type NVIndex struct {
+	Index uint32
+	Data  []byte
+	// OwnerReadOnly leaves out AUTHREAD: only the owner hierarchy reads
+	// the index (EK certificate indices are readable with their own
+	// empty auth value too).
+	OwnerReadOnly bool
+}
+
+// WriteNV defines the NV index with the platform hierarchy and writes
+// its data, as a TPM or platform vendor provisions EK certificates and
+// their chain. Unix-socket simulators only.
+func (s *Simulator) WriteNV(t testing.TB, nv NVIndex) {
+	t.Helper()
+	if s.Socket == "" {
+		t.Fatal("tpmtest: WriteNV needs a unix-socket simulator")
+	}
+	tr, err := linuxudstpm.Open(s.Socket)
+	if err != nil {
+		t.Fatalf("tpmtest: %v", err)
+	}
+	defer tr.Close()
+	h := tpm2.TPMHandle(nv.Index)
+	platform := tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
+	if _, err := (tpm2.NVDefineSpace{
+		AuthHandle: platform,
+		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+			NVIndex: h,
+			NameAlg: tpm2.TPMAlgSHA256,
+			Attributes: tpm2.TPMANV{PPWrite: true, PPRead: true, OwnerRead: true, AuthRead: !nv.OwnerReadOnly,
+				NoDA: true, PlatformCreate: true, NT: tpm2.TPMNTOrdinary},
+			DataSize: uint16(len(nv.Data)),
+		}),
+	}).Execute(tr); err != nil {
+		t.Fatalf("tpmtest: NV_DefineSpace %#x: %v", nv.Index, err)
+	}
+	pub, err := tpm2.NVReadPublic{NVIndex: h}.Execute(tr)
+	if err != nil {
+		t.Fatalf("tpmtest: NV_ReadPublic %#x: %v", nv.Index, err)
+	}
+	for off := 0; off < len(nv.Data); off += 1024 {
+		if _, err := (tpm2.NVWrite{
+			AuthHandle: platform,
+			NVIndex:    tpm2.NamedHandle{Handle: h, Name: pub.NVName},
+			Data:       tpm2.TPM2BMaxNVBuffer{Buffer: nv.Data[off:min(off+1024, len(nv.Data))]},
+			Offset:     uint16(off),
+		}).Execute(tr); err != nil {
+			t.Fatalf("tpmtest: NV_Write %#x at %d: %v", nv.Index, off, err)
+		}
+	}
+}
+
+// ManufacturerIntermediate returns the intermediate CA that signs EK
+// certificates as a certificate.
+func ManufacturerIntermediate(t testing.TB) *x509.Certificate {
+	t.Helper()
+	return parsePEM(t, ManufacturerIntermediatePEM(t))
+}
+
+func parsePEM(t testing.TB, b []byte) *x509.Certificate {
+	t.Helper()
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatal("tpmtest: manufacturer certificate is not PEM")
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatalf("tpmtest: %v", err)
+	}
+	return c
 }
 
 // Stop terminates swtpm. Transient objects and sessions are lost, as on a
