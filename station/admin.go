@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/certpem"
+	"iotagent.dev/iotagent/internal/unixsock"
 )
 
 // Token is a one-time bootstrap credential: HTTP Basic DEVICE:SECRET for
@@ -161,14 +162,10 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 		c.Close()
 		return nil, fmt.Errorf("another station is serving %s (admin socket %s answers)", s.dir, path)
 	}
-	os.Remove(path)
-	l, err := net.Listen("unix", path)
+	// 0600 from its first moment (the directory is 0700 already; the
+	// socket says the same, whatever the umask).
+	l, err := unixsock.Listen(path, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	// The station directory is 0700 already; the socket mode says the same.
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	mux := http.NewServeMux()

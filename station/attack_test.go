@@ -16,18 +16,23 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
 	"iotagent.dev/iotagent/est"
+	"iotagent.dev/iotagent/internal/testdirs"
+	"iotagent.dev/iotagent/internal/testsync"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/stationtest"
 )
@@ -463,5 +468,47 @@ func TestAttackInitRefusesLooseDirectory(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "root.key")); err == nil {
 		t.Error("Init wrote a key into the loose directory")
+	}
+}
+
+// Finding 10: admin.sock was chmod'ed after bind, so the umask decided
+// its mode in between.
+func TestAttackAdminSocketMode(t *testing.T) {
+	defer syscall.Umask(syscall.Umask(0))
+	dir, err := os.MkdirTemp("", "st") // short: the socket path has at most 107 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir = filepath.Join(dir, "s")
+	if err := station.Init(station.InitOptions{Dir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := station.Open(station.Config{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	arrived := testdirs.Arrivals(t, dir)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- st.Serve(ctx, l) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	}()
+	sock := filepath.Join(dir, "admin.sock")
+	testsync.Until(t, 10*time.Second, "admin.sock appears", func() bool { _, err := os.Stat(sock); return err == nil })
+	if got := arrived("admin.sock"); !slices.Equal(got, []string{"renamed"}) {
+		t.Errorf("admin.sock arrived %q, want only renamed into place", got)
+	}
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("admin.sock: %v, %v; want mode 0600", fi, err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"iotagent.dev/iotagent/internal/unixsock"
 	"iotagent.dev/iotagent/store"
 	"iotagent.dev/iotagent/telemetry/senml"
 )
@@ -100,20 +101,11 @@ func (i *Ingest) Ready() <-chan struct{} { return i.ready }
 // Socket returns the socket path.
 func (i *Ingest) Socket() string { return i.cfg.Socket }
 
-// listen creates the socket with its final mode from the first moment it
-// is reachable. bind(2) creates the file 0777 minus the umask, and only a
-// chmod afterwards sets another mode: bound at its path, the socket would
-// be open to whatever the umask allows until then. Setting the umask
-// around bind does not help, as it is the whole process's and would race
-// with every goroutine creating a file. So the socket is bound in a new
-// directory of mode 0700 beside its path, where no other user can reach
-// it, given its mode there and renamed into place: rename(2) is atomic,
-// so at its path it is 0660 from the start. The rename also replaces a
-// socket a crash left behind.
+// listen creates the socket, 0660 from the first moment it is reachable
+// (internal/unixsock).
 func (i *Ingest) listen() (*net.UnixListener, error) {
 	path := i.cfg.Socket
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("ingest socket directory: %w", err)
 	}
 	// One that answers belongs to a running agent.
@@ -121,26 +113,8 @@ func (i *Ingest) listen() (*net.UnixListener, error) {
 		c.Close()
 		return nil, fmt.Errorf("ingest socket %s is in use by another agent", path)
 	}
-	// A short name: the bound path, at most 15 bytes longer than the
-	// directory, must fit a socket address (107 bytes).
-	private, err := os.MkdirTemp(dir, ".i")
+	l, err := unixsock.Listen(path, 0o660)
 	if err != nil {
-		return nil, fmt.Errorf("ingest socket: %w", err)
-	}
-	defer os.RemoveAll(private)
-	bound := filepath.Join(private, "s")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: bound, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("ingest socket: %w", err)
-	}
-	// Close would unlink the bound path, which is gone; Run removes path.
-	l.SetUnlinkOnClose(false)
-	if err := os.Chmod(bound, 0o660); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("ingest socket: %w", err)
-	}
-	if err := os.Rename(bound, path); err != nil {
-		l.Close()
 		return nil, fmt.Errorf("ingest socket: %w", err)
 	}
 	return l, nil
