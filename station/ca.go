@@ -28,25 +28,24 @@ import (
 
 // Files in the station directory.
 const (
-	fileConfig     = "station.json"
-	fileRootCert   = "root.crt"
-	fileRootKey    = "root.key"
-	fileCACert     = "ca.crt"
-	fileCAKey      = "ca.key"
-	fileCATPMKey   = "ca.tpmkey" // the issuing CA key's TPM blobs, with init --ca-tpm
-	fileTLSCert    = "tls.crt"
-	fileTLSKey     = "tls.key"
-	fileTPMRoots   = "tpm-roots.pem"
-	fileManifest   = "manifest.txt"
-	fileRegistry   = "registry.db"
-	fileAudit      = "audit.log"
-	fileCRLPEM     = "crl.pem"
-	fileAdminSock  = "admin.sock"
-	rootLifetime   = 20 * 365 * 24 * time.Hour
-	caLifetime     = 5 * 365 * 24 * time.Hour
-	tlsLifetime    = 2 * 365 * 24 * time.Hour
-	backdate       = 5 * time.Minute // tolerate devices whose clocks lag a little
-	deviceIDPrefix = "dev-"
+	fileConfig    = "station.json"
+	fileRootCert  = "root.crt"
+	fileRootKey   = "root.key"
+	fileCACert    = "ca.crt"
+	fileCAKey     = "ca.key"
+	fileCATPMKey  = "ca.tpmkey" // the issuing CA key's TPM blobs, with init --ca-tpm
+	fileTLSCert   = "tls.crt"
+	fileTLSKey    = "tls.key"
+	fileTPMRoots  = "tpm-roots.pem"
+	fileManifest  = "manifest.txt"
+	fileRegistry  = "registry.db"
+	fileAudit     = "audit.log"
+	fileCRLPEM    = "crl.pem"
+	fileAdminSock = "admin.sock"
+	rootLifetime  = 20 * 365 * 24 * time.Hour
+	caLifetime    = 5 * 365 * 24 * time.Hour
+	tlsLifetime   = 2 * 365 * 24 * time.Hour
+	backdate      = 5 * time.Minute // tolerate devices whose clocks lag a little
 )
 
 // ca is the station's certificate authority: a root that signs the issuing

@@ -393,10 +393,10 @@ func (s *Station) admit(ekHash string) (string, error) {
 		return id, nil
 	}
 	if s.autoApprove {
-		return deviceIDPrefix + ekHash[:16], nil
+		return est.EKDeviceID(ekHash), nil
 	}
 	if s.holdUnknown {
-		id := deviceIDPrefix + ekHash[:16]
+		id := est.EKDeviceID(ekHash)
 		if err := s.reg.hold(id, ekHash, s.now()); err != nil {
 			return "", err
 		}
