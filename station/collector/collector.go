@@ -16,7 +16,6 @@ import (
 	"time"
 
 	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
-	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/options"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
@@ -25,15 +24,17 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultAddr             = ":5684" // coaps (RFC 7252 §12.7)
-	DefaultMaxPayload       = 64 << 10
-	DefaultHandshakeTimeout = 10 * time.Second
-	DefaultIdleTimeout      = 10 * time.Minute
-	DefaultSinkTimeout      = 10 * time.Second
-	DefaultMaxHandshakes    = 256
-	DefaultDedupeWindow     = 4096
-	DefaultDedupeDevices    = 100_000
-	DefaultDedupeCheckpoint = 10 * time.Second
+	DefaultAddr                   = ":5684" // coaps (RFC 7252 §12.7)
+	DefaultMaxPayload             = 64 << 10
+	DefaultHandshakeTimeout       = 10 * time.Second
+	DefaultIdleTimeout            = 10 * time.Minute
+	DefaultSinkTimeout            = 10 * time.Second
+	DefaultMaxHandshakes          = 256
+	DefaultMaxPendingHandshakes   = 2048
+	DefaultMaxHandshakesPerSource = 16
+	DefaultDedupeWindow           = 4096
+	DefaultDedupeDevices          = 100_000
+	DefaultDedupeCheckpoint       = 10 * time.Second
 )
 
 // Config configures a Collector. The zero value of a field means its
@@ -65,15 +66,37 @@ type Config struct {
 	// answered 4.13 (default DefaultMaxPayload).
 	MaxPayload int
 
-	// HandshakeTimeout bounds a DTLS handshake (default
+	// HandshakeTimeout bounds a DTLS handshake, from the client's first
+	// ClientHello, waiting for its cookie included (default
 	// DefaultHandshakeTimeout).
 	HandshakeTimeout time.Duration
 
-	// MaxHandshakes is how many handshakes may be in progress at once;
-	// more are refused at once (counted as "busy"). It bounds what a flood
-	// of ClientHellos can make the collector hold (default
-	// DefaultMaxHandshakes).
+	// MaxHandshakes is how many handshakes may be in progress at once
+	// past the cookie exchange (RFC 6347 §4.2.1), which a client passes
+	// only from an address it receives at: a ClientHello from a spoofed
+	// address never takes one. A client's first ClientHello while
+	// MaxHandshakes are in progress is dropped (counted as "busy"; its
+	// retransmission tries again). It bounds the handshakes' work:
+	// signature checks, key exchange (default DefaultMaxHandshakes).
 	MaxHandshakes int
+
+	// MaxPendingHandshakes is how many handshakes may wait at once for the
+	// client to return the cookie of the HelloVerifyRequest (or, rarely,
+	// for one of MaxHandshakes). A flood of ClientHellos from spoofed
+	// addresses makes pending handshakes that never go further; past this
+	// bound the oldest is dropped (counted as "no_cookie"). Each holds
+	// about 31 KB; under R such ClientHellos a second, a client has about
+	// MaxPendingHandshakes/R seconds to return its cookie, or is told to
+	// start over (default DefaultMaxPendingHandshakes: 64 MB).
+	MaxPendingHandshakes int
+
+	// MaxHandshakesPerSource is how many handshakes, pending or in
+	// progress, one source may have at once: an IPv4 address, or an IPv6
+	// /64. A first ClientHello past it is dropped (the client
+	// retransmits). It keeps one host that does not spoof from taking
+	// every slot; devices behind one NAT share it (default
+	// DefaultMaxHandshakesPerSource).
+	MaxHandshakesPerSource int
 
 	// IdleTimeout closes a session that received nothing for this long
 	// (default DefaultIdleTimeout). An agent resuming a session after a
@@ -120,14 +143,14 @@ type Collector struct {
 	dedupe *dedupe
 	m      metrics
 
-	handshakes chan struct{} // a token per handshake in progress
+	handshakes chan struct{} // a token per handshake in progress past the cookie
 	started    atomic.Bool
 	ready      chan struct{}
 	addr       atomic.Pointer[net.Addr]
 	handlers   gate
 
 	listenMu sync.Mutex
-	listener *coapnet.DTLSListener // set by Listen, served by Run
+	listener *peerListener // set by Listen, served by Run
 
 	saveMu       sync.Mutex
 	savedChanges uint64 // dedupe.changes at the last save or load
@@ -154,6 +177,8 @@ func New(cfg Config) (*Collector, error) {
 		{"MaxPayload", int64(cfg.MaxPayload)},
 		{"HandshakeTimeout", int64(cfg.HandshakeTimeout)},
 		{"MaxHandshakes", int64(cfg.MaxHandshakes)},
+		{"MaxPendingHandshakes", int64(cfg.MaxPendingHandshakes)},
+		{"MaxHandshakesPerSource", int64(cfg.MaxHandshakesPerSource)},
 		{"IdleTimeout", int64(cfg.IdleTimeout)},
 		{"SinkTimeout", int64(cfg.SinkTimeout)},
 		{"DedupeWindow", int64(cfg.DedupeWindow)},
@@ -174,6 +199,8 @@ func New(cfg Config) (*Collector, error) {
 	setDefault(&cfg.MaxPayload, DefaultMaxPayload)
 	setDefault(&cfg.HandshakeTimeout, DefaultHandshakeTimeout)
 	setDefault(&cfg.MaxHandshakes, DefaultMaxHandshakes)
+	setDefault(&cfg.MaxPendingHandshakes, DefaultMaxPendingHandshakes)
+	setDefault(&cfg.MaxHandshakesPerSource, DefaultMaxHandshakesPerSource)
 	setDefault(&cfg.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&cfg.SinkTimeout, DefaultSinkTimeout)
 	setDefault(&cfg.DedupeWindow, DefaultDedupeWindow)
@@ -248,12 +275,17 @@ func (c *Collector) Listen() error {
 }
 
 // listenLocked binds the socket. c.listenMu held.
-func (c *Collector) listenLocked() (*coapnet.DTLSListener, error) {
-	l, err := coapnet.NewDTLSListener("udp", c.cfg.Addr, coapnet.NewDTLSServerOptions(c.dtlsOptions()...))
+func (c *Collector) listenLocked() (*peerListener, error) {
+	a, err := net.ResolveUDPAddr("udp", c.cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
 	}
-	addr := l.Addr()
+	sock, err := net.ListenUDP("udp", a)
+	if err != nil {
+		return nil, fmt.Errorf("collector: listening on %s: %w", c.cfg.Addr, err)
+	}
+	l := newPeerListener(sock, c.dtlsOptions(), c.cfg.MaxPendingHandshakes, c.cfg.MaxHandshakesPerSource, c.handshakes, &c.m)
+	addr := sock.LocalAddr()
 	c.addr.Store(&addr)
 	c.listener = l
 	c.log.Info("collector listening", "addr", addr.String())
@@ -279,11 +311,11 @@ func (c *Collector) Run(ctx context.Context) error {
 		return err
 	}
 	if err := c.loadDedupe(); err != nil {
-		l.Close()
+		l.shutdown()
 		return err
 	}
 	close(c.ready)
-	addr := l.Addr()
+	addr := c.Addr()
 
 	// runCtx scopes handlers and sink writes: it ends with ctx, or when
 	// serving fails.
@@ -295,7 +327,7 @@ func (c *Collector) Run(ctx context.Context) error {
 		options.WithHandlerFunc(func(w *responseWriter, r *request) { c.serveCoAP(runCtx, w, r) }),
 		options.WithRequestMonitor(c.monitorRequest),
 		options.WithErrors(func(err error) {
-			if !errors.As(err, new(*dtls.HandshakeError)) && !errors.Is(err, errBusy) { // logged already
+			if !errors.As(err, new(*dtls.HandshakeError)) && !errors.Is(err, errBusy) && !errors.Is(err, errNoCookie) { // logged already
 				c.log.Debug("coap", "err", err)
 			}
 		}),
@@ -316,7 +348,7 @@ func (c *Collector) Run(ctx context.Context) error {
 	if c.cfg.DedupeFile != "" {
 		wg.Go(func() { c.checkpointDedupe(runCtx) })
 	}
-	sl := &listener{DTLSListener: l, c: c}
+	sl := &coapListener{peers: l, c: c}
 	served := make(chan error, 1)
 	wg.Go(func() { served <- srv.Serve(sl) })
 	select {
@@ -329,6 +361,7 @@ func (c *Collector) Run(ctx context.Context) error {
 		}
 	}
 	cancel()
+	l.shutdown() // the sessions are closed: the socket, and its reader
 	c.handlers.closeAndWait()
 	wg.Wait()
 	serr := c.saveDedupe() // no handler runs now: the final state

@@ -19,14 +19,37 @@ type Stats struct {
 	// Handshakes counts finished DTLS handshakes by result: "ok", or the
 	// reason of the failure ("unknown_ca", "expired", "bad_certificate",
 	// "revoked", "not_device", "no_certificate", "no_shared_cipher",
-	// "no_extended_master_secret", "timeout", "busy", "peer_" and the name
-	// of the alert the client sent, "other"). Handshakes cut short by
-	// shutdown are not counted.
+	// "no_extended_master_secret", "timeout", "no_cookie", "busy", "peer_"
+	// and the name of the alert the client sent, "other"). "no_cookie" is
+	// a handshake that ended before the client returned the
+	// HelloVerifyRequest cookie (a spoofed source never does), "busy" a
+	// first ClientHello refused while Config.MaxHandshakes were in
+	// progress (the client's retransmission tries again), or a handshake
+	// that returned its cookie and never got one of them.
+	// Handshakes cut short by shutdown are not counted.
 	Handshakes map[string]uint64
 
-	// HandshakesInProgress is the number of handshakes under way, at most
-	// Config.MaxHandshakes.
+	// HandshakesInProgress is the number of handshakes under way past the
+	// cookie exchange, at most Config.MaxHandshakes.
 	HandshakesInProgress int
+
+	// HandshakesPending is the number of handshakes waiting for the
+	// client's cookie, or for a slot, at most
+	// Config.MaxPendingHandshakes; PendingEvicted counts those dropped to
+	// stay within it, the oldest first.
+	HandshakesPending int
+	PendingEvicted    uint64
+
+	// Dropped counts datagrams that reached no DTLS connection, by
+	// reason: "not_hello" (from an unknown address, or before the cookie
+	// came back, and not a ClientHello that may start or continue a
+	// handshake there), "bad_cookie" (a ClientHello with a cookie its
+	// connection never sent), "source_limit" (a new handshake from a
+	// source that has Config.MaxHandshakesPerSource), "queue_full" (a new
+	// handshake while the accept queue was full), "stale_hello" (a
+	// ClientHello that answers a HelloVerifyRequest of a handshake that is
+	// gone; answered with an alert, so that the client starts over).
+	Dropped map[string]uint64
 
 	// HandshakeTime is the distribution of the durations of successful
 	// handshakes, from the first ClientHello to the client's Finished: it
@@ -91,6 +114,10 @@ type metrics struct {
 	hsBuckets  [len(handshakeBounds)]uint64 // not cumulative
 	sessions   map[string]int64             // by cipher suite
 
+	pending atomic.Int64
+	evicted atomic.Uint64
+	dropped [len(dropReasons)]atomic.Uint64
+
 	requests    [256]atomic.Uint64 // by codes.Code, which is below 256
 	accepted    atomic.Uint64
 	duplicate   atomic.Uint64
@@ -134,6 +161,25 @@ func (m *metrics) count(result string) {
 	m.handshakes[result]++
 }
 
+// Why a datagram reached no DTLS connection: indexes of dropReasons.
+const (
+	dropNotHello = iota
+	dropBadCookie
+	dropSourceLimit
+	dropQueueFull
+	dropStale
+)
+
+var dropReasons = [...]string{
+	dropNotHello:    "not_hello",
+	dropBadCookie:   "bad_cookie",
+	dropSourceLimit: "source_limit",
+	dropQueueFull:   "queue_full",
+	dropStale:       "stale_hello",
+}
+
+func (m *metrics) drop(reason int) { m.dropped[reason].Add(1) }
+
 func (m *metrics) request(c codes.Code) {
 	if int(c) < len(m.requests) {
 		m.requests[c].Add(1)
@@ -150,6 +196,9 @@ func (c *Collector) Stats() Stats {
 	m := &c.m
 	s := Stats{
 		HandshakesInProgress: len(c.handshakes),
+		HandshakesPending:    int(m.pending.Load()),
+		PendingEvicted:       m.evicted.Load(),
+		Dropped:              map[string]uint64{},
 		Requests:             map[string]uint64{},
 		Records: RecordStats{
 			Accepted:    m.accepted.Load(),
@@ -157,6 +206,9 @@ func (c *Collector) Stats() Stats {
 			Unsequenced: m.unsequenced.Load(),
 		},
 		Dedupe: c.dedupe.stats(),
+	}
+	for i, r := range dropReasons {
+		s.Dropped[r] = m.dropped[i].Load()
 	}
 	for code := range m.requests {
 		if n := m.requests[code].Load(); n > 0 {
@@ -202,8 +254,16 @@ func (c *Collector) Metrics() string {
 		}
 	}
 
-	family("iotstation_coap_handshakes_in_progress", "gauge", "DTLS handshakes under way.")
+	family("iotstation_coap_handshakes_in_progress", "gauge", "DTLS handshakes under way past the cookie exchange.")
 	fmt.Fprintf(&b, "iotstation_coap_handshakes_in_progress %d\n", s.HandshakesInProgress)
+	family("iotstation_coap_handshakes_pending", "gauge", "DTLS handshakes waiting for the client's cookie or for a slot.")
+	fmt.Fprintf(&b, "iotstation_coap_handshakes_pending %d\n", s.HandshakesPending)
+	family("iotstation_coap_handshakes_evicted_total", "counter", "Pending DTLS handshakes dropped, the oldest first, to stay within the bound: a flood is on.")
+	fmt.Fprintf(&b, "iotstation_coap_handshakes_evicted_total %d\n", s.PendingEvicted)
+	family("iotstation_coap_datagrams_dropped_total", "counter", "Datagrams that reached no DTLS connection, by reason.")
+	for _, r := range dropReasons {
+		fmt.Fprintf(&b, "iotstation_coap_datagrams_dropped_total{reason=%q} %d\n", r, s.Dropped[r])
+	}
 
 	family("iotstation_coap_handshake_seconds", "histogram", "Duration of successful DTLS handshakes, first ClientHello to Finished.")
 	for _, bk := range s.HandshakeTime.Buckets {

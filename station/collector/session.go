@@ -6,11 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"sync"
 	"time"
-
-	coapnet "github.com/plgd-dev/go-coap/v3/net"
 
 	"iotagent.dev/iotagent/dtls"
 	"iotagent.dev/iotagent/internal/handshake"
@@ -22,6 +19,7 @@ var (
 	errRevoked   = errors.New("certificate revoked")
 	errNotDevice = errors.New("certificate does not name a device")
 	errBusy      = errors.New("too many handshakes in progress")
+	errNoCookie  = errors.New("the client never returned the HelloVerifyRequest cookie")
 )
 
 // verifyPeer runs after pion verified the client's chain against
@@ -40,42 +38,13 @@ func (c *Collector) verifyPeer(_ [][]byte, chains [][]*x509.Certificate) error {
 	return nil
 }
 
-// listener hands go-coap's DTLS server pion's connections wrapped as
-// sessions.
-type listener struct {
-	*coapnet.DTLSListener
-	c *Collector
-	// err is why accepting failed for good, other than shutdown. Only
-	// Serve's goroutine sets it.
-	err error
-}
-
-func (l *listener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
-	conn, err := l.DTLSListener.AcceptWithContext(ctx)
-	if err != nil {
-		if ctx.Err() != nil || errors.Is(err, coapnet.ErrListenerIsClosed) {
-			return nil, err // shutting down
-		}
-		// pion's listener fails only when its socket does, and go-coap
-		// would retry at once, for ever: stop serving instead.
-		l.err = err
-		l.DTLSListener.Close()
-		return nil, coapnet.ErrListenerIsClosed
-	}
-	dc, ok := conn.(*dtls.Conn)
-	if !ok {
-		conn.Close()
-		return nil, fmt.Errorf("listener returned a %T, want *dtls.Conn", conn)
-	}
-	return &session{Conn: dc, c: l.c}, nil
-}
-
 // session is one DTLS connection as go-coap serves it. go-coap calls
 // HandshakeContext before serving the connection (and again, cheaply,
 // before each write); the first call runs and accounts for the handshake.
 type session struct {
 	*dtls.Conn
-	c *Collector
+	peer *peerConn
+	c    *Collector
 
 	once sync.Once
 	err  error
@@ -94,23 +63,24 @@ func (s *session) HandshakeContext(ctx context.Context) error {
 
 func (s *session) handshake(ctx context.Context) error {
 	c := s.c
-	select {
-	case c.handshakes <- struct{}{}:
-		defer func() { <-c.handshakes }()
-	default:
-		c.m.handshakeFailed(reasonBusy)
-		c.log.Debug("handshake refused", "remote", s.RemoteAddr().String(), "reason", reasonBusy)
-		return errBusy
-	}
 	start := time.Now()
-	if err := s.Conn.HandshakeContext(ctx); err != nil {
+	err := s.Conn.HandshakeContext(ctx)
+	got := s.peer.finish()
+	if err != nil {
 		if ctx.Err() != nil && !errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return err // shutting down: not a handshake result
+		}
+		switch got {
+		case phaseUnverified: // a spoofed source, or lost datagrams
+			err = fmt.Errorf("%w: %w", errNoCookie, err)
+		case phaseWaiting:
+			err = fmt.Errorf("%w: %w", errBusy, err)
 		}
 		reason := failureReason(err)
 		c.m.handshakeFailed(reason)
 		level := slog.LevelInfo
-		if reason == handshake.Timeout || reason == handshake.Other {
+		switch reason {
+		case handshake.Timeout, handshake.Other, reasonNoCookie, reasonBusy:
 			level = slog.LevelDebug
 		}
 		c.log.Log(ctx, level, "handshake failed", "remote", s.RemoteAddr().String(), "reason", reason, "err", err)
@@ -152,7 +122,8 @@ func (s *session) Close() error {
 const (
 	reasonRevoked   = "revoked"    // Revoked reported it
 	reasonNotDevice = "not_device" // its CN is not a valid device ID
-	reasonBusy      = "busy"       // MaxHandshakes were in progress
+	reasonBusy      = "busy"       // it returned the cookie, but MaxHandshakes were in progress until it ended
+	reasonNoCookie  = "no_cookie"  // it ended before the client returned the cookie: a spoofed source, or lost datagrams
 )
 
 // failureReason classifies a failed handshake.
@@ -164,6 +135,8 @@ func failureReason(err error) string {
 		return reasonNotDevice
 	case errors.Is(err, errBusy):
 		return reasonBusy
+	case errors.Is(err, errNoCookie):
+		return reasonNoCookie
 	}
 	return dtls.HandshakeFailure(err)
 }

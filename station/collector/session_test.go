@@ -59,14 +59,19 @@ func TestIdleTimeout(t *testing.T) {
 	waitFor(t, func() bool { return c.Stats().Sessions == 0 }, "Stats().Sessions = 0")
 }
 
-// deafConn is a client socket that drops what it receives: its handshake
-// stalls after the ClientHello, holding a handshake slot at the collector.
-type deafConn struct{ net.PacketConn }
+// deafConn is a client socket that hears the collector's
+// HelloVerifyRequest and nothing after: its handshake stalls once it
+// returned the cookie, holding a handshake slot at the collector.
+type deafConn struct {
+	net.PacketConn
+	heard atomic.Bool
+}
 
-func (d deafConn) ReadFrom(b []byte) (int, net.Addr, error) {
+func (d *deafConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
-		if _, _, err := d.PacketConn.ReadFrom(b); err != nil {
-			return 0, nil, err
+		n, addr, err := d.PacketConn.ReadFrom(b)
+		if err != nil || d.heard.CompareAndSwap(false, true) {
+			return n, addr, err
 		}
 	}
 }
@@ -82,7 +87,7 @@ func TestMaxHandshakes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stalled, err := piondtls.ClientWithOptions(deafConn{pc}, c.Addr(),
+	stalled, err := piondtls.ClientWithOptions(&deafConn{PacketConn: pc}, c.Addr(),
 		piondtls.WithCertificates(issue(t, f.st, "gw-stalled", nil, false)), piondtls.WithRootCAs(f.roots))
 	if err != nil {
 		t.Fatal(err)
@@ -160,7 +165,7 @@ func TestRunStops(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stalled, err := piondtls.ClientWithOptions(deafConn{pc}, c.Addr(),
+	stalled, err := piondtls.ClientWithOptions(&deafConn{PacketConn: pc}, c.Addr(),
 		piondtls.WithCertificates(issue(t, f.st, "gw-7", nil, false)), piondtls.WithRootCAs(f.roots))
 	if err != nil {
 		t.Fatal(err)
