@@ -84,11 +84,16 @@ func crlSerials(t testing.TB, st *stationtest.Station) int {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return len(mustCRL(t, der).RevokedCertificateEntries)
+}
+
+func mustCRL(t testing.TB, der []byte) *x509.RevocationList {
+	t.Helper()
 	crl, err := x509.ParseRevocationList(der)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return len(crl.RevokedCertificateEntries)
+	return crl
 }
 
 // Finding 2: /tpmenroll recorded the certificate as the device's current

@@ -398,7 +398,7 @@ func (s *Station) issueService(cn string, sans []string, server bool, lifetime t
 	now := s.now()
 	tmpl := &x509.Certificate{
 		Subject:   pkix.Name{CommonName: cn, OrganizationalUnit: []string{"service"}},
-		NotBefore: now.Add(-backdate),
+		NotBefore: now.Add(-serviceBackdate(lifetime)),
 		NotAfter:  now.Add(lifetime),
 		KeyUsage:  x509.KeyUsageDigitalSignature,
 		Policies:  []x509.OID{rolePolicies[RoleService]},
@@ -434,6 +434,18 @@ func (s *Station) issueService(cn string, sans []string, server bool, lifetime t
 	out := &ServiceCert{Cert: c, Key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})}
 	out.Chain = certpem.Encode(c, s.ca.issuer)
 	return out, nil
+}
+
+// serviceBackdate is how far a service certificate's notBefore lies
+// before its issue: as for devices, a short lifetime keeps its renewal
+// window (ServiceIdentity renews two thirds into it). A lifetime that
+// is not positive (an expired certificate, for tests) keeps the full
+// backdate, so that its notBefore stays before its notAfter.
+func serviceBackdate(lifetime time.Duration) time.Duration {
+	if lifetime <= 0 {
+		return backdate
+	}
+	return min(backdate, lifetime/10)
 }
 
 // TrustPEM returns the station's CA certificates (issuing CA, root) as PEM:
