@@ -29,7 +29,9 @@ func (c *Collector) verifyPeer(_ [][]byte, chains [][]*x509.Certificate) error {
 		return errors.New("no verified chain") // RequireAndVerifyClientCert makes one
 	}
 	leaf := chains[0][0]
-	if err := station.ValidDeviceID(leaf.Subject.CommonName); err != nil {
+	// A service certificate (a broker's, a subscriber's) chains to the
+	// same CA but is never a device.
+	if _, err := station.DeviceCertificateID(leaf); err != nil {
 		return fmt.Errorf("%w: %w", errNotDevice, err)
 	}
 	if c.cfg.Revoked != nil && c.cfg.Revoked(leaf) {
