@@ -105,6 +105,9 @@ func Client(pc net.PacketConn, raddr net.Addr, opts []ClientOption) (*Conn, erro
 type ServerConfig struct {
 	// Certificate is the server's certificate and its ECDSA key.
 	Certificate tls.Certificate
+	// GetCertificate, when set, returns the certificate for each new
+	// handshake instead (a certificate renewed while serving).
+	GetCertificate func() *tls.Certificate
 	// ClientCAs verify client certificates; a client must present one.
 	ClientCAs *x509.CertPool
 	// VerifyPeer, when set, runs after the client's chain verified
@@ -119,8 +122,12 @@ type ServerConfig struct {
 // mutual authentication, the same suites and extended master secret as
 // the client, and Connection IDs of ServerCIDLength.
 func ServerOptions(cfg ServerConfig) []ServerOption {
+	var cert ServerOption = piondtls.WithCertificates(cfg.Certificate)
+	if cfg.GetCertificate != nil {
+		cert = piondtls.WithGetCertificate(func(*piondtls.ClientHelloInfo) (*tls.Certificate, error) { return cfg.GetCertificate(), nil })
+	}
 	opts := []ServerOption{
-		piondtls.WithCertificates(cfg.Certificate),
+		cert,
 		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
 		piondtls.WithClientCAs(cfg.ClientCAs),
 		piondtls.WithCipherSuites(CipherSuites...),

@@ -396,6 +396,10 @@ func (s *Station) Close() error {
 	return errors.Join(s.reg.close(), s.audit.close(), errTPM)
 }
 
+// CertLifetime is the lifetime of the device certificates the station
+// issues; its own services' certificates (ServiceIdentity) get the same.
+func (s *Station) CertLifetime() time.Duration { return s.certLifetime }
+
 // Root returns the station's root certificate.
 func (s *Station) Root() *x509.Certificate { return s.ca.root }
 

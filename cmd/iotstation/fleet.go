@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/internal/certpem"
+	"iotagent.dev/iotagent/internal/rungroup"
 	"iotagent.dev/iotagent/station"
 	"iotagent.dev/iotagent/station/collector"
 	"iotagent.dev/iotagent/station/demobroker"
@@ -180,58 +181,55 @@ func watchCredentials(ctx context.Context, dir string, issue bool) (tls.Certific
 // newCollector builds the CoAP/DTLS collector of iotstation serve: a
 // server certificate from the station's CA, device certificates checked
 // against the registry (revocation is immediate), records to a JSON-lines
-// file and, optionally, republished to MQTT.
-func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, san string, log *slog.Logger) (*collector.Collector, func(), error) {
+// file and, optionally, republished to MQTT. Its certificates live as
+// long as a device's and are renewed while it serves: run runs their
+// renewals.
+func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, san string, log *slog.Logger) (c *collector.Collector, closeSinks func(), run []rungroup.Part, err error) {
 	sans := []string{"localhost", "127.0.0.1", "::1"}
 	if san != "" {
 		sans = append([]string{san}, sans...)
 	} else if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
 		sans = append([]string{host}, sans...)
 	}
-	sc, err := s.IssueService(context.Background(), station.ServiceRequest{Name: "coap-collector", SANs: sans, Server: true, Lifetime: 365 * 24 * time.Hour})
+	ctx := context.Background()
+	server, err := station.NewServiceIdentity(ctx, station.ServiceRequest{Name: "coap-collector", SANs: sans, Server: true, Lifetime: s.CertLifetime()}, s.IssueService, log)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
-	if err != nil {
-		return nil, nil, err
-	}
+	run = append(run, rungroup.Part{Name: "collector certificate", Run: server.Run})
 	pool := certpem.Pool(s.CACerts())
 	if sinkPath == "" {
 		sinkPath = filepath.Join(dir, "telemetry.jsonl")
 	}
 	file, err := collector.NewJSONLinesSink(sinkPath)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	sinks := []collector.Sink{file}
 	closers := []func() error{file.Close}
 	if mqttURL != "" {
-		client, err := s.IssueService(context.Background(), station.ServiceRequest{Name: "coap-collector", Lifetime: 365 * 24 * time.Hour})
+		client, err := station.NewServiceIdentity(ctx, station.ServiceRequest{Name: "coap-collector", Lifetime: s.CertLifetime()}, s.IssueService, log)
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
-		kp, err := tls.X509KeyPair(client.Chain, client.Key)
-		if err != nil {
-			return nil, nil, err
-		}
+		run = append(run, rungroup.Part{Name: "republisher certificate", Run: client.Run})
 		roots := pool
 		if mqttCA != "" {
 			certs, err := certpem.ReadFile(mqttCA)
 			if err != nil {
-				return nil, nil, usageError{fmt.Errorf("--coap-mqtt-ca: %w", err)}
+				return nil, nil, nil, usageError{fmt.Errorf("--coap-mqtt-ca: %w", err)}
 			}
 			roots = certpem.Pool(certs)
 		}
-		rp, err := republish.New(republish.Config{Broker: mqttURL, TLS: &tls.Config{Certificates: []tls.Certificate{kp}, RootCAs: roots, MinVersion: tls.VersionTLS12}})
+		rp, err := republish.New(republish.Config{Broker: mqttURL, TLS: &tls.Config{GetClientCertificate: client.GetClientCertificate, RootCAs: roots, MinVersion: tls.VersionTLS12}})
 		if err != nil {
-			return nil, nil, usageError{err}
+			return nil, nil, nil, usageError{err}
 		}
 		sinks = append(sinks, rp)
 		closers = append(closers, rp.Close)
 	}
-	c, err := collector.New(collector.Config{
-		Addr: listen, Certificate: cert, ClientCAs: pool, Revoked: s.CertificateRevoked,
+	c, err = collector.New(collector.Config{
+		Addr: listen, GetCertificate: server.Certificate, ClientCAs: pool, Revoked: s.CertificateRevoked,
 		Sink: collector.SinkFunc(func(ctx context.Context, id string, p senml.Pack) error {
 			// Every sink must take the records before the device hears
 			// 2.04; a failure makes it resend (duplicates are dropped by
@@ -249,11 +247,11 @@ func newCollector(s *station.Station, dir, listen, sinkPath, mqttURL, mqttCA, sa
 		Logger:     log,
 	})
 	if err != nil {
-		return nil, nil, usageError{err}
+		return nil, nil, nil, usageError{err}
 	}
 	return c, func() {
 		for _, f := range closers {
 			f()
 		}
-	}, nil
+	}, run, nil
 }

@@ -253,7 +253,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	parts := []rungroup.Part{{Run: func(ctx context.Context) error { return s.Serve(ctx, l) }}}
 	var coapAddr string
 	if *coapListen != "" {
-		c, closeSinks, err := newCollector(s, *dir, *coapListen, *coapSink, *coapMQTT, *coapMQTTCA, *coapSAN, log)
+		c, closeSinks, renewals, err := newCollector(s, *dir, *coapListen, *coapSink, *coapMQTT, *coapMQTTCA, *coapSAN, log)
 		if err != nil {
 			l.Close()
 			return err
@@ -266,6 +266,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 		}
 		s.AddMetrics(c.Metrics)
 		parts = append(parts, rungroup.Part{Run: c.Run})
+		parts = append(parts, renewals...)
 		coapAddr = c.Addr().String()
 	}
 	log.Info("station serving", "addr", l.Addr().String(), "dir", *dir, "root", station.Fingerprint(s.Root()), "coap", coapAddr)

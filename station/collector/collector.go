@@ -48,6 +48,10 @@ type Config struct {
 	// station, with the names devices reach the collector at) and its
 	// ECDSA key. Required.
 	Certificate tls.Certificate
+	// GetCertificate, when set, returns the server certificate for each
+	// new handshake (one renewed while serving, station.ServiceIdentity);
+	// Certificate is then not needed.
+	GetCertificate func() *tls.Certificate
 
 	// ClientCAs verify device certificates: the station's CA certificates
 	// (station.TrustPEM). Required.
@@ -158,10 +162,14 @@ type Collector struct {
 
 // New checks cfg and returns a Collector that is not serving yet.
 func New(cfg Config) (*Collector, error) {
-	if len(cfg.Certificate.Certificate) == 0 {
+	first := &cfg.Certificate
+	if cfg.GetCertificate != nil {
+		first = cfg.GetCertificate()
+	}
+	if first == nil || len(first.Certificate) == 0 {
 		return nil, errors.New("collector: no server certificate")
 	}
-	if err := checkKey(cfg.Certificate); err != nil {
+	if err := checkKey(*first); err != nil {
 		return nil, fmt.Errorf("collector: server certificate: %w", err)
 	}
 	if cfg.ClientCAs == nil {
@@ -395,7 +403,7 @@ func runPeriodically(ctx context.Context, period time.Duration, f func(time.Time
 // dtlsOptions are the pion server options: the project's DTLS settings
 // (package dtls), with the collector's own check of each device.
 func (c *Collector) dtlsOptions() []dtls.ServerOption {
-	return dtls.ServerOptions(dtls.ServerConfig{Certificate: c.cfg.Certificate, ClientCAs: c.cfg.ClientCAs, VerifyPeer: c.verifyPeer, Logger: c.log})
+	return dtls.ServerOptions(dtls.ServerConfig{Certificate: c.cfg.Certificate, GetCertificate: c.cfg.GetCertificate, ClientCAs: c.cfg.ClientCAs, VerifyPeer: c.verifyPeer, Logger: c.log})
 }
 
 // gate lets handlers in until it is closed, then waits for those inside.
