@@ -21,7 +21,8 @@
 // (application/senml+cbor) or 110 (application/senml+json). The answers:
 //
 //	2.04 Changed                   the new records are in the sink (duplicates dropped)
-//	4.00 Bad Request               undecodable or invalid SenML; the diagnostic payload says why
+//	4.00 Bad Request               undecodable or invalid SenML, or a pack that would resolve to
+//	                               more than 16 × MaxPayload; the diagnostic payload says why
 //	4.01 Unauthorized              the certificate was revoked or has expired since the handshake;
 //	                               the session is closed
 //	4.03 Forbidden                 the path names another device
@@ -39,15 +40,19 @@
 //
 // # Joining pion/dtls v3 and go-coap v3
 //
-// go-coap v3.8.1 takes pion's options API through
-// coapnet.NewDTLSServerOptions, so the listener is go-coap's own
-// coapnet.NewDTLSListener over pion's ListenWithOptions. The collector
-// wraps that listener: each accepted *dtls.Conn is handed to go-coap's
-// DTLS server inside a small net.Conn wrapper whose HandshakeContext (which
-// go-coap calls before serving a connection) times and classifies the
-// handshake, enforces Config.MaxHandshakes, and learns the device ID from
-// the verified certificate. Handlers find the device through the
-// connection go-coap gives them. Nothing of go-coap or pion is forked.
+// The collector owns its UDP socket (listen.go): it routes each datagram
+// to its DTLS connection by Connection ID, else by source address, and
+// makes a pion server connection only for a first ClientHello from a new
+// address, within bounds (MaxPendingHandshakes waiting for their cookie,
+// MaxHandshakesPerSource per IPv4 address or IPv6 /64). A handshake takes
+// one of MaxHandshakes slots only once the client returned the cookie of
+// pion's HelloVerifyRequest, so spoofed ClientHellos cannot keep devices
+// out. Each accepted connection is handed to go-coap's DTLS server inside
+// a small net.Conn wrapper whose HandshakeContext (which go-coap calls
+// before serving a connection) times and classifies the handshake and
+// learns the device ID from the verified certificate. Handlers find the
+// device through the connection go-coap gives them. Nothing of go-coap
+// or pion is forked.
 //
 // Four go-coap defaults are replaced: its periodic runner (a goroutine
 // nobody waits for) by one Run stops; its 16-second inactivity timeout by
@@ -113,13 +118,13 @@
 //
 // # Caveats
 //
-// The device ID is the certificate's CN. A station-issued service
-// certificate whose name happens to be a valid device ID would be accepted
-// as that device: issue service certificates with names that no device
-// uses (the station refuses the name of a registered device).
+// The device ID is the certificate's CN, and the certificate must be a
+// device's (station.DeviceCertificateID: its device URI SAN, and a device
+// role in its certificate policy): a station service's certificate is
+// refused even when its name would pass as a device ID.
 //
-// Datagrams that are not DTLS are dropped by pion before the collector
-// sees them; they are not counted.
+// Datagrams that are not DTLS handshakes of a known or new peer are
+// dropped and counted in Stats.Dropped by reason.
 //
 // Established sessions outlive the handshake checks: Revoked and the
 // certificate's expiry are checked again at every request, and a session
