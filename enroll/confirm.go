@@ -15,8 +15,9 @@ import (
 // until it is used: anyone holding the EK's public data can make the
 // station issue one, but only the TPM that holds the EK can recover it.
 // The agent confirms before it stores the certificate, so that a
-// certificate it keeps is one the station knows as current; its services
-// (the CoAP collector) refuse an unconfirmed one.
+// certificate it keeps is one the station knows as current (the station's
+// CoAP collector would confirm it too, at its first handshake; a broker
+// elsewhere cannot).
 func confirmIssued(ctx context.Context, cfg ClientConfig, chain []*x509.Certificate, key *tpm.Key) error {
 	cert := tlsCert(chain, key)
 	cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }

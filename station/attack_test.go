@@ -180,9 +180,6 @@ func TestTPMEnrollPendingUntilUsed(t *testing.T) {
 	if devs, _ := st.Devices(); len(devs) != 0 {
 		t.Fatalf("registry after tpmenroll, before any use = %+v, want empty", devs)
 	}
-	if !st.CertificateRevoked(cert) {
-		t.Error("the collector's check accepted an unconfirmed certificate")
-	}
 	c := mtlsClient(t, st, cert, d.key)
 	confirm(t, c, st)
 	if st.CertificateRevoked(cert) {
@@ -216,6 +213,29 @@ func TestTPMEnrollPendingUntilUsed(t *testing.T) {
 	}
 	if e := lastAudit(t, st); e.Event != "confirm" || e.Result != "refused" || !strings.Contains(e.Reason, "was not used within") {
 		t.Errorf("audit = %+v, want confirm refused as expired", e)
+	}
+}
+
+// The collector's check runs after the client proved its key (pion
+// verifies CertificateVerify first): that first use confirms a /tpmenroll
+// certificate too, so an agent that talks CoAP before it talks to the
+// station again is not refused.
+func TestCollectorUseConfirms(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	d := newTPMDevice(t, 0)
+	a := tpmEnroll(t, client(t, st, nil), st, d.request(t))
+	cert, err := d.activate(t, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.CertificateRevoked(cert) {
+		t.Fatal("the collector's check refused an unconfirmed certificate its holder just used")
+	}
+	if devs, _ := st.Devices(); len(devs) != 1 || devs[0].CertSerial != cert.SerialNumber.Text(16) {
+		t.Errorf("registry after the collector's check = %+v, want the certificate current", devs)
+	}
+	if e := lastAudit(t, st); e.Event != "confirm" || e.Result != "accepted" || e.Remote != "collector" {
+		t.Errorf("audit = %+v, want confirm accepted by the collector", e)
 	}
 }
 

@@ -234,10 +234,12 @@ func (s *Station) RevokeService(name string) error {
 // expected: the check for the station's own services (the CoAP
 // collector), fresher than any CRL file. It refuses what is not a device
 // certificate (a service's), what the registry never recorded (the
-// station issued every certificate it accepts), what is revoked or
-// belongs to a revoked device, and a /tpmenroll certificate not yet
-// confirmed by its use with the station (the agent confirms it before
-// using it anywhere else).
+// station issued every certificate it accepts), and what is revoked or
+// belongs to a revoked device. Call it only for a certificate whose key
+// the peer has proved it holds (the collector calls it after pion
+// verified the client's CertificateVerify, and on established sessions):
+// for a /tpmenroll certificate not yet confirmed, that use confirms it,
+// as its first use with the station's HTTPS endpoint does.
 func (s *Station) CertificateRevoked(c *x509.Certificate) bool {
 	return s.checkDeviceCertificate(c) != nil
 }
@@ -258,9 +260,12 @@ func (s *Station) checkDeviceCertificate(c *x509.Certificate) error {
 	case !ic.RevokedAt.IsZero():
 		return fmt.Errorf("certificate %s is revoked", serial)
 	case ic.Unconfirmed:
-		return fmt.Errorf("certificate %s is not confirmed yet", serial)
-	case ic.Device != c.Subject.CommonName:
-		return fmt.Errorf("certificate %s was issued to %s, not %s", serial, ic.Device, c.Subject.CommonName)
+		if ic, err = s.confirmCert(c, "collector"); err != nil {
+			return err
+		}
+	}
+	if ic == nil || ic.Device != c.Subject.CommonName {
+		return fmt.Errorf("certificate %s was not issued to %s", serial, c.Subject.CommonName)
 	}
 	d, err := s.reg.device(ic.Device)
 	if err != nil {

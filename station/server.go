@@ -193,9 +193,19 @@ func writeBase64(w http.ResponseWriter, contentType string, der []byte) {
 // confirm makes the unconfirmed certificate leaf current (its first use
 // over mutual TLS, from r), audited either way.
 func (s *Station) confirm(r *http.Request, leaf *x509.Certificate) (*issued, error) {
+	ic, err := s.confirmCert(leaf, remoteIP(r))
+	if err == nil {
+		s.limiter.forgive(sourceOf(r))
+	}
+	return ic, err
+}
+
+// confirmCert confirms the unconfirmed certificate leaf, whose key the
+// peer at remote just proved it holds; audited either way.
+func (s *Station) confirmCert(leaf *x509.Certificate, remote string) (*issued, error) {
 	serial := serialHex(leaf.SerialNumber)
 	ic, err := s.reg.confirm(serial, s.now(), func(id, ek string) func(*Device) error { return canIssue(id, ek) })
-	e := AuditEntry{Time: s.now().UTC(), Event: "confirm", Result: "accepted", Device: leaf.Subject.CommonName, Serial: serial, Remote: remoteIP(r)}
+	e := AuditEntry{Time: s.now().UTC(), Event: "confirm", Result: "accepted", Device: leaf.Subject.CommonName, Serial: serial, Remote: remote}
 	if err != nil {
 		rf := s.refusalOf(e, err)
 		if errors.Is(err, errPending) {
@@ -207,9 +217,6 @@ func (s *Station) confirm(r *http.Request, leaf *x509.Certificate) (*issued, err
 	}
 	if aerr := s.audit.write(e); aerr != nil {
 		s.log.Error("audit log", "err", aerr)
-	}
-	if err == nil {
-		s.limiter.forgive(sourceOf(r))
 	}
 	return ic, err
 }
