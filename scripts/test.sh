@@ -55,6 +55,23 @@ go vet ./...
 step "staticcheck $STATICCHECK_VERSION"
 go run "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION" ./...
 
+step "adversarial suite present"
+# The TestAttack* tests (issue 10) run with the rest below; this step
+# fails if one of them is removed or renamed, so that an attack class
+# that was closed stays tested.
+attacks=$(go test -list 'TestAttack' ./... | grep '^TestAttack' | sort)
+for want in \
+	TestAttackSenMLExpansion TestAttackSenMLExpansionIngest TestAttackSenMLExpansionCollector TestAttackSenMLFieldLimits \
+	TestAttackTPMEnrollWithPublicEKData TestAttackTPMEnrollClearsFailureLimiter TestAttackTPMEnrollFloodFromOneSource \
+	TestAttackCookielessHelloFlood TestAttackStalledHandshakesPerSource TestAttackCookielessHellosPerSource \
+	TestAttackTokenTakesOverTPMDevice TestAttackServiceAndUnknownCertificates \
+	TestAttackConcurrentBadTokens TestAttackLimiterSources TestAttackTPMEnrollWeakKey TestAttackTokenAnswersRevealNothing \
+	TestAttackRevokedDeviceKeepsMQTTSession TestAttackDeviceEndsAnotherDevicesSession \
+	TestAttackInitRefusesLooseDirectory TestAttackAdminSocketMode TestAttackIngestSocketMode TestAttackExpiredPinnedStation; do
+	grep -qx "$want" <<<"$attacks" || die "adversarial test $want is missing"
+done
+echo "$(wc -l <<<"$attacks") TestAttack tests"
+
 step "go test -race ./..."
 # shellcheck disable=SC2086
 go test -race -count=1 -timeout 20m ${GOTEST_FLAGS:-} ./...
