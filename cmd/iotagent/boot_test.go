@@ -25,8 +25,10 @@ func TestRunBootsOffline(t *testing.T) {
 	state, sock, args := enrolledRun(t, st, "coaps://collector.invalid:5684")
 	p := startAgent(t, bin, args...)
 	seqs := send(t, sock, 5)
-	s := waitStatus(t, state, sock, "running, the uplink not connected, the records queued", func(s agent.Status) bool {
-		return s.Running && s.Uplink != "connected" && s.QueueDepth >= int64(len(seqs))
+	// The uplink's first attempt may come after the first status: wait
+	// for its error too.
+	s := waitStatus(t, state, sock, "running, the uplink not connected, the records queued, an uplink error", func(s agent.Status) bool {
+		return s.Running && s.Uplink != "connected" && s.QueueDepth >= int64(len(seqs)) && s.UplinkError != ""
 	})
 	if !strings.Contains(s.UplinkError, "collector.invalid") {
 		t.Errorf("uplink error = %q, want it to name the host that did not resolve", s.UplinkError)
