@@ -9,25 +9,30 @@ import (
 	"iotagent.dev/iotagent/tpm"
 )
 
-// confirmIssued makes the first mutual-TLS use of a certificate fresh
-// from /tpmenroll, with the station that issued it. The station keeps
-// such a certificate unconfirmed, changing nothing about the device,
-// until it is used: anyone holding the EK's public data can make the
-// station issue one, but only the TPM that holds the EK can recover it.
-// The agent confirms before it stores the certificate, so that a
-// certificate it keeps is one the station knows as current (the station's
-// CoAP collector would confirm it too, at its first handshake; a broker
-// elsewhere cannot).
-func confirmIssued(ctx context.Context, cfg ClientConfig, chain []*x509.Certificate, key *tpm.Key) error {
+// exchangeIssued trades a certificate fresh from /tpmenroll for the one
+// the device keeps. The station issues a /tpmenroll certificate short-
+// lived and unconfirmed, changing nothing about the device, because
+// anyone holding the EK's public data can make it issue one (only the TPM
+// holding the EK can recover it). Its first use over mutual TLS confirms
+// it; that use is a simplereenroll of the same key, whose answer is the
+// positive proof the station now knows the device by it, and carries the
+// certificate of full lifetime. A failure is an error: the caller keeps
+// nothing and enrolls again.
+func exchangeIssued(ctx context.Context, cfg ClientConfig, chain []*x509.Certificate, key *tpm.Key, trust []*x509.Certificate) ([]*x509.Certificate, error) {
 	cert := tlsCert(chain, key)
 	cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	c, err := NewClient(cfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer c.CloseIdleConnections()
-	if _, err := c.CACerts(ctx); err != nil {
-		return fmt.Errorf("confirming the new certificate with the station: %w", err)
+	csr, err := newCSR(key, chain[0].Subject.CommonName)
+	if err != nil {
+		return nil, fmt.Errorf("signing CSR in the TPM: %w", err)
 	}
-	return nil
+	full, err := c.SimpleReenroll(ctx, csr)
+	if err != nil {
+		return nil, fmt.Errorf("confirming the new certificate with the station: %w", err)
+	}
+	return verifyIssued(full, key, trust, cfg.Clock)
 }

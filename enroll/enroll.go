@@ -344,7 +344,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 		return nil, err
 	}
 	if method == "tpmenroll" {
-		if err := confirmIssued(ctx, ClientConfig{URL: cfg.Station, Roots: roots, Pin: cfg.Pin, Clock: cfg.Clock}, chain, key); err != nil {
+		if chain, err = exchangeIssued(ctx, ClientConfig{URL: cfg.Station, Roots: roots, Pin: cfg.Pin, Clock: cfg.Clock}, chain, key, trust); err != nil {
 			return nil, err
 		}
 	}

@@ -390,7 +390,7 @@ func (r *Renewer) tpmRenew(ctx context.Context, ek *tpm.EK, newKey, mtls bool) (
 	if err != nil {
 		return err
 	}
-	if err := confirmIssued(ctx, ClientConfig{URL: r.st.Enrollment.Station, Roots: r.st.TrustPool(), Clock: r.clock}, chain, key); err != nil {
+	if chain, err = exchangeIssued(ctx, ClientConfig{URL: r.st.Enrollment.Station, Roots: r.st.TrustPool(), Clock: r.clock}, chain, key, trust); err != nil {
 		return err
 	}
 	return r.install(chain, trust, key, kf)

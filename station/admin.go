@@ -105,6 +105,8 @@ type Admin interface {
 	Revoke(ctx context.Context, id string) error
 	// RevokeService revokes every certificate issued to a service.
 	RevokeService(ctx context.Context, name string) error
+	// RevokeSerial revokes one certificate by its serial (hex).
+	RevokeSerial(ctx context.Context, serial string) error
 	Approve(ctx context.Context, id string) error
 	IssueService(ctx context.Context, req ServiceRequest) (*ServiceCert, error)
 	TrustPEM(ctx context.Context) ([]byte, error)
@@ -138,6 +140,9 @@ func (l localAdmin) Revoke(_ context.Context, id string) error  { return l.s.Rev
 func (l localAdmin) Approve(_ context.Context, id string) error { return l.s.Approve(id) }
 func (l localAdmin) RevokeService(_ context.Context, name string) error {
 	return l.s.RevokeService(name)
+}
+func (l localAdmin) RevokeSerial(_ context.Context, serial string) error {
+	return l.s.RevokeSerial(serial)
 }
 func (l localAdmin) IssueService(ctx context.Context, r ServiceRequest) (*ServiceCert, error) {
 	return l.s.IssueService(ctx, r)
@@ -179,6 +184,10 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 	})
 	mux.HandleFunc("POST /revoke-service", func(w http.ResponseWriter, r *http.Request) {
 		err := s.RevokeService(r.URL.Query().Get("name"))
+		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /revoke-serial", func(w http.ResponseWriter, r *http.Request) {
+		err := s.RevokeSerial(r.URL.Query().Get("serial"))
 		adminReply(w, struct{}{}, err)
 	})
 	mux.HandleFunc("POST /approve", func(w http.ResponseWriter, r *http.Request) {
@@ -293,6 +302,10 @@ func (a *adminClient) Revoke(ctx context.Context, id string) error {
 
 func (a *adminClient) RevokeService(ctx context.Context, name string) error {
 	return a.call(ctx, http.MethodPost, "/revoke-service", url.Values{"name": {name}}, &struct{}{})
+}
+
+func (a *adminClient) RevokeSerial(ctx context.Context, serial string) error {
+	return a.call(ctx, http.MethodPost, "/revoke-serial", url.Values{"serial": {serial}}, &struct{}{})
 }
 
 func (a *adminClient) Approve(ctx context.Context, id string) error {

@@ -193,7 +193,9 @@ func TestTPMEnrollPendingUntilUsed(t *testing.T) {
 		t.Errorf("audit = %+v, want confirm accepted for the serial", e)
 	}
 
-	// An unconfirmed certificate expires.
+	// An unconfirmed certificate is short-lived: never used, it expires
+	// by itself, needing no CRL entry (a device that kept one back cannot
+	// outlive its revocation with it for longer).
 	d2 := d.newKey(t)
 	a = tpmEnroll(t, c, st, d2.request(t))
 	if a.status != http.StatusOK {
@@ -203,16 +205,24 @@ func TestTPMEnrollPendingUntilUsed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if life := late.NotAfter.Sub(late.NotBefore); life > station.UnconfirmedLifetime+5*time.Minute {
+		t.Errorf("an unconfirmed certificate is valid for %v, want at most %v (and the backdate)", life, station.UnconfirmedLifetime)
+	}
+	// Past its window it is forgotten for good, at its first use.
 	offset.add(station.UnconfirmedLifetime + time.Minute)
-	resp, err := mtlsClient(t, st, late, d2.key).Get(st.URL + est.PathCACerts)
-	if err == nil {
-		resp.Body.Close()
+	if !st.CertificateRevoked(late) {
+		t.Error("a certificate used after its confirmation window was accepted")
 	}
 	if devs, _ := st.Devices(); devs[0].CertSerial != cert.SerialNumber.Text(16) {
 		t.Errorf("a certificate used after its confirmation window became current: %+v", devs[0])
 	}
 	if e := lastAudit(t, st); e.Event != "confirm" || e.Result != "refused" || !strings.Contains(e.Reason, "was not used within") {
 		t.Errorf("audit = %+v, want confirm refused as expired", e)
+	}
+	n := len(auditEntries(t, st, "confirm"))
+	st.CertificateRevoked(late)
+	if m := len(auditEntries(t, st, "confirm")); m != n {
+		t.Error("the expired certificate was still there to confirm at its second use: its drop was rolled back")
 	}
 }
 
@@ -325,6 +335,26 @@ func TestAttackTokenTakesOverTPMDevice(t *testing.T) {
 	st3 := stationtest.Start(t, stationtest.Options{Lenient: true, Manifest: ek + " gw-43\n"})
 	if _, err := st3.CreateToken("gw-43", time.Hour); err == nil {
 		t.Error("token create for an ID the manifest gives to an EK succeeded")
+	}
+}
+
+// A token for an ID the station holds for approval of its TPM is
+// refused as such (it was an internal error).
+func TestTokenForHeldDevice(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{HoldUnknown: true, Lenient: true})
+	d := newTPMDevice(t, 0)
+	id := "dev-" + station.EKHash(d.ek.Certificate.Cert)[:16]
+	tok, err := st.CreateToken(id, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := tpmEnroll(t, client(t, st, nil), st, d.request(t)); a.status != http.StatusAccepted {
+		t.Fatalf("tpmenroll of an unknown EK = %d %s, want 202 (held)", a.status, a.body)
+	}
+	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	a := post(t, client(t, st, nil), st, est.PathEnroll, est.MediaPKCS10, reenrollBody(t, soft), id, tok.Secret)
+	if a.status != http.StatusForbidden || !strings.Contains(string(a.body), "held for approval") {
+		t.Errorf("simpleenroll with a token for a held ID = %d %q, want 403 held for approval", a.status, a.body)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -175,6 +176,9 @@ func (s *Station) crlLoop(ctx context.Context) {
 			if _, _, err := s.refreshCRL(ctx); err != nil { // a failed hook is logged
 				s.log.Error("reissuing CRL", "err", err)
 			}
+			if _, err := s.reg.sweepUnconfirmed(s.now()); err != nil {
+				s.log.Error("forgetting unconfirmed certificates", "err", err)
+			}
 		case <-s.hookFailed: // a run elsewhere (a revocation) failed
 		case <-retry:
 			retry = nil
@@ -226,6 +230,38 @@ func (s *Station) RevokeService(name string) error {
 	}
 	if hookErr != nil {
 		return fmt.Errorf("service revoked and crl.pem reissued, but %w", hookErr)
+	}
+	return nil
+}
+
+// RevokeSerial revokes one certificate by its serial (hex), whoever it
+// was issued to: for a certificate the registry never recorded (a
+// service certificate from before services were recorded), the serial is
+// recorded revoked and stays on the CRL until the issuing CA expires.
+func (s *Station) RevokeSerial(hexSerial string) error {
+	serial, ok := new(big.Int).SetString(strings.TrimPrefix(strings.ToLower(hexSerial), "0x"), 16)
+	e := AuditEntry{Time: s.now().UTC(), Event: "revoke-serial", Result: "accepted", Serial: hexSerial}
+	if !ok || serial.Sign() <= 0 {
+		err := fmt.Errorf("serial %q: want the certificate's serial number in hex", hexSerial)
+		e.Result, e.Reason = "refused", err.Error()
+		s.audit.write(e)
+		return err
+	}
+	e.Serial = serialHex(serial)
+	if _, err := s.reg.revokeSerial(e.Serial, s.ca.issuer.NotAfter, s.now()); err != nil {
+		e.Result, e.Reason = "refused", err.Error()
+		s.audit.write(e)
+		return err
+	}
+	_, hookErr, err := s.refreshCRL(context.Background())
+	if err != nil {
+		return errors.Join(errors.New("serial revoked but the CRL could not be reissued"), err)
+	}
+	if err := s.audit.write(e); err != nil {
+		return err
+	}
+	if hookErr != nil {
+		return fmt.Errorf("serial revoked and crl.pem reissued, but %w", hookErr)
 	}
 	return nil
 }

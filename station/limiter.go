@@ -116,7 +116,10 @@ func (l *failureLimiter) begin(src string) time.Duration {
 	if f.count > 0 && now.Sub(f.first) > l.window {
 		f.count = 0
 	}
-	if f.count+f.inflight >= l.maxFailures {
+	// What failures have not used of the budget may be in flight; once a
+	// block has passed, one attempt at a time (a failure blocks again,
+	// for twice as long).
+	if f.inflight >= max(l.maxFailures-f.count, 1) {
 		return limitBusy
 	}
 	f.inflight++
@@ -176,6 +179,15 @@ func (l *failureLimiter) failLocked(f *failures) {
 		}
 		f.blockedUntil = now.Add(f.cooldown)
 	}
+}
+
+// refund gives back a token taken from src (a request refused by
+// another limit did no work).
+func (l *rateLimiter) refund(src string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.sources.get(src)
+	b.tokens = min(float64(l.burst), b.tokens+1)
 }
 
 // rateLimiter is a token bucket per source: burst requests at once, then

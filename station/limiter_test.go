@@ -44,6 +44,28 @@ func TestAttackLimiterSources(t *testing.T) {
 			t.Errorf("%d sources kept, want at most %d", n, maxSources)
 		}
 	})
+	t.Run("after a block", func(t *testing.T) {
+		now := time.Now()
+		l := newFailureLimiter(func() time.Time { return now })
+		for range 5 {
+			l.begin("192.0.2.9")
+			l.end("192.0.2.9", outcomeFailed)
+		}
+		if wait := l.begin("192.0.2.9"); wait <= 0 {
+			t.Fatalf("after 5 failures begin = %v, want blocked", wait)
+		}
+		now = now.Add(6 * time.Second) // the first cool-down is 5 s
+		if wait := l.begin("192.0.2.9"); wait != 0 {
+			t.Fatalf("after the cool-down begin = %v, want one attempt let through", wait)
+		}
+		if wait := l.begin("192.0.2.9"); wait != limitBusy {
+			t.Errorf("a second attempt at once after the cool-down = %v, want busy", wait)
+		}
+		l.end("192.0.2.9", outcomeFailed)
+		if wait := l.begin("192.0.2.9"); wait < 9*time.Second {
+			t.Errorf("after a failure past the cool-down begin = %v, want blocked for twice as long", wait)
+		}
+	})
 	t.Run("reservations", func(t *testing.T) {
 		l := newFailureLimiter(time.Now)
 		for i := range 5 {

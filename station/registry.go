@@ -257,9 +257,14 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, cert certInfo, now time.Time, che
 // certificate the moment it receives it.
 const MaxUnconfirmedPerEK = 4
 
-// UnconfirmedLifetime is how long a device has to first use a
-// certificate from /tpmenroll before the station forgets it.
-const UnconfirmedLifetime = time.Hour
+// UnconfirmedLifetime bounds the lifetime of a certificate from
+// /tpmenroll: the device trades it at once (simplereenroll, which
+// confirms it) for one of full lifetime. One that is never used expires
+// soon by itself and needs no CRL entry: a certificate the station forgot
+// (a dropped or expired unconfirmed one) cannot outlive a revocation by
+// more than this, and not at all at a broker that ends revoked devices'
+// sessions by name (mosquitto's dynamic-security plugin).
+const UnconfirmedLifetime = 30 * time.Minute
 
 // recordUnconfirmed records a certificate issued by /tpmenroll for id
 // and ek as unconfirmed. check runs inside the transaction with the
@@ -324,10 +329,17 @@ func (r *registry) recordUnconfirmed(id, ek, from string, cert certInfo, now tim
 			return err
 		}
 		return putJSON(tx.Bucket(bucketCerts), cert.serial, issued{
-			Device: id, NotAfter: cert.notAfter, Unconfirmed: true, ConfirmBy: now.Add(UnconfirmedLifetime),
+			Device: id, NotAfter: cert.notAfter, Unconfirmed: true, ConfirmBy: earliest(cert.notAfter, now.Add(UnconfirmedLifetime)),
 			EK: ek, KeySHA256: cert.keySHA256, From: from,
 		})
 	})
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 // dropUnconfirmedTx forgets an unconfirmed certificate (c may be nil: a
@@ -356,17 +368,20 @@ func dropUnconfirmedTx(tx *bolt.Tx, serial string, c *issued) error {
 // confirming one that is already confirmed changes nothing.
 func (r *registry) confirm(serial string, now time.Time, check func(id, ek string) func(*Device) error) (*issued, error) {
 	var out *issued
+	expired := false
 	err := r.db.Update(func(tx *bolt.Tx) error {
 		c, err := getJSON[issued](tx.Bucket(bucketCerts), serial)
 		if err != nil || c == nil || !c.Unconfirmed {
 			out = c
 			return err
 		}
+		if !c.RevokedAt.IsZero() {
+			return refuse(403, "cert_revoked", "certificate %s was revoked at %s", serial, c.RevokedAt.UTC().Format(time.RFC3339))
+		}
 		if now.After(c.ConfirmBy) {
-			if err := dropUnconfirmedTx(tx, serial, c); err != nil {
-				return err
-			}
-			return refuse(403, "cert_unconfirmed", "certificate %s was not used within %v of its issue and is forgotten; re-attest through tpmenroll", serial, UnconfirmedLifetime)
+			// Forgotten for good: the drop commits, the refusal follows.
+			expired = true
+			return dropUnconfirmedTx(tx, serial, c)
 		}
 		base := check(c.Device, c.EK)
 		from := func(d *Device) error {
@@ -391,7 +406,51 @@ func (r *registry) confirm(serial string, now time.Time, check func(id, ek strin
 		out, err = getJSON[issued](tx.Bucket(bucketCerts), serial)
 		return err
 	})
+	if err == nil && expired {
+		return nil, refuse(403, "cert_unconfirmed", "certificate %s was not used within %v of its issue and is forgotten; re-attest through tpmenroll", serial, UnconfirmedLifetime)
+	}
 	return out, err
+}
+
+// sweepUnconfirmed forgets the unconfirmed certificates whose window
+// ended by now (serve runs it with the CRL's reissue).
+func (r *registry) sweepUnconfirmed(now time.Time) (int, error) {
+	n := 0
+	err := r.db.Update(func(tx *bolt.Tx) error {
+		type entry struct {
+			serial string
+			c      *issued
+		}
+		var old []entry
+		err := tx.Bucket(bucketUnconf).ForEach(func(k, _ []byte) error {
+			_, serial, ok := bytes.Cut(k, []byte{0})
+			if !ok {
+				return nil
+			}
+			c, err := getJSON[issued](tx.Bucket(bucketCerts), string(serial))
+			if err != nil {
+				return err
+			}
+			if c == nil || !c.Unconfirmed || now.After(c.ConfirmBy) {
+				old = append(old, entry{string(serial), c})
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, e := range old {
+			if e.c == nil {
+				continue
+			}
+			if err := dropUnconfirmedTx(tx, e.serial, e.c); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	return n, err
 }
 
 // recordService records a service certificate: revocable by name, and
@@ -416,9 +475,42 @@ func (r *registry) revokeService(name string, now time.Time) (int, error) {
 		}
 		var err error
 		n, err = revokePrefixTx(tx, tx.Bucket(bucketBySvc), devCertKey(name, ""), now)
+		if err == nil && n == 0 && !hasPrefix(tx.Bucket(bucketBySvc), devCertKey(name, "")) {
+			return fmt.Errorf("service %q has no recorded certificate (those issued before this version were not recorded): revoke them by serial (iotstation revoke --serial HEX)", name)
+		}
 		return err
 	})
 	return n, err
+}
+
+func hasPrefix(b *bolt.Bucket, prefix []byte) bool {
+	k, _ := b.Cursor().Seek(prefix)
+	return k != nil && bytes.HasPrefix(k, prefix)
+}
+
+// revokeSerial revokes one certificate by serial. One the registry never
+// recorded (a service certificate from before services were recorded, a
+// certificate the CA key signed elsewhere) is recorded revoked until
+// notAfter, which the caller gives as the latest it can be (the issuing
+// CA's). It returns false if the serial was revoked already.
+func (r *registry) revokeSerial(serial string, notAfter, now time.Time) (bool, error) {
+	changed := false
+	err := r.db.Update(func(tx *bolt.Tx) error {
+		certs := tx.Bucket(bucketCerts)
+		c, err := getJSON[issued](certs, serial)
+		if err != nil {
+			return err
+		}
+		if c == nil {
+			c = &issued{NotAfter: notAfter}
+		}
+		if !c.RevokedAt.IsZero() {
+			return nil
+		}
+		c.RevokedAt, changed = now, true
+		return putJSON(certs, serial, c)
+	})
+	return changed, err
 }
 
 // revokePrefixTx marks revoked at now every certificate indexed in idx

@@ -441,7 +441,15 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	// Each attestation costs a CA signature and a credential: bounded per
 	// source before any of it (SPIRE rate-limits attestation per source
 	// too).
-	if wait, ok := s.attestRate.take(sourceOf(r)); !ok {
+	wait, ok := s.attestRate.take(sourceOf(r))
+	if ok {
+		// And for all sources together: a botnet does not get one CA
+		// signature per address.
+		if wait, ok = s.attestAll.take(""); !ok {
+			s.attestRate.refund(sourceOf(r))
+		}
+	}
+	if !ok {
 		rf := refuse(http.StatusTooManyRequests, "rate_limited", "too many attestation requests from this address; retry in %ds", int(wait/time.Second)+1)
 		rf.free, rf.retryAfter = true, wait
 		s.fail(w, r, e, rf)
@@ -499,7 +507,8 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	}
 
 	now := s.now()
-	cert, err := s.ca.issueDevice(s.rand, id, att.csr.PublicKey, now, s.certLifetime, RoleDeviceTPM)
+	// Short-lived until the device trades it (see UnconfirmedLifetime).
+	cert, err := s.ca.issueDevice(s.rand, id, att.csr.PublicKey, now, min(s.certLifetime, UnconfirmedLifetime), RoleDeviceTPM)
 	if err != nil {
 		s.fail(w, r, e, err)
 		return
@@ -539,7 +548,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, e, err)
 		return
 	}
-	e.Reason = fmt.Sprintf("unconfirmed until the device uses it (within %v)", UnconfirmedLifetime)
+	e.Reason = fmt.Sprintf("unconfirmed until the device uses it (within %v)", min(s.certLifetime, UnconfirmedLifetime))
 	s.accept(r, e, false)
 	w.Header().Set("Content-Type", ct)
 	w.WriteHeader(http.StatusOK)
@@ -614,6 +623,10 @@ func (s *Station) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		rf := refuse(http.StatusUnauthorized, "token_invalid", errTokenRefused)
 		rf.detail = err.Error()
 		s.fail(w, r, e, rf)
+		return
+	case errors.Is(err, errPending):
+		e.Serial = ""
+		s.fail(w, r, e, refuse(http.StatusForbidden, "device_pending", "device %s is held for approval of its TPM: only that TPM enrolls it", id))
 		return
 	case err != nil:
 		e.Serial = ""

@@ -58,7 +58,7 @@ func commands() []command {
 		{"fingerprint", "print the root CA fingerprint agents pin", cmdFingerprint},
 		{"devices", "list enrolled devices", cmdDevices},
 		{"approve", "let a device held for approval enroll", cmdApprove},
-		{"revoke", "revoke a device, or a service (--service NAME)", cmdRevoke},
+		{"revoke", "revoke a device, a service (--service NAME) or one certificate (--serial HEX)", cmdRevoke},
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
 		{"watch", "subscribe to every device's telemetry and report delivery per device", cmdWatch},
@@ -317,21 +317,32 @@ func cmdDevices(ctx context.Context, e *env, args []string) error {
 func cmdRevoke(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags(e, "revoke")
 	service := fs.String("service", "", "revoke every certificate of the station service `NAME` (iotstation issue) instead of a device")
+	serial := fs.String("serial", "", "revoke the one certificate with serial `HEX`, whoever holds it")
 	pos, err := parse(fs, dir, args, 1)
 	if err != nil {
 		return err
 	}
-	switch {
-	case *service != "" && len(pos) > 0:
-		return usagef("revoke: a device ID or --service NAME, not both")
-	case *service == "" && len(pos) != 1:
-		return usagef("revoke: want the device ID, or --service NAME")
+	chosen := len(pos)
+	for _, f := range []string{*service, *serial} {
+		if f != "" {
+			chosen++
+		}
+	}
+	if chosen != 1 {
+		return usagef("revoke: want one of a device ID, --service NAME or --serial HEX")
 	}
 	a, err := station.OpenAdmin(*dir)
 	if err != nil {
 		return err
 	}
 	defer a.Close()
+	if *serial != "" {
+		if err := a.RevokeSerial(ctx, *serial); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "revoked certificate %s; the CRL lists it\n", *serial)
+		return nil
+	}
 	if *service != "" {
 		if err := a.RevokeService(ctx, *service); err != nil {
 			return err

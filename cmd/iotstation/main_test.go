@@ -126,8 +126,24 @@ func TestStationCLI(t *testing.T) {
 		t.Errorf("revoke --service unknown = %d, %q", code, errs)
 	}
 	code, _, errs = stationCLI(t, "revoke", "--dir", dir, "--service", "broker", "gw-1")
-	if code != 2 || !strings.Contains(errs, "not both") {
+	if code != 2 || !strings.Contains(errs, "want one of") {
 		t.Errorf("revoke with both = %d, %q", code, errs)
+	}
+	// One certificate by serial, even one the registry never recorded.
+	code, out, errs = stationCLI(t, "revoke", "--dir", dir, "--serial", "0xABCDEF0123")
+	if code != 0 || !strings.Contains(out, "revoked certificate") {
+		t.Errorf("revoke --serial = %d, %q, %q", code, out, errs)
+	}
+	found := false
+	for _, e := range readCRL(t, dir).RevokedCertificateEntries {
+		found = found || e.SerialNumber.Text(16) == "abcdef0123"
+	}
+	if !found {
+		t.Error("the serial revoked with --serial is not on the CRL")
+	}
+	code, _, errs = stationCLI(t, "revoke", "--dir", dir, "--serial", "xyz")
+	if code != 1 || !strings.Contains(errs, "want the certificate's serial number in hex") {
+		t.Errorf("revoke --serial xyz = %d, %q", code, errs)
 	}
 	code, _, errs = stationCLI(t, "issue", "--dir", dir, "--name", "x", "--server", "--out", prefix)
 	if code != 2 || !strings.Contains(errs, "needs at least one --san") {
@@ -194,7 +210,7 @@ func TestStationCLIBadInput(t *testing.T) {
 		{"token without device", []string{"token", "create", "--dir", dir}, 2, "--device is required"},
 		{"token bad device id", []string{"token", "create", "--dir", dir, "--device", "a/b"}, 2, `device ID "a/b"`},
 		{"token ttl too long", []string{"token", "create", "--dir", dir, "--device", "gw", "--ttl", "9999h"}, 2, "at most"},
-		{"revoke without id", []string{"revoke", "--dir", dir}, 2, "want the device ID"},
+		{"revoke without id", []string{"revoke", "--dir", dir}, 2, "want one of a device ID, --service NAME or --serial HEX"},
 		{"watch without broker", []string{"watch", "--dir", dir}, 2, "--broker is required"},
 		{"watch without dir or credentials", []string{"watch", "--broker", "mqtts://127.0.0.1:1"}, 2, "--cert, --key and --ca are required without --dir"},
 		{"watch cert without key", []string{"watch", "--dir", dir, "--broker", "mqtts://127.0.0.1:1", "--cert", "c.pem"}, 2, "--cert and --key go together"},
