@@ -314,25 +314,35 @@ func (s slowConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	return s.PacketConn.WriteTo(b, addr)
 }
 
-// One address spraying cookie-less ClientHellos from many ports holds at
-// most MaxHandshakesPerSource pending handshakes.
+// One address spraying cookie-less ClientHellos from many ports is
+// bounded as any spoofed flood is: its handshakes count against
+// MaxPendingHandshakes, not against the address's MaxHandshakesPerSource
+// (a spoofer may forge any address), and take no slot.
 func TestAttackCookielessHellosPerSource(t *testing.T) {
 	checkGoroutines(t)
 	f := newFixture(t)
 	c, out := f.start(t, collector.Config{})
 	attacker := net.IPv4(127, 0, 0, 3)
 	fl := startFlood(t, c.Addr(), 1000, func(int) net.IP { return attacker })
-	waitFor(t, func() bool { return c.Stats().Dropped["source_limit"] > 0 }, `Stats().Dropped["source_limit"] > 0`)
-	if n := c.Stats().HandshakesPending; n > collector.DefaultMaxHandshakesPerSource {
-		t.Errorf("Stats().HandshakesPending = %d from one address, want at most MaxHandshakesPerSource %d", n, collector.DefaultMaxHandshakesPerSource)
+	waitFor(t, func() bool { return c.Stats().PendingEvicted > 0 }, "pending handshakes evicted")
+	s := c.Stats()
+	if s.HandshakesPending > collector.DefaultMaxPendingHandshakes {
+		t.Errorf("Stats().HandshakesPending = %d from one address, want at most MaxPendingHandshakes %d", s.HandshakesPending, collector.DefaultMaxPendingHandshakes)
+	}
+	if n := s.Dropped["source_limit"]; n != 0 {
+		t.Errorf(`Stats().Dropped["source_limit"] = %d with cookie-less ClientHellos only, want 0`, n)
 	}
 	deliver(t, f, c, out, "gw-source-1")
+	if n := c.Stats().HandshakesInProgress; n > 1 {
+		t.Errorf("Stats().HandshakesInProgress = %d under a cookie-less flood, want at most 1 (a device's)", n)
+	}
 	fl.stop()
 }
 
 // One address that returns cookies from many ports and then stalls holds
-// at most MaxHandshakesPerSource handshake slots: devices at other
-// addresses get through.
+// at most MaxHandshakesPerSource handshake slots: the cookies past it are
+// dropped, and so are its first ClientHellos while it holds them; devices
+// at other addresses get through.
 func TestAttackStalledHandshakesPerSource(t *testing.T) {
 	checkGoroutines(t)
 	f := newFixture(t)
@@ -343,11 +353,38 @@ func TestAttackStalledHandshakesPerSource(t *testing.T) {
 		answered += stall(t, (collector.DefaultMaxHandshakes+44)/6, attacker, c.Addr())
 	}
 	t.Logf("%d of %d stalled handshakes got a HelloVerifyRequest", answered, collector.DefaultMaxHandshakes+44)
-	waitFor(t, func() bool { return c.Stats().HandshakesInProgress == answered }, "the stallers' cookies in")
+	want := min(answered, collector.DefaultMaxHandshakesPerSource)
+	waitFor(t, func() bool { return c.Stats().HandshakesInProgress == want }, "%d of the stallers' cookies in", want)
 	s := c.Stats()
 	if s.HandshakesInProgress > collector.DefaultMaxHandshakesPerSource || s.Dropped["source_limit"] == 0 {
 		t.Errorf("with one stalling address: Stats().HandshakesInProgress = %d, Dropped[source_limit] = %d; want at most MaxHandshakesPerSource %d, and some",
 			s.HandshakesInProgress, s.Dropped["source_limit"], collector.DefaultMaxHandshakesPerSource)
 	}
 	deliver(t, f, c, out, "gw-stall-1")
+}
+
+// Cookie-less ClientHellos that claim a device's own address, from any
+// ports, do not lock the device out: they are what a spoofed source can
+// send, and only handshakes whose cookie came back count against their
+// source's MaxHandshakesPerSource; the others count against
+// MaxPendingHandshakes alone. Were they counted, MaxHandshakesPerSource
+// spoofed ClientHellos a HandshakeTimeout would keep a device, a NAT'd
+// site or an IPv6 /64 out.
+func TestAttackSpoofedSourceLocksOutDevice(t *testing.T) {
+	checkGoroutines(t)
+	f := newFixture(t)
+	c, out := f.start(t, collector.Config{})
+	device := net.IPv4(127, 0, 0, 1) // dial's address
+	fl := startFlood(t, c.Addr(), 100, func(int) net.IP { return device })
+	waitFor(t, func() bool { return c.Stats().HandshakesPending >= collector.DefaultMaxHandshakesPerSource },
+		"MaxHandshakesPerSource (%d) spoofed handshakes pending from the device's address", collector.DefaultMaxHandshakesPerSource)
+
+	deliver(t, f, c, out, "gw-spoofed-1")
+	deliver(t, f, c, out, "gw-spoofed-2")
+	fl.stop()
+	s := c.Stats()
+	if n := s.Dropped["source_limit"]; n != 0 {
+		t.Errorf(`Stats().Dropped["source_limit"] = %d with spoofed ClientHellos only, want 0`, n)
+	}
+	t.Logf("%d ClientHellos sent; handshakes %v, pending %d", fl.sent.Load(), s.Handshakes, s.HandshakesPending)
 }

@@ -44,15 +44,17 @@
 // to its DTLS connection by Connection ID, else by source address, and
 // makes a pion server connection only for a first ClientHello from a new
 // address, within bounds (MaxPendingHandshakes waiting for their cookie,
-// MaxHandshakesPerSource per IPv4 address or IPv6 /64). A handshake takes
-// one of MaxHandshakes slots only once the client returned the cookie of
-// pion's HelloVerifyRequest, so spoofed ClientHellos cannot keep devices
-// out. Each accepted connection is handed to go-coap's DTLS server inside
-// a small net.Conn wrapper whose HandshakeContext (which go-coap calls
-// before serving a connection) times and classifies the handshake and
-// learns the device ID from the verified certificate. Handlers find the
-// device through the connection go-coap gives them. Nothing of go-coap
-// or pion is forked.
+// the unverified ones evicted first; MaxHandshakesPerSource past it, per
+// IPv4 address or IPv6 /64). A handshake takes one of MaxHandshakes slots,
+// and counts against its source, only once the client returned the cookie
+// of pion's HelloVerifyRequest, so spoofed ClientHellos cannot keep
+// devices out, not even ones forged with a device's own address. Each
+// accepted connection is handed to go-coap's DTLS server inside a small
+// net.Conn wrapper whose HandshakeContext (which go-coap calls before
+// serving a connection) times and classifies the handshake and learns the
+// device ID from the verified certificate. Handlers find the device
+// through the connection go-coap gives them. Nothing of go-coap or pion
+// is forked.
 //
 // Four go-coap defaults are replaced: its periodic runner (a goroutine
 // nobody waits for) by one Run stops; its 16-second inactivity timeout by

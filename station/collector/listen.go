@@ -32,14 +32,16 @@ import (
 //
 //	first ClientHello from a new address (message_seq 0, no cookie);
 //	dropped if no slot is free ("busy": the client's retransmission
-//	tries again), if its source has MaxHandshakesPerSource, or if the
-//	accept queue is full
+//	tries again), if its source has MaxHandshakesPerSource verified
+//	handshakes, or if the accept queue is full
 //	        │
 //	        ▼
-//	   unverified ──────────────┐ evicted, the oldest pending first, to
-//	        │ the ClientHello    │ stay within MaxPendingHandshakes, or
-//	        │ with pion's cookie │ past HandshakeTimeout: "no_cookie"
-//	        ▼                    │ ("busy" if it was waiting)
+//	   unverified ──────────────┐ evicted to stay within
+//	        │ the ClientHello    │ MaxPendingHandshakes, unverified
+//	        │ with pion's cookie │ ones first, the oldest first; or
+//	        │ and room in its    │ past HandshakeTimeout: "no_cookie"
+//	        │ source             │ ("busy" if its cookie came back)
+//	        ▼                    │
 //	     waiting ◀─┐ no slot ────┤
 //	        │      │ free: the   │
 //	        │   ───┘ retrans-    │
@@ -57,6 +59,17 @@ import (
 // before a restart) is answered with a fatal alert: pion cannot take the
 // handshake up again, and the client would retransmit it until it gives
 // up; the alert makes it start over at once.
+//
+// Waiting and handshaking handshakes are verified: their client receives
+// at its address. Only they count against their source's
+// MaxHandshakesPerSource; a cookie that comes back while its source has
+// that many is dropped, and the client's retransmission tries again. An
+// unverified handshake's source may be forged, and counting it would let
+// MaxHandshakesPerSource spoofed ClientHellos a HandshakeTimeout keep a
+// device, a whole NAT'd site or an IPv6 /64 out; unverified handshakes
+// are bounded by MaxPendingHandshakes alone, and evicted before any
+// verified one, so that a flood of them cannot push out a client that
+// returned its cookie.
 //
 // Why not answer the first ClientHello statelessly, with an HMAC cookie
 // as RFC 6347 §4.2.1 suggests and OpenSSL's DTLSv1_listen does: pion/dtls
@@ -81,14 +94,17 @@ type peerListener struct {
 	done       chan struct{}  // closed by close
 	readDone   chan struct{}
 
-	mu      sync.Mutex
-	closed  bool
-	conns   int // open peerConns; the socket closes with the last one once closed
-	byAddr  map[netip.AddrPort]*peerConn
-	byCID   map[string]*peerConn
-	pending list.List            // of *peerConn unverified or waiting, oldest first
-	sources map[netip.Prefix]int // unfinished handshakes by source
-	readErr error                // why reading the socket failed, if not closing
+	mu     sync.Mutex
+	closed bool
+	conns  int // open peerConns; the socket closes with the last one once closed
+	byAddr map[netip.AddrPort]*peerConn
+	byCID  map[string]*peerConn
+	// The pending handshakes, oldest first: unverified, evicted first,
+	// and waiting.
+	unverified list.List            // of *peerConn
+	waiting    list.List            // of *peerConn
+	sources    map[netip.Prefix]int // verified, unfinished handshakes by source
+	readErr    error                // why reading the socket failed, if not closing
 }
 
 // acceptBacklog bounds the connections made and not accepted yet, as
@@ -305,6 +321,9 @@ func (l *peerListener) admitLocked(datagram []byte, from netip.AddrPort) (*peerC
 	}
 	src := sourceOf(from.Addr())
 	if l.sources[src] >= l.perSource {
+		// Full of verified handshakes, which a forged source cannot
+		// make: a host stalling its own. Its retransmission tries
+		// again.
 		l.m.drop(dropSourceLimit)
 		return nil, nil
 	}
@@ -312,9 +331,12 @@ func (l *peerListener) admitLocked(datagram []byte, from netip.AddrPort) (*peerC
 		l.m.drop(dropQueueFull)
 		return nil, nil
 	}
-	if l.pending.Len() >= l.maxPending {
-		oldest := l.pending.Front().Value.(*peerConn)
-		oldest.closeLocked()
+	if l.unverified.Len()+l.waiting.Len() >= l.maxPending {
+		oldest := l.unverified.Front()
+		if oldest == nil {
+			oldest = l.waiting.Front()
+		}
+		oldest.Value.(*peerConn).closeLocked()
 		l.m.evicted.Add(1)
 	}
 	p := &peerConn{
@@ -328,16 +350,14 @@ func (l *peerListener) admitLocked(datagram []byte, from netip.AddrPort) (*peerC
 	}
 	l.conns++
 	l.byAddr[from] = p
-	l.sources[src]++
-	p.counted = true
-	p.elem = l.pending.PushBack(p)
+	p.elem = l.unverified.PushBack(p)
 	l.m.pending.Add(1)
 	l.queue <- p
 	return p, nil
 }
 
-// sourceOf is what MaxHandshakesPerSource counts by: an IPv4 address, or
-// an IPv6 /64 (one subscriber's network, commonly).
+// sourceOf is what MaxHandshakesPerSource counts verified handshakes by:
+// an IPv4 address, or an IPv6 /64 (one subscriber's network, commonly).
 func sourceOf(a netip.Addr) netip.Prefix {
 	if a.Is4() {
 		return netip.PrefixFrom(a, 32)
@@ -350,8 +370,8 @@ func sourceOf(a netip.Addr) netip.Prefix {
 type phase uint8
 
 const (
-	phaseUnverified  phase = iota // pion's HelloVerifyRequest sent (or about to be); no cookie back
-	phaseWaiting                  // the cookie came back; no slot free yet
+	phaseUnverified  phase = iota // pion's HelloVerifyRequest sent (or about to be); no cookie back, or its source had no room
+	phaseWaiting                  // the cookie came back and counts in its source; no slot free yet
 	phaseHandshaking              // holding a slot
 	phaseFinished                 // the handshake ended; nothing counted any more
 )
@@ -367,8 +387,9 @@ type peerConn struct {
 
 	// Guarded by l.mu.
 	phase    phase
-	elem     *list.Element // in l.pending while unverified or waiting
+	elem     *list.Element // in l.unverified or l.waiting, as phase says
 	counted  bool          // in l.sources
+	refused  bool          // its cookie came back while its source had MaxHandshakesPerSource
 	slot     bool          // holds a token of l.slots
 	cookie   []byte        // of pion's HelloVerifyRequest
 	cid      string        // in l.byCID
@@ -391,8 +412,8 @@ type inbound struct {
 }
 
 // admits reports whether a datagram for p goes to pion: before its cookie
-// came back only ClientHellos do, and the one with the cookie only with a
-// slot. l.mu held.
+// came back only ClientHellos do, and the one with the cookie only with
+// room in its source's MaxHandshakesPerSource and a slot. l.mu held.
 func (p *peerConn) admits(datagram []byte) bool {
 	if p.phase >= phaseHandshaking {
 		return true
@@ -412,17 +433,31 @@ func (p *peerConn) admits(datagram []byte) bool {
 		p.l.m.drop(dropBadCookie)
 		return false
 	}
-	p.phase = phaseWaiting
+	l := p.l
+	if p.phase == phaseUnverified {
+		if l.sources[p.source] >= l.perSource {
+			// It stays unverified, as its cookie had not come back:
+			// its retransmission tries again.
+			p.refused = true
+			l.m.drop(dropSourceLimit)
+			return false
+		}
+		l.sources[p.source]++
+		p.counted = true
+		l.unverified.Remove(p.elem)
+		p.elem = l.waiting.PushBack(p)
+		p.phase = phaseWaiting
+	}
 	select {
-	case p.l.slots <- struct{}{}:
+	case l.slots <- struct{}{}:
 	default:
 		return false
 	}
 	p.slot = true
-	p.phase = phaseHandshaking
-	p.l.pending.Remove(p.elem)
+	l.waiting.Remove(p.elem)
 	p.elem = nil
-	p.l.m.pending.Add(-1)
+	l.m.pending.Add(-1)
+	p.phase = phaseHandshaking
 	return true
 }
 
@@ -435,11 +470,16 @@ func (p *peerConn) push(b []byte, from netip.AddrPort) {
 }
 
 // finish ends p's handshake, giving back its slot and source count, and
-// returns how far it got.
+// returns how far it got: phaseWaiting for one whose cookie came back
+// while its source had MaxHandshakesPerSource, which waited as one
+// waiting for a slot does.
 func (p *peerConn) finish() phase {
 	p.l.mu.Lock()
 	defer p.l.mu.Unlock()
 	got := p.phase
+	if got == phaseUnverified && p.refused {
+		got = phaseWaiting
+	}
 	p.releaseLocked()
 	p.phase = phaseFinished
 	return got
@@ -449,7 +489,11 @@ func (p *peerConn) finish() phase {
 func (p *peerConn) releaseLocked() {
 	l := p.l
 	if p.elem != nil {
-		l.pending.Remove(p.elem)
+		if p.phase == phaseUnverified {
+			l.unverified.Remove(p.elem)
+		} else {
+			l.waiting.Remove(p.elem)
+		}
 		p.elem = nil
 		l.m.pending.Add(-1)
 	}

@@ -36,7 +36,8 @@ type Stats struct {
 	// HandshakesPending is the number of handshakes waiting for the
 	// client's cookie, or for a slot, at most
 	// Config.MaxPendingHandshakes; PendingEvicted counts those dropped to
-	// stay within it, the oldest first.
+	// stay within it, those whose cookie has not come back first, the
+	// oldest first.
 	HandshakesPending int
 	PendingEvicted    uint64
 
@@ -44,11 +45,13 @@ type Stats struct {
 	// reason: "not_hello" (from an unknown address, or before the cookie
 	// came back, and not a ClientHello that may start or continue a
 	// handshake there), "bad_cookie" (a ClientHello with a cookie its
-	// connection never sent), "source_limit" (a new handshake from a
-	// source that has Config.MaxHandshakesPerSource), "queue_full" (a new
-	// handshake while the accept queue was full), "stale_hello" (a
-	// ClientHello that answers a HelloVerifyRequest of a handshake that is
-	// gone; answered with an alert, so that the client starts over).
+	// connection never sent), "source_limit" (a first ClientHello, or one
+	// returning its cookie, from a source that has
+	// Config.MaxHandshakesPerSource handshakes past the cookie exchange),
+	// "queue_full" (a new handshake while the accept queue was full),
+	// "stale_hello" (a ClientHello that answers a HelloVerifyRequest of a
+	// handshake that is gone; answered with an alert, so that the client
+	// starts over).
 	Dropped map[string]uint64
 
 	// HandshakeTime is the distribution of the durations of successful
@@ -258,7 +261,7 @@ func (c *Collector) Metrics() string {
 	fmt.Fprintf(&b, "iotstation_coap_handshakes_in_progress %d\n", s.HandshakesInProgress)
 	family("iotstation_coap_handshakes_pending", "gauge", "DTLS handshakes waiting for the client's cookie or for a slot.")
 	fmt.Fprintf(&b, "iotstation_coap_handshakes_pending %d\n", s.HandshakesPending)
-	family("iotstation_coap_handshakes_evicted_total", "counter", "Pending DTLS handshakes dropped, the oldest first, to stay within the bound: a flood is on.")
+	family("iotstation_coap_handshakes_evicted_total", "counter", "Pending DTLS handshakes dropped, those without the client's cookie first, to stay within the bound: a flood is on.")
 	fmt.Fprintf(&b, "iotstation_coap_handshakes_evicted_total %d\n", s.PendingEvicted)
 	family("iotstation_coap_datagrams_dropped_total", "counter", "Datagrams that reached no DTLS connection, by reason.")
 	for _, r := range dropReasons {
