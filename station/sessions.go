@@ -35,15 +35,17 @@ package station
 //
 // A revoked device that gets back in (a broker that missed the CRL
 // reload) can neither publish nor subscribe. A device counts as done once
-// disableClient succeeded while no CRL hook run was pending (the broker
-// had the CRL listing it, so the device's reconnection fails its
-// handshake); until then it stays queued in sessions-pending.json and
-// RunSessionEnds retries it, across restarts too.
+// disableClient succeeded after a successful CRL hook run and with none
+// failed since (the broker had the CRL listing it, so the device's
+// reconnection fails its handshake); until then it stays queued in
+// sessions-pending.json and RunSessionEnds retries it, across restarts
+// too.
 
 import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -54,6 +56,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -75,8 +78,12 @@ const (
 	// sessionsTimeout bounds the connection to the broker and each answer.
 	sessionsTimeout = 10 * time.Second
 	// sessionsCertLifetime is the lifetime of the certificate the station
-	// issues itself for one run; its key never leaves memory.
-	sessionsCertLifetime = 15 * time.Minute
+	// issues itself to connect as SessionsClientName; its key never
+	// leaves memory. It is reused for two thirds of it
+	// (sessionsCertCache): far longer than RunSessionEnds waits between
+	// retries (at most hookRetryMax), so that a broker down for a day
+	// costs a certificate or two, not one an attempt.
+	sessionsCertLifetime = 24 * time.Hour
 	dynsecTopic          = "$CONTROL/dynamic-security/v1"
 )
 
@@ -174,14 +181,25 @@ func (s *Station) endSessions(ctx context.Context, id string) error {
 }
 
 // flushSessionEnds tries to end the sessions of every queued device, over
-// one connection to the broker. Runs are serialized with the CRL hook's
-// (hookMu): the broker reloads and kicks in the order the station asked.
-// Each device's result is audited (end-sessions); the error names those
-// still queued.
+// one connection to the broker; flushes run one at a time. Each device's
+// result is audited (end-sessions); the error names those still queued.
+//
+// The broker must reload its CRL before the kick, or a kicked device
+// could reconnect before the reload, and stay connected. Every device is
+// queued after its revocation's CRL hook run, so a flush that starts
+// with no hook run under way (hookMu) and none failed (hookPending) kicks
+// devices the broker's CRL lists already; one that starts with a failed
+// run, or sees one fail by the time a device's kick is answered, keeps
+// the device queued. hookMu is held only for that look and for the queue
+// file, never while the broker answers (up to sessionsTimeout for each
+// step): a broker that is down delays no CRL hook run.
 func (s *Station) flushSessionEnds(ctx context.Context) error {
+	s.sessionsCert.mu.Lock()
+	defer s.sessionsCert.mu.Unlock()
 	s.hookMu.Lock()
-	defer s.hookMu.Unlock()
 	p, err := s.readPendingSessions()
+	crlLoaded := !s.hookPending.Load()
+	s.hookMu.Unlock()
 	if err != nil || len(p) == 0 {
 		return err
 	}
@@ -199,6 +217,7 @@ func (s *Station) flushSessionEnds(ctx context.Context) error {
 	}
 	slices.Sort(ids)
 	var failed []error
+	var done []string
 	for _, id := range ids {
 		derr := err
 		if derr == nil {
@@ -213,7 +232,7 @@ func (s *Station) flushSessionEnds(ctx context.Context) error {
 		case derr != nil:
 			entry.Result, entry.Reason = "refused", derr.Error()
 			failed = append(failed, fmt.Errorf("%s: %w", id, derr))
-		case s.hookPending.Load():
+		case !crlLoaded || s.hookPending.Load():
 			// Kicked, but the broker may not hold the CRL listing the
 			// device yet: it could reconnect (to a session that may do
 			// nothing). Again once the hook succeeded.
@@ -221,7 +240,7 @@ func (s *Station) flushSessionEnds(ctx context.Context) error {
 			failed = append(failed, fmt.Errorf("%s: disconnected, but the CRL hook has not succeeded yet", id))
 		default:
 			entry.Reason = "disconnected at " + cfg.MosquittoDynsec
-			delete(p, id)
+			done = append(done, id)
 		}
 		if aerr := s.audit.write(entry); aerr != nil {
 			failed = append(failed, aerr)
@@ -230,13 +249,31 @@ func (s *Station) flushSessionEnds(ctx context.Context) error {
 	if dc != nil {
 		dc.close()
 	}
-	if werr := s.writePendingSessions(p); werr != nil {
+	if werr := s.forgetPendingSessions(done); werr != nil {
 		failed = append(failed, werr)
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("its live MQTT sessions may not have ended (serve retries): %w", errors.Join(failed...))
 	}
 	return nil
+}
+
+// forgetPendingSessions takes devices ids out of the queue, which
+// endSessions may have added to since the flush read it.
+func (s *Station) forgetPendingSessions(ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	s.hookMu.Lock()
+	defer s.hookMu.Unlock()
+	p, err := s.readPendingSessions()
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		delete(p, id)
+	}
+	return s.writePendingSessions(p)
 }
 
 // RunSessionEnds retries the queued session ends (a broker that was down,
@@ -272,7 +309,7 @@ type dynsecClient struct {
 }
 
 // dialDynsec connects to the broker cfg names as SessionsClientName and
-// subscribes to the plugin's answers.
+// subscribes to the plugin's answers. s.sessionsCert.mu held.
 func (s *Station) dialDynsec(ctx context.Context, cfg SessionsConfig) (*dynsecClient, error) {
 	u, err := url.Parse(cfg.MosquittoDynsec)
 	if err != nil || u.Scheme != "mqtts" || u.Host == "" {
@@ -290,11 +327,7 @@ func (s *Station) dialDynsec(ctx context.Context, cfg SessionsConfig) (*dynsecCl
 		}
 		roots = certpem.Pool(certs)
 	}
-	sc, err := s.IssueService(ctx, ServiceRequest{Name: SessionsClientName, Lifetime: sessionsCertLifetime})
-	if err != nil {
-		return nil, fmt.Errorf("issuing the %s certificate: %w", SessionsClientName, err)
-	}
-	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	cert, err := s.sessionsCertificate(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -323,6 +356,53 @@ func (s *Station) dialDynsec(ctx context.Context, cfg SessionsConfig) (*dynsecCl
 		return nil, fmt.Errorf("subscribing to the dynamic-security plugin's answers at %s: %w", host, err)
 	}
 	return dc, nil
+}
+
+// sessionsCertCache is what a station keeps between its connections as
+// SessionsClientName: the lock a flush holds from start to end (two
+// connections under one client ID would take each other over at the
+// broker), and the certificate they connect with, its key in memory
+// only. Retries while the broker is down reuse the certificate rather
+// than each issuing one, which the registry records and the CRL would
+// list if the service were revoked.
+type sessionsCertCache struct {
+	mu   sync.Mutex
+	cert *tls.Certificate // its Leaf set; nil until the first connection
+}
+
+// sessionsCertificate returns the certificate to connect as
+// SessionsClientName with: the cached one, or a new one if it is missing,
+// in the last third of its validity, or revoked. s.sessionsCert.mu held.
+func (s *Station) sessionsCertificate(ctx context.Context) (tls.Certificate, error) {
+	c := &s.sessionsCert
+	if c.cert != nil && s.sessionsCertUsable(c.cert.Leaf) {
+		return *c.cert, nil
+	}
+	sc, err := s.IssueService(ctx, ServiceRequest{Name: SessionsClientName, Lifetime: sessionsCertLifetime})
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("issuing the %s certificate: %w", SessionsClientName, err)
+	}
+	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	cert.Leaf = sc.Cert
+	c.cert = &cert
+	return cert, nil
+}
+
+// sessionsCertUsable reports whether leaf is good for another connection:
+// before the last third of its validity (the issuing CA's end may have
+// shortened it), and not revoked (RevokeService makes the next connection
+// take a new one).
+func (s *Station) sessionsCertUsable(leaf *x509.Certificate) bool {
+	now := s.now()
+	renewAt := leaf.NotAfter.Add(-leaf.NotAfter.Sub(leaf.NotBefore) / 3)
+	if now.Before(leaf.NotBefore) || !now.Before(renewAt) {
+		return false
+	}
+	rec, err := s.reg.certificate(leaf.SerialNumber)
+	return err == nil && rec != nil && rec.RevokedAt.IsZero()
 }
 
 // wait waits for a paho token.

@@ -309,6 +309,8 @@ type Station struct {
 	hookFailed  chan struct{}
 	hookRetry   time.Duration
 	metrics     metrics
+
+	sessionsCert sessionsCertCache
 }
 
 // Open opens the station in cfg.Dir.

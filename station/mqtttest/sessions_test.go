@@ -141,6 +141,13 @@ func setEndSessions(t *testing.T, st *stationtest.Station, cfg station.SessionsC
 // sessionAudits returns the station's end-sessions audit entries.
 func sessionAudits(t *testing.T, st *stationtest.Station) []station.AuditEntry {
 	t.Helper()
+	return audits(t, st, "end-sessions", "")
+}
+
+// audits returns the station's audit entries of event, for device (or
+// service) name if not empty.
+func audits(t *testing.T, st *stationtest.Station, event, name string) []station.AuditEntry {
+	t.Helper()
 	raw, err := os.ReadFile(filepath.Join(st.Dir, "audit.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -148,7 +155,7 @@ func sessionAudits(t *testing.T, st *stationtest.Station) []station.AuditEntry {
 	var out []station.AuditEntry
 	for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
 		var e station.AuditEntry
-		if json.Unmarshal([]byte(line), &e) == nil && e.Event == "end-sessions" {
+		if json.Unmarshal([]byte(line), &e) == nil && e.Event == event && (name == "" || e.Device == name) {
 			out = append(out, e)
 		}
 	}
@@ -324,6 +331,98 @@ func TestSessionEndRetried(t *testing.T) {
 	a := sessionAudits(t, st)
 	if len(a) < 2 || a[len(a)-1].Result != "accepted" {
 		t.Errorf("end-sessions audit = %+v, want refusals then one accepted", a)
+	}
+	// Each attempt connects with the same certificate: one issued and
+	// recorded per attempt would be 144 a day at the retry cap.
+	if issued := audits(t, st, "issue-service", station.SessionsClientName); len(issued) != 1 {
+		t.Errorf("%d %s certificates issued over %d attempts, want 1", len(issued), station.SessionsClientName, len(a))
+	}
+}
+
+// A broker that takes its time to fail (a silent partition: the
+// connection's timeout, 10 s) delays no CRL hook run: a revocation
+// meanwhile reaches the broker's CRL at once.
+func TestSessionEndStallDoesNotDelayCRLHook(t *testing.T) {
+	checkGoroutines(t)
+	var p *mqtttest.Proxy
+	st, b := startForSessions(t, 0, func(b *mqtttest.Broker) string {
+		p = mqtttest.NewProxy(t, b.Addr)
+		return p.URL
+	})
+	id, _ := enrollDevice(t, st)
+	svc := b.ClientTLS(t, "gw-svc")
+	refused := func() bool {
+		c, err := rawConnect(b.Addr, svc)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil && strings.Contains(err.Error(), revokedAlert)
+	}
+	if refused() {
+		t.Fatal("the service certificate is refused before its revocation")
+	}
+
+	p.Blackhole()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer p.Heal()
+	wg.Go(func() { st.Revoke(id) }) // fails after the timeout: the broker does not answer
+	testsync.Until(t, wait, "the session end connecting to the broker", func() bool { return p.Stats().Accepted > 0 })
+
+	revoked := time.Now()
+	if err := st.RevokeService("gw-svc"); err != nil {
+		t.Fatalf("RevokeService = %v", err)
+	}
+	if took := time.Since(revoked); took > cutOff {
+		t.Fatalf("RevokeService took %v with a session end connecting to a silent broker, want within %v: its CRL hook run waited for the connection",
+			took.Round(time.Millisecond), cutOff)
+	}
+	testsync.Until(t, cutOff, "the broker refusing the revoked service certificate", refused)
+	t.Logf("broker refused the certificate %v after RevokeService began, the session end still connecting", time.Since(revoked).Round(time.Millisecond))
+}
+
+// A device kicked while the CRL hook fails may reconnect, the broker not
+// knowing its certificate is revoked: it stays queued, and counts as done
+// only once a hook run succeeded before a kick.
+func TestSessionEndWaitsForCRLHook(t *testing.T) {
+	checkGoroutines(t)
+	dir := t.TempDir()
+	pidFile, fail := filepath.Join(dir, "mosquitto.pid"), filepath.Join(dir, "fail")
+	st := stationtest.Start(t, stationtest.Options{AutoApprove: true, CRLHookRetry: 50 * time.Millisecond,
+		CRLHook: `test ! -e ` + fail + ` && kill -HUP "$(cat ` + pidFile + `)"`})
+	b := mqtttest.Start(t, st, mqtttest.Options{DynSec: true})
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(b.PID())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	setEndSessions(t, st, station.SessionsConfig{MosquittoDynsec: b.URL})
+	_, id, dev := streamingDevice(t, st, b)
+
+	if err := os.WriteFile(fail, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	revoked := time.Now()
+	if err := st.Revoke(id); err == nil || !strings.Contains(err.Error(), "CRL hook has not succeeded") {
+		t.Errorf("Revoke with the CRL hook failing = %v, want an error saying the CRL hook has not succeeded", err)
+	}
+	dev.waitCutOff(t, b, revoked)
+	if a := sessionAudits(t, st); len(a) != 1 || !strings.Contains(a[0].Reason, "again once the CRL hook succeeds") {
+		t.Errorf("end-sessions audit = %+v, want one saying again once the CRL hook succeeds", a)
+	}
+	pending, err := os.ReadFile(filepath.Join(st.Dir, "sessions-pending.json"))
+	if err != nil || !strings.Contains(string(pending), id) {
+		t.Fatalf("sessions-pending.json = %q, %v; want %s queued", pending, err, id)
+	}
+
+	if err := os.Remove(fail); err != nil {
+		t.Fatal(err)
+	}
+	testsync.Until(t, 2*wait, "the queue empties", func() bool {
+		_, err := os.Stat(filepath.Join(st.Dir, "sessions-pending.json"))
+		return errors.Is(err, os.ErrNotExist)
+	})
+	dev.refusedAgain(t, b)
+	if a := sessionAudits(t, st); len(a) < 2 || a[len(a)-1].Reason != "disconnected at "+b.URL {
+		t.Errorf("end-sessions audit = %+v, want the last disconnected at %s", a, b.URL)
 	}
 }
 
