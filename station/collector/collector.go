@@ -88,16 +88,18 @@ type Config struct {
 	// client to return the cookie of the HelloVerifyRequest (or, rarely,
 	// for one of MaxHandshakes). A flood of ClientHellos from spoofed
 	// addresses makes pending handshakes that never go further; past this
-	// bound the oldest is dropped (counted as "no_cookie"). Each holds
+	// bound the oldest unverified one (cookie not returned) is dropped
+	// first (counted as "no_cookie"). Each holds
 	// about 31 KB; under R such ClientHellos a second, a client has about
 	// MaxPendingHandshakes/R seconds to return its cookie, or is told to
 	// start over (default DefaultMaxPendingHandshakes: 64 MB).
 	MaxPendingHandshakes int
 
-	// MaxHandshakesPerSource is how many handshakes, pending or in
-	// progress, one source may have at once: an IPv4 address, or an IPv6
-	// /64. A first ClientHello past it is dropped (the client
-	// retransmits). It keeps one host that does not spoof from taking
+	// MaxHandshakesPerSource is how many handshakes past the cookie
+	// exchange (waiting for a slot or in progress) one source may have at
+	// once: an IPv4 address, or an IPv6 /64. Unverified ones do not count:
+	// their source may be forged. A ClientHello past it is dropped (the
+	// client retransmits). It keeps one host that does not spoof from taking
 	// every slot; devices behind one NAT share it (default
 	// DefaultMaxHandshakesPerSource).
 	MaxHandshakesPerSource int
