@@ -47,15 +47,7 @@ type tpmDevice struct {
 func newTPMDevice(t testing.TB, identity int) *tpmDevice {
 	t.Helper()
 	tp := tpmtest.Start(t, tpmtest.Options{Identity: identity}).Open(t)
-	kf, err := tp.CreateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := tp.LoadKey(kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
+	k := tpmtest.NewKey(t, tp)
 	eks, err := tp.EndorsementKeys()
 	if err != nil {
 		t.Fatal(err)
@@ -448,16 +440,7 @@ func TestReenroll(t *testing.T) {
 // does.
 func (d *tpmDevice) newKey(t testing.TB) *tpmDevice {
 	t.Helper()
-	kf, err := d.tpm.CreateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := d.tpm.LoadKey(kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
-	return &tpmDevice{tpm: d.tpm, key: k, ek: d.ek}
+	return &tpmDevice{tpm: d.tpm, key: tpmtest.NewKey(t, d.tpm), ek: d.ek}
 }
 
 func mtlsClient(t testing.TB, st *stationtest.Station, cert *x509.Certificate, key crypto.Signer) *http.Client {
