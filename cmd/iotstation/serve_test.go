@@ -257,3 +257,14 @@ func TestServeCoAPPortTaken(t *testing.T) {
 		t.Errorf("serve = %d, stderr %q; want 1 and one line naming %s, address already in use", code, errb.String(), taken.LocalAddr())
 	}
 }
+
+// serve --coap-mqtt starts: its republisher holds a certificate renewed
+// while serving (it refused one without a fixed certificate).
+func TestServeCoAPRepublisherStarts(t *testing.T) {
+	dir := shortDir(t)
+	if code, _, errs := stationCLI(t, "init", "--dir", dir, "--san", "127.0.0.1"); code != 0 {
+		t.Fatalf("init = %d: %s", code, errs)
+	}
+	// The broker is reached lazily, at the first record: none is needed.
+	serveCLI(t, dir, "--coap-listen", "127.0.0.1:0", "--coap-mqtt", "mqtts://127.0.0.1:1")
+}

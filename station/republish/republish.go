@@ -29,7 +29,9 @@ import (
 type Config struct {
 	// Broker is mqtts://HOST:PORT.
 	Broker string
-	// TLS holds the collector's client certificate and the broker's CA.
+	// TLS holds the collector's client certificate (Certificates, or
+	// GetClientCertificate for one renewed while running) and the
+	// broker's CA.
 	TLS *tls.Config
 	// ClientID defaults to the certificate's CN.
 	ClientID string
@@ -51,11 +53,21 @@ func New(cfg Config) (*Sink, error) {
 	if err != nil || u.Host == "" || (u.Scheme != "mqtts" && u.Scheme != "ssl" && u.Scheme != "tls") {
 		return nil, fmt.Errorf("republish broker %q: want mqtts://HOST:PORT", cfg.Broker)
 	}
-	if cfg.TLS == nil || len(cfg.TLS.Certificates) == 0 {
+	if cfg.TLS == nil || len(cfg.TLS.Certificates) == 0 && cfg.TLS.GetClientCertificate == nil {
 		return nil, errors.New("republish needs a client certificate (iotstation issue --name coap-collector)")
 	}
-	if cfg.ClientID == "" && cfg.TLS.Certificates[0].Leaf != nil {
-		cfg.ClientID = cfg.TLS.Certificates[0].Leaf.Subject.CommonName
+	if cfg.ClientID == "" {
+		// The certificate's CN; with GetClientCertificate (a certificate
+		// renewed while running), that of the current one.
+		var c *tls.Certificate
+		if len(cfg.TLS.Certificates) > 0 {
+			c = &cfg.TLS.Certificates[0]
+		} else if gc, err := cfg.TLS.GetClientCertificate(&tls.CertificateRequestInfo{}); err == nil {
+			c = gc
+		}
+		if c != nil && c.Leaf != nil {
+			cfg.ClientID = c.Leaf.Subject.CommonName
+		}
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 10 * time.Second

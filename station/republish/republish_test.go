@@ -68,3 +68,36 @@ func TestRepublishConfig(t *testing.T) {
 		t.Error("no client certificate accepted")
 	}
 }
+
+// A certificate renewed while running (station.ServiceIdentity, as serve
+// uses): GetClientCertificate instead of Certificates, the client ID
+// from its CN (serve refused to start with it: "republish needs a client
+// certificate").
+func TestRepublishRenewedCertificate(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	br := mqtttest.Start(t, st, mqtttest.Options{ACL: []string{"user coap-collector", "topic write devices/+/telemetry"}})
+	sub := br.Subscribe(t, "devices/#")
+	si, err := station.NewServiceIdentity(context.Background(), station.ServiceRequest{Name: "coap-collector", Lifetime: time.Hour}, st.IssueService, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(st.TrustPEM())
+	sink, err := republish.New(republish.Config{Broker: br.URL, TLS: &tls.Config{GetClientCertificate: si.GetClientCertificate, RootCAs: pool}, Timeout: 3 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	v := 1.5
+	if err := sink.Write(context.Background(), "gw-2", senml.Pack{{Name: "temp", Value: &v, Seq: 1}}); err != nil {
+		t.Fatalf("Write: %v", err)
+	}
+	select {
+	case m := <-sub.Messages():
+		if m.Topic != "devices/gw-2/telemetry" {
+			t.Errorf("got %s", m.Topic)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing republished")
+	}
+}
