@@ -348,7 +348,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*EnrollResult, error) {
 			return nil, err
 		}
 	}
-	en := Enrollment{Station: cfg.Station, DeviceID: cert.Subject.CommonName, Method: method, EnrolledAt: cfg.Clock.Now().UTC()}
+	en := Enrollment{Station: cfg.Station, DeviceID: chain[0].Subject.CommonName, Method: method, EnrolledAt: cfg.Clock.Now().UTC()}
 	if err := saveIdentity(cfg.Dir, chain, trust, en); err != nil {
 		return nil, err
 	}

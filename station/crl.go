@@ -32,6 +32,10 @@ const (
 	crlHookTimeout = 30 * time.Second
 	hookRetryMin   = 10 * time.Second
 	hookRetryMax   = 10 * time.Minute
+
+	// unconfirmedSweep: how often serve forgets the unconfirmed
+	// certificates whose window ended.
+	unconfirmedSweep = 5 * time.Minute
 )
 
 // CRL returns the current CRL (DER), issuing one if none exists yet.
@@ -154,6 +158,8 @@ func (s *Station) runCRLHook(ctx context.Context) error {
 func (s *Station) crlLoop(ctx context.Context) {
 	t := time.NewTicker(crlReissue)
 	defer t.Stop()
+	sweep := time.NewTicker(unconfirmedSweep)
+	defer sweep.Stop()
 	var retry <-chan time.Time
 	bo := backoff.New(backoff.Config{Base: s.hookRetry, Cap: hookRetryMax})
 	arm := func() {
@@ -176,6 +182,8 @@ func (s *Station) crlLoop(ctx context.Context) {
 			if _, _, err := s.refreshCRL(ctx); err != nil { // a failed hook is logged
 				s.log.Error("reissuing CRL", "err", err)
 			}
+
+		case <-sweep.C:
 			if _, err := s.reg.sweepUnconfirmed(s.now()); err != nil {
 				s.log.Error("forgetting unconfirmed certificates", "err", err)
 			}

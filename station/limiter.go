@@ -181,15 +181,6 @@ func (l *failureLimiter) failLocked(f *failures) {
 	}
 }
 
-// refund gives back a token taken from src (a request refused by
-// another limit did no work).
-func (l *rateLimiter) refund(src string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	b := l.sources.get(src)
-	b.tokens = min(float64(l.burst), b.tokens+1)
-}
-
 // rateLimiter is a token bucket per source: burst requests at once, then
 // one every interval.
 type rateLimiter struct {

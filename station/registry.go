@@ -250,12 +250,15 @@ func recordIssueTx(tx *bolt.Tx, id, ek string, cert certInfo, now time.Time, che
 }
 
 // MaxUnconfirmedPerEK bounds the unconfirmed certificates kept per EK:
-// a new one beyond it drops the oldest. Refusing instead would let
-// whoever holds a device's public EK data (anyone: it is readable from
-// NV without authorization) lock the device out of attestation; dropping
-// costs the real device at most a retry, since it confirms its
-// certificate the moment it receives it.
-const MaxUnconfirmedPerEK = 4
+// a new one beyond it drops the oldest that came without a client
+// certificate (one asked for over mutual TLS with the device's current
+// certificate goes last). Refusing instead would let whoever holds a
+// device's public EK data (anyone: it is readable from NV without
+// authorization) lock the device out of attestation by asking first; to
+// drop the device's own certificate before it is traded (within a
+// second or so), that holder must get this many requests through in that
+// time, past the per-source rate limit.
+const MaxUnconfirmedPerEK = 64
 
 // UnconfirmedLifetime bounds the lifetime of a certificate from
 // /tpmenroll: the device trades it at once (simplereenroll, which
@@ -286,11 +289,16 @@ func (r *registry) recordUnconfirmed(id, ek, from string, cert certInfo, now tim
 		if other := tx.Bucket(bucketEKs).Get([]byte(ek)); other != nil && string(other) != id {
 			return refuse(403, "ek_mismatch", "EK already bound to device %s", other)
 		}
-		// Expired ones go; beyond the bound, the oldest go.
-		var live []string
-		var liveBy []time.Time
+		// Expired ones go; beyond the bound, the oldest go, those asked for
+		// without a client certificate first.
+		type entry struct {
+			serial string
+			c      *issued
+		}
+		var live []entry
 		prefix := devCertKey(ek, "")
 		cur := tx.Bucket(bucketUnconf).Cursor()
+		var stale []entry
 		for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
 			serial := string(k[len(prefix):])
 			c, err := getJSON[issued](tx.Bucket(bucketCerts), serial)
@@ -298,36 +306,41 @@ func (r *registry) recordUnconfirmed(id, ek, from string, cert certInfo, now tim
 				return err
 			}
 			if c == nil || !c.Unconfirmed || now.After(c.ConfirmBy) {
-				if err := dropUnconfirmedTx(tx, serial, c); err != nil {
-					return err
-				}
+				stale = append(stale, entry{serial, c})
 				continue
 			}
-			live, liveBy = append(live, serial), append(liveBy, c.ConfirmBy)
+			live = append(live, entry{serial, c})
+		}
+		for _, e := range stale { // not while the cursor walks the bucket
+			if err := dropUnconfirmedTx(tx, ek, e.serial, e.c); err != nil {
+				return err
+			}
 		}
 		for len(live) >= MaxUnconfirmedPerEK {
-			oldest := 0
-			for i := range liveBy {
-				if liveBy[i].Before(liveBy[oldest]) {
-					oldest = i
+			victim := 0
+			for i, e := range live {
+				v := live[victim].c
+				if (e.c.From == "") != (v.From == "") {
+					if e.c.From == "" {
+						victim = i
+					}
+					continue
+				}
+				if e.c.ConfirmBy.Before(v.ConfirmBy) {
+					victim = i
 				}
 			}
-			c, err := getJSON[issued](tx.Bucket(bucketCerts), live[oldest])
-			if err != nil {
+			if err := dropUnconfirmedTx(tx, ek, live[victim].serial, live[victim].c); err != nil {
 				return err
 			}
-			if err := dropUnconfirmedTx(tx, live[oldest], c); err != nil {
-				return err
-			}
-			live, liveBy = slices.Delete(live, oldest, oldest+1), slices.Delete(liveBy, oldest, oldest+1)
+			live = slices.Delete(live, victim, victim+1)
 		}
 		if err := tx.Bucket(bucketUnconf).Put(devCertKey(ek, cert.serial), nil); err != nil {
 			return err
 		}
-		// Indexed by device so that a revocation lists it too.
-		if err := tx.Bucket(bucketByDev).Put(devCertKey(id, cert.serial), nil); err != nil {
-			return err
-		}
+		// Not indexed by device until confirmed: a revocation lists what the
+		// device used, not what anyone with its EK's public data asked for
+		// (one it never used expires within UnconfirmedLifetime).
 		return putJSON(tx.Bucket(bucketCerts), cert.serial, issued{
 			Device: id, NotAfter: cert.notAfter, Unconfirmed: true, ConfirmBy: earliest(cert.notAfter, now.Add(UnconfirmedLifetime)),
 			EK: ek, KeySHA256: cert.keySHA256, From: from,
@@ -342,20 +355,16 @@ func earliest(a, b time.Time) time.Time {
 	return b
 }
 
-// dropUnconfirmedTx forgets an unconfirmed certificate (c may be nil: a
-// dangling index entry). A revoked one stays: it is on the CRL.
-func dropUnconfirmedTx(tx *bolt.Tx, serial string, c *issued) error {
-	if c == nil {
-		return nil
-	}
-	if err := tx.Bucket(bucketUnconf).Delete(devCertKey(c.EK, serial)); err != nil {
+// dropUnconfirmedTx forgets an unconfirmed certificate, indexed under ek
+// (c may be nil: a dangling index entry). Only the index entry goes when
+// the record is no longer an unconfirmed one (confirmed meanwhile), and
+// a revoked one stays recorded: it is on the CRL.
+func dropUnconfirmedTx(tx *bolt.Tx, ek, serial string, c *issued) error {
+	if err := tx.Bucket(bucketUnconf).Delete(devCertKey(ek, serial)); err != nil {
 		return err
 	}
-	if !c.RevokedAt.IsZero() {
+	if c == nil || !c.Unconfirmed || !c.RevokedAt.IsZero() {
 		return nil
-	}
-	if err := tx.Bucket(bucketByDev).Delete(devCertKey(c.Device, serial)); err != nil {
-		return err
 	}
 	return tx.Bucket(bucketCerts).Delete([]byte(serial))
 }
@@ -371,9 +380,16 @@ func (r *registry) confirm(serial string, now time.Time, check func(id, ek strin
 	expired := false
 	err := r.db.Update(func(tx *bolt.Tx) error {
 		c, err := getJSON[issued](tx.Bucket(bucketCerts), serial)
-		if err != nil || c == nil || !c.Unconfirmed {
-			out = c
+		if err != nil {
 			return err
+		}
+		if c == nil {
+			// Dropped since the caller read it.
+			return refuse(403, "cert_unknown", "certificate %s is not in the registry (an unconfirmed certificate dropped or expired); re-attest through tpmenroll", serial)
+		}
+		if !c.Unconfirmed {
+			out = c
+			return nil
 		}
 		if !c.RevokedAt.IsZero() {
 			return refuse(403, "cert_revoked", "certificate %s was revoked at %s", serial, c.RevokedAt.UTC().Format(time.RFC3339))
@@ -381,7 +397,7 @@ func (r *registry) confirm(serial string, now time.Time, check func(id, ek strin
 		if now.After(c.ConfirmBy) {
 			// Forgotten for good: the drop commits, the refusal follows.
 			expired = true
-			return dropUnconfirmedTx(tx, serial, c)
+			return dropUnconfirmedTx(tx, c.EK, serial, c)
 		}
 		base := check(c.Device, c.EK)
 		from := func(d *Device) error {
@@ -413,17 +429,18 @@ func (r *registry) confirm(serial string, now time.Time, check func(id, ek strin
 }
 
 // sweepUnconfirmed forgets the unconfirmed certificates whose window
-// ended by now (serve runs it with the CRL's reissue).
+// ended by now (serve runs it every few minutes), and index entries left
+// dangling.
 func (r *registry) sweepUnconfirmed(now time.Time) (int, error) {
 	n := 0
 	err := r.db.Update(func(tx *bolt.Tx) error {
 		type entry struct {
-			serial string
-			c      *issued
+			ek, serial string
+			c          *issued
 		}
 		var old []entry
 		err := tx.Bucket(bucketUnconf).ForEach(func(k, _ []byte) error {
-			_, serial, ok := bytes.Cut(k, []byte{0})
+			ek, serial, ok := bytes.Cut(k, []byte{0})
 			if !ok {
 				return nil
 			}
@@ -432,7 +449,7 @@ func (r *registry) sweepUnconfirmed(now time.Time) (int, error) {
 				return err
 			}
 			if c == nil || !c.Unconfirmed || now.After(c.ConfirmBy) {
-				old = append(old, entry{string(serial), c})
+				old = append(old, entry{string(ek), string(serial), c})
 			}
 			return nil
 		})
@@ -440,10 +457,7 @@ func (r *registry) sweepUnconfirmed(now time.Time) (int, error) {
 			return err
 		}
 		for _, e := range old {
-			if e.c == nil {
-				continue
-			}
-			if err := dropUnconfirmedTx(tx, e.serial, e.c); err != nil {
+			if err := dropUnconfirmedTx(tx, e.ek, e.serial, e.c); err != nil {
 				return err
 			}
 			n++

@@ -333,6 +333,9 @@ func (s *Station) clientDevice(r *http.Request) (*Device, *x509.Certificate, err
 		if ic, err = s.confirm(r, leaf); err != nil {
 			return nil, nil, err
 		}
+		if ic == nil {
+			return nil, nil, refuse(http.StatusForbidden, "cert_unknown", "client certificate %s is not in the registry", serialHex(leaf.SerialNumber))
+		}
 	}
 	if !ic.RevokedAt.IsZero() {
 		return nil, nil, refuse(http.StatusForbidden, "cert_revoked", "client certificate %s was revoked at %s", serialHex(leaf.SerialNumber), ic.RevokedAt.UTC().Format(time.RFC3339))
@@ -441,15 +444,7 @@ func (s *Station) handleTPMEnroll(w http.ResponseWriter, r *http.Request) {
 	// Each attestation costs a CA signature and a credential: bounded per
 	// source before any of it (SPIRE rate-limits attestation per source
 	// too).
-	wait, ok := s.attestRate.take(sourceOf(r))
-	if ok {
-		// And for all sources together: a botnet does not get one CA
-		// signature per address.
-		if wait, ok = s.attestAll.take(""); !ok {
-			s.attestRate.refund(sourceOf(r))
-		}
-	}
-	if !ok {
+	if wait, ok := s.attestRate.take(sourceOf(r)); !ok {
 		rf := refuse(http.StatusTooManyRequests, "rate_limited", "too many attestation requests from this address; retry in %ds", int(wait/time.Second)+1)
 		rf.free, rf.retryAfter = true, wait
 		s.fail(w, r, e, rf)

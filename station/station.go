@@ -234,13 +234,12 @@ func RootFingerprint(dir string) (string, error) {
 // Per source (IPv4 address or IPv6 /64), /tpmenroll requests beyond
 // AttestationBurst at once are answered 429 with Retry-After, one more
 // allowed each AttestationInterval.
-// All sources together get attestationSources times as much (200 at
-// once, then 20 a second), so a botnet does not get a CA signature per
-// address.
+// There is no bound for all sources together: whoever holds admitted
+// devices' public EK data could keep it spent from a few addresses and
+// stop every enrollment.
 const (
 	AttestationBurst    = 10
 	AttestationInterval = time.Second
-	attestationSources  = 20
 )
 
 // Config configures Open.
@@ -295,8 +294,7 @@ type Station struct {
 	reg        *registry
 	audit      *auditLog
 	limiter    *failureLimiter
-	attestRate *rateLimiter // per source
-	attestAll  *rateLimiter // all sources together
+	attestRate *rateLimiter
 	manifest   manifestCache
 	crl        atomic.Pointer[[]byte]
 	crlMu      sync.Mutex
@@ -347,9 +345,7 @@ func Open(cfg Config) (*Station, error) {
 	if cfg.FailuresBeforeSlowdown > 0 {
 		s.limiter.maxFailures = cfg.FailuresBeforeSlowdown
 	}
-	burst := cmp.Or(cfg.AttestationBurst, AttestationBurst)
-	s.attestRate = newRateLimiter(s.now, burst, AttestationInterval)
-	s.attestAll = newRateLimiter(s.now, attestationSources*burst, AttestationInterval/attestationSources)
+	s.attestRate = newRateLimiter(s.now, cmp.Or(cfg.AttestationBurst, AttestationBurst), AttestationInterval)
 	s.certLifetime = cfg.CertLifetime
 	if s.certLifetime == 0 {
 		if s.certLifetime, err = time.ParseDuration(fc.CertLifetime); err != nil {
