@@ -62,8 +62,8 @@ step "adversarial suite present"
 attacks=$(go test -list 'TestAttack' ./... | grep '^TestAttack' | sort)
 for want in \
 	TestAttackSenMLExpansion TestAttackSenMLExpansionIngest TestAttackSenMLExpansionCollector TestAttackSenMLFieldLimits \
-	TestAttackTPMEnrollWithPublicEKData TestAttackTPMEnrollClearsFailureLimiter TestAttackTPMEnrollFloodFromOneSource \
-	TestAttackCookielessHelloFlood TestAttackStalledHandshakesPerSource TestAttackCookielessHellosPerSource \
+	TestAttackTPMEnrollWithPublicEKData TestAttackTPMEnrollClearsFailureLimiter TestAttackTPMEnrollFloodFromOneSource TestAttackForgeriesRaceTheExchange \
+	TestAttackCookielessHelloFlood TestAttackStalledHandshakesPerSource TestAttackCookielessHellosPerSource TestAttackSpoofedSourceLocksOutDevice \
 	TestAttackTokenTakesOverTPMDevice TestAttackServiceAndUnknownCertificates \
 	TestAttackConcurrentBadTokens TestAttackLimiterSources TestAttackTPMEnrollWeakKey TestAttackTokenAnswersRevealNothing \
 	TestAttackRevokedDeviceKeepsMQTTSession TestAttackDeviceEndsAnotherDevicesSession \
