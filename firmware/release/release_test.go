@@ -1,0 +1,339 @@
+package release_test
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/firmware/release"
+)
+
+var now = time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+
+func key(t testing.TB) ed25519.PrivateKey {
+	t.Helper()
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func pub(k ed25519.PrivateKey) release.PublicKey {
+	return release.PublicKey(k.Public().(ed25519.PublicKey))
+}
+
+func sign(t testing.TB, typ string, v any, keys ...ed25519.PrivateKey) []byte {
+	t.Helper()
+	payload, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := release.Sign(typ, payload, keys...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+// keyList is a key list of version v with root keys roots (threshold
+// 1) and signing keys signers (threshold 1), valid for a day.
+func keyList(v uint64, roots []ed25519.PrivateKey, signers ...ed25519.PrivateKey) *release.KeyList {
+	l := &release.KeyList{Version: v, Expires: now.Add(24 * time.Hour), RootThreshold: 1, Threshold: 1}
+	for _, r := range roots {
+		l.RootKeys = append(l.RootKeys, pub(r))
+	}
+	for _, s := range signers {
+		l.SigningKeys = append(l.SigningKeys, release.SigningKey{Key: pub(s), Expires: now.Add(24 * time.Hour)})
+	}
+	return l
+}
+
+func manifest() *release.Manifest {
+	return &release.Manifest{
+		Name: "iotagent", Type: release.TypeAgent, Version: "1.2.0", SVN: 3,
+		HW: []string{"linux/armv7", "linux/arm64"}, Length: 1 << 20,
+		SHA256: strings.Repeat("ab", 32), Expires: now.Add(time.Hour),
+	}
+}
+
+func trust(t testing.TB, roots ...ed25519.PrivateKey) *release.Trust {
+	t.Helper()
+	var pubs []ed25519.PublicKey
+	for _, r := range roots {
+		pubs = append(pubs, r.Public().(ed25519.PublicKey))
+	}
+	tr, err := release.NewTrust(pubs, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr
+}
+
+func TestReleaseAccepted(t *testing.T) {
+	root, signer := key(t), key(t)
+	tr := trust(t, root)
+	if _, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now); !errors.Is(err, release.ErrNoKeyList) {
+		t.Errorf("a manifest before any key list = %v, want ErrNoKeyList", err)
+	}
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root), now); err != nil {
+		t.Fatalf("key list: %v", err)
+	}
+	m, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now)
+	if err != nil {
+		t.Fatalf("manifest: %v", err)
+	}
+	if m.SemVer().String() != "1.2.0" || m.SVN != 3 || len(m.Digest()) != 32 {
+		t.Errorf("manifest = %+v", m)
+	}
+	if err := m.Compatible("linux/armv7", ""); err != nil {
+		t.Error(err)
+	}
+	if err := m.Compatible("linux/amd64", ""); !errors.Is(err, release.ErrIncompatible) {
+		t.Errorf("Compatible(linux/amd64) = %v, want ErrIncompatible", err)
+	}
+	withBoard := manifest()
+	withBoard.Board = "gw-rev-c"
+	mb, err := tr.Manifest(sign(t, release.TypeManifest, withBoard, signer), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Compatible("linux/armv7", "gw-rev-b"); !errors.Is(err, release.ErrIncompatible) {
+		t.Errorf("Compatible(other board) = %v, want ErrIncompatible", err)
+	}
+}
+
+// Every way a key list must be refused, each with its reason.
+func TestKeyListRefused(t *testing.T) {
+	root, root2, other, signer := key(t), key(t), key(t), key(t)
+	v1 := sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)
+	fresh := func() *release.Trust {
+		tr := trust(t, root)
+		if _, err := tr.Update(v1, now); err != nil {
+			t.Fatal(err)
+		}
+		return tr
+	}
+	two := keyList(2, []ed25519.PrivateKey{root, root2}, signer)
+	two.RootThreshold = 2
+	for _, tc := range []struct {
+		name string
+		raw  []byte
+		want error
+		text string
+	}{
+		{"signed by a key that is not a root", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), other), release.ErrSignature, "0 valid signatures"},
+		{"signed by a signing key", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, ""},
+		{"version down", sign(t, release.TypeKeyList, keyList(0, []ed25519.PrivateKey{root}, signer), root), release.ErrRollback, "version 0, the current one is 1"},
+		{"same version, other contents", sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer, other), root), release.ErrRollback, "other contents"},
+		{"expired", sign(t, release.TypeKeyList, func() *release.KeyList {
+			l := keyList(2, []ed25519.PrivateKey{root}, signer)
+			l.Expires = now.Add(-time.Second)
+			return l
+		}(), root), release.ErrExpired, "expired"},
+		{"new roots that did not sign", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root2}, signer), root), release.ErrSignature, "its own root keys"},
+		{"below its own root threshold", sign(t, release.TypeKeyList, two, root), release.ErrSignature, "1 valid signatures by trusted keys, 2 needed"},
+		{"a manifest offered as a key list", sign(t, release.TypeManifest, keyList(2, []ed25519.PrivateKey{root}, signer), root), nil, "where a"},
+		{"unknown field", func() []byte {
+			b, _ := json.Marshal(keyList(2, []ed25519.PrivateKey{root}, signer))
+			b = bytes.Replace(b, []byte(`{`), []byte(`{"trust_everyone":true,`), 1)
+			env, _ := release.Sign(release.TypeKeyList, b, root)
+			return env
+		}(), nil, "unknown field"},
+		{"oversize", bytes.Repeat([]byte(" "), release.MaxKeyListSize+1), release.ErrTooLarge, ""},
+		{"threshold above its keys", sign(t, release.TypeKeyList, func() *release.KeyList {
+			l := keyList(2, []ed25519.PrivateKey{root}, signer)
+			l.Threshold = 2
+			return l
+		}(), root), nil, "threshold 2 with 1 signing keys"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := fresh()
+			_, err := tr.Update(tc.raw, now)
+			if err == nil || tc.want != nil && !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
+				t.Errorf("Update = %v, want %v containing %q", err, tc.want, tc.text)
+			}
+			if tr.KeyList().Version != 1 {
+				t.Errorf("the refused list replaced the current one")
+			}
+		})
+	}
+	// The same list again is no change.
+	tr := fresh()
+	if _, err := tr.Update(v1, now); err != nil {
+		t.Errorf("the current key list again = %v, want accepted", err)
+	}
+	// With a root threshold of 2, both roots sign.
+	ok := sign(t, release.TypeKeyList, two, root, root2)
+	if _, err := tr.Update(ok, now); err != nil {
+		t.Fatalf("v2 signed by both roots: %v", err)
+	}
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{root, root2}, signer), root), now); !errors.Is(err, release.ErrSignature) {
+		t.Errorf("v3 with one of v2's two required root signatures = %v, want ErrSignature", err)
+	}
+}
+
+// Root rotation: the old roots hand over to new ones, which then sign
+// alone; the retired root can no longer sign a key list.
+func TestRootRotation(t *testing.T) {
+	r1, r2, signer := key(t), key(t), key(t)
+	tr := trust(t, r1)
+	steps := [][]byte{
+		sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{r1}, signer), r1),
+		sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{r2}, signer), r1, r2),
+		sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{r2}, signer), r2),
+	}
+	for i, raw := range steps {
+		if _, err := tr.Update(raw, now); err != nil {
+			t.Fatalf("step %d: %v", i+1, err)
+		}
+	}
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(4, []ed25519.PrivateKey{r1}, signer), r1), now); !errors.Is(err, release.ErrSignature) {
+		t.Errorf("a key list from the retired root = %v, want ErrSignature", err)
+	}
+	// Restored after a restart, the rotated list is trusted as kept, even
+	// expired, and holds the version floor.
+	later := now.Add(48 * time.Hour)
+	back := trust(t, r1)
+	if _, err := back.Restore(tr.Raw()); err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	if _, err := back.Update(steps[1], later); !errors.Is(err, release.ErrRollback) && !errors.Is(err, release.ErrSignature) {
+		t.Errorf("an older key list after Restore = %v, want refused", err)
+	}
+	if _, err := back.Manifest(sign(t, release.TypeManifest, manifest(), signer), later); !errors.Is(err, release.ErrExpired) {
+		t.Errorf("a manifest under an expired key list = %v, want ErrExpired", err)
+	}
+	// Restore still wants the list's own root signatures.
+	forged := sign(t, release.TypeKeyList, keyList(9, []ed25519.PrivateKey{r2}, signer), key(t))
+	if _, err := trust(t, r1).Restore(forged); !errors.Is(err, release.ErrSignature) {
+		t.Errorf("Restore of a list its roots did not sign = %v, want ErrSignature", err)
+	}
+}
+
+// Every way a manifest must be refused.
+func TestManifestRefused(t *testing.T) {
+	root, signer, revoked, stale := key(t), key(t), key(t), key(t)
+	l := keyList(1, []ed25519.PrivateKey{root}, signer, stale)
+	l.SigningKeys[1].Expires = now.Add(-time.Minute)
+	tr := trust(t, root)
+	if _, err := tr.Update(sign(t, release.TypeKeyList, l, root), now); err != nil {
+		t.Fatal(err)
+	}
+	with := func(f func(*release.Manifest)) *release.Manifest {
+		m := manifest()
+		f(m)
+		return m
+	}
+	good := sign(t, release.TypeManifest, manifest(), signer)
+	for _, tc := range []struct {
+		name string
+		raw  []byte
+		want error
+		text string
+	}{
+		{"tampered payload", func() []byte {
+			var env map[string]any
+			json.Unmarshal(good, &env)
+			p, _ := base64.StdEncoding.DecodeString(env["payload"].(string))
+			p = bytes.Replace(p, []byte(`"svn":3`), []byte(`"svn":9`), 1)
+			env["payload"] = base64.StdEncoding.EncodeToString(p)
+			b, _ := json.Marshal(env)
+			return b
+		}(), release.ErrSignature, ""},
+		{"signed by a key not in the list (revoked)", sign(t, release.TypeManifest, manifest(), revoked), release.ErrSignature, ""},
+		{"signed by an expired signing key", sign(t, release.TypeManifest, manifest(), stale), release.ErrSignature, ""},
+		{"signed by the root", sign(t, release.TypeManifest, manifest(), root), release.ErrSignature, ""},
+		{"a key list offered as a manifest", sign(t, release.TypeKeyList, manifest(), signer), nil, "where a"},
+		{"expired", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Expires = now }), signer), release.ErrExpired, "expired"},
+		{"unknown field", func() []byte {
+			b, _ := json.Marshal(manifest())
+			b = bytes.Replace(b, []byte(`{`), []byte(`{"postinstall":"rm -rf /",`), 1)
+			env, _ := release.Sign(release.TypeManifest, b, signer)
+			return env
+		}(), nil, "unknown field"},
+		{"oversize", bytes.Repeat([]byte(" "), release.MaxManifestSize+1), release.ErrTooLarge, ""},
+		{"bad sha256", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.SHA256 = "AB" }), signer), nil, "sha256"},
+		{"bad version", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Version = "v1.2" }), signer), nil, "MAJOR.MINOR.PATCH"},
+		{"bad hw", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.HW = []string{"armv7"} }), signer), nil, "OS/ARCH"},
+		{"bad type", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Type = "script" }), signer), nil, "type"},
+		{"length over the cap", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Length = release.MaxLength + 1 }), signer), nil, "length"},
+		{"data after the JSON", func() []byte {
+			b, _ := json.Marshal(manifest())
+			env, _ := release.Sign(release.TypeManifest, append(b, []byte(`{}`)...), signer)
+			return env
+		}(), nil, "after the JSON"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tr.Manifest(tc.raw, now)
+			if err == nil || tc.want != nil && !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
+				t.Errorf("Manifest = %v, want %v containing %q", err, tc.want, tc.text)
+			}
+		})
+	}
+	if _, err := tr.Manifest(good, now); err != nil {
+		t.Errorf("the good manifest: %v", err)
+	}
+}
+
+func TestVersionOrder(t *testing.T) {
+	// semver.org 2.0.0 §11's example, in order.
+	order := []string{"1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.1.0", "2.0.0"}
+	for i := range order {
+		for j := range order {
+			a, err := release.ParseVersion(order[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := release.ParseVersion(order[j])
+			want := 0
+			if i < j {
+				want = -1
+			} else if i > j {
+				want = 1
+			}
+			if got := a.Compare(b); got != want {
+				t.Errorf("%s vs %s = %d, want %d", order[i], order[j], got, want)
+			}
+		}
+	}
+	a, _ := release.ParseVersion("1.0.0+build.1")
+	b, _ := release.ParseVersion("1.0.0+build.2")
+	if a.Compare(b) != 0 || a.String() != "1.0.0+build.1" {
+		t.Error("build metadata counts in comparisons")
+	}
+	for _, bad := range []string{"", "1", "1.2", "v1.2.3", "01.2.3", "1.2.3-", "1.2.3-01", "1.2.3-a..b", "1.2.3+", "1.2.3-a_b", "1.2.3.4", strings.Repeat("1", 200) + ".0.0"} {
+		if _, err := release.ParseVersion(bad); err == nil {
+			t.Errorf("ParseVersion(%q) accepted", bad)
+		}
+	}
+}
+
+// FuzzManifest: whatever the bytes, opening a manifest neither panics
+// nor accepts what its key did not sign.
+func FuzzManifest(f *testing.F) {
+	root, signer := key(f), key(f)
+	tr := trust(f, root)
+	if _, err := tr.Update(sign(f, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root), now); err != nil {
+		f.Fatal(err)
+	}
+	good := sign(f, release.TypeManifest, manifest(), signer)
+	f.Add(good)
+	f.Add([]byte(`{"payloadType":"x","payload":"","signatures":[]}`))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		m, err := tr.Manifest(raw, now)
+		if err == nil && !bytes.Equal(raw, good) {
+			// Another encoding of the same signed payload may pass (the
+			// envelope's JSON is not signed), but never other contents.
+			if m.Name != "iotagent" || m.SVN != 3 || m.Version != "1.2.0" {
+				t.Fatalf("accepted a manifest the key did not sign: %+v", m)
+			}
+		}
+	})
+}
