@@ -1,0 +1,275 @@
+package firmware
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/internal/atomicfile"
+)
+
+// Slots is the agent's A/B self-update without bootloader control:
+//
+//	DIR/slots/a/iotagent, DIR/slots/b/iotagent   the two slots
+//	DIR/state.json                                the only source of truth
+//
+// The binary the system starts is the launcher: it asks Next which
+// binary to exec (the committed slot, or a trial, counting the attempt
+// first) and execs it in its own process, so systemd's MainPID and
+// watchdog hold. A trial that is healthy commits; one that reaches the
+// attempt limit or misses its deadline is rolled back and marked bad,
+// never to be tried again.
+//
+//	        Stage                 Next (attempts < max, before deadline)
+//	idle ─────────► trial staged ──────────────► trial running ─┐
+//	 ▲                   │                         │  Commit    │ crash: Next again
+//	 │ Rollback / limit  │                         ▼            │
+//	 └───────────────────┴──────────────────── committed ◄──────┘
+//
+// Every step is one atomic write of state.json (temp, fsync, rename,
+// fsync dir); a slot's binary is in place, fsync'ed, before state.json
+// names it. A crash between any two steps leaves a state that names only
+// intact binaries.
+//
+// Not safe for concurrent use by several processes: the agent holds its
+// state directory's lock.
+type Slots struct {
+	dir string
+	// MaxAttempts is how many starts a trial gets (default 3).
+	MaxAttempts int
+	// Deadline is how long a trial has to prove healthy (default 5 min).
+	Deadline time.Duration
+	Now      func() time.Time
+
+	// crash, when set (tests), is called between the steps of Stage with
+	// the step's name and stops Stage there when it returns an error.
+	crash func(step string) error
+}
+
+// SlotState is state.json.
+type SlotState struct {
+	// Active is the committed slot, "a" or "b"; "" while the installed
+	// binary has never been updated (the launcher runs itself).
+	Active        string `json:"active,omitempty"`
+	ActiveVersion string `json:"active_version,omitempty"`
+	Trial         *Trial `json:"trial,omitempty"`
+	// Bad holds releases that failed their trial, as NAME@VERSION.
+	Bad  []string    `json:"bad,omitempty"`
+	Last *SlotResult `json:"last,omitempty"`
+}
+
+// Trial is a staged release on trial.
+type Trial struct {
+	Slot     string    `json:"slot"`
+	Name     string    `json:"name"`
+	Version  string    `json:"version"`
+	SVN      uint32    `json:"svn"`
+	Attempts int       `json:"attempts"`
+	Staged   time.Time `json:"staged"`
+	// Deadline is set at the trial's first start.
+	Deadline time.Time `json:"deadline,omitzero"`
+}
+
+// SlotResult is how the last trial ended.
+type SlotResult struct {
+	Release string    `json:"release"` // NAME@VERSION
+	Result  string    `json:"result"`  // committed, rolled-back
+	Reason  string    `json:"reason,omitempty"`
+	At      time.Time `json:"at"`
+}
+
+// OpenSlots uses dir (created 0700).
+func OpenSlots(dir string) (*Slots, error) {
+	for _, d := range []string{dir, filepath.Join(dir, "slots", "a"), filepath.Join(dir, "slots", "b")} {
+		if err := atomicfile.MkdirPrivate(d); err != nil {
+			return nil, fmt.Errorf("firmware slots: %w", err)
+		}
+	}
+	return &Slots{dir: dir, MaxAttempts: 3, Deadline: 5 * time.Minute, Now: time.Now}, nil
+}
+
+func (s *Slots) statePath() string         { return filepath.Join(s.dir, "state.json") }
+func (s *Slots) binary(slot string) string { return filepath.Join(s.dir, "slots", slot, "iotagent") }
+
+// State reads state.json (the zero state when there is none).
+func (s *Slots) State() (SlotState, error) {
+	var st SlotState
+	b, err := os.ReadFile(s.statePath())
+	if errors.Is(err, os.ErrNotExist) {
+		return st, nil
+	}
+	if err != nil {
+		return st, fmt.Errorf("firmware slots: %w", err)
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return st, fmt.Errorf("firmware slots: %s: %w", s.statePath(), err)
+	}
+	return st, nil
+}
+
+func (s *Slots) write(st SlotState) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(s.statePath(), append(b, '\n'), 0o600)
+}
+
+func (s *Slots) step(name string) error {
+	if s.crash != nil {
+		return s.crash(name)
+	}
+	return nil
+}
+
+// ErrTrialPending: a release is on trial; it commits or rolls back first.
+var ErrTrialPending = errors.New("firmware: a release is on trial")
+
+// Stage puts the verified payload at src (an agent binary) into the slot
+// that is not active and makes it the trial for m. The payload must have
+// passed release.Trust and Accept.
+func (s *Slots) Stage(src string, m *release.Manifest) error {
+	st, err := s.State()
+	if err != nil {
+		return err
+	}
+	if st.Trial != nil {
+		return fmt.Errorf("%w: %s@%s", ErrTrialPending, st.Trial.Name, st.Trial.Version)
+	}
+	if slices.Contains(st.Bad, BadKey(m)) {
+		return fmt.Errorf("%w: %s", ErrMarkedBad, BadKey(m))
+	}
+	slot := "a"
+	if st.Active == "a" {
+		slot = "b"
+	}
+	dst := s.binary(slot)
+	if err := copyExecutable(src, dst+".new", s.step); err != nil {
+		return err
+	}
+	if err := s.step("binary written"); err != nil {
+		return err
+	}
+	if err := os.Rename(dst+".new", dst); err != nil {
+		return fmt.Errorf("firmware slots: %w", err)
+	}
+	if err := atomicfile.SyncDir(filepath.Dir(dst)); err != nil {
+		return err
+	}
+	if err := s.step("binary in place"); err != nil {
+		return err
+	}
+	st.Trial = &Trial{Slot: slot, Name: m.Name, Version: m.SemVer().String(), SVN: m.SVN, Staged: s.Now().UTC()}
+	return s.write(st)
+}
+
+// copyExecutable copies src to dst (0755), fsync'ed.
+func copyExecutable(src, dst string, step func(string) error) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("firmware slots: %w", err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o755)
+	if err != nil {
+		return fmt.Errorf("firmware slots: %w", err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return fmt.Errorf("firmware slots: copying the payload: %w", err)
+	}
+	if err := step("binary copied, not synced"); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Sync(); err != nil {
+		out.Close()
+		return fmt.Errorf("firmware slots: %w", err)
+	}
+	return out.Close()
+}
+
+// Next is the launcher's decision: the binary to exec, and whether it
+// is a trial. A trial's attempt is counted (and its deadline set at the
+// first) before it is returned; a trial out of attempts or past its
+// deadline is rolled back first. "" means the launcher's own binary (no
+// update was ever committed).
+func (s *Slots) Next() (path string, trial bool, err error) {
+	st, err := s.State()
+	if err != nil {
+		return "", false, err
+	}
+	now := s.Now().UTC()
+	if t := st.Trial; t != nil {
+		switch {
+		case t.Attempts >= s.MaxAttempts:
+			return s.rollback(st, fmt.Sprintf("%d starts without becoming healthy", t.Attempts))
+		case !t.Deadline.IsZero() && now.After(t.Deadline):
+			return s.rollback(st, fmt.Sprintf("not healthy within %v", s.Deadline))
+		}
+		t.Attempts++
+		if t.Deadline.IsZero() {
+			t.Deadline = now.Add(s.Deadline)
+		}
+		if err := s.write(st); err != nil {
+			return "", false, err
+		}
+		return s.binary(t.Slot), true, nil
+	}
+	return s.committed(st), false, nil
+}
+
+func (s *Slots) committed(st SlotState) string {
+	if st.Active == "" {
+		return ""
+	}
+	return s.binary(st.Active)
+}
+
+func (s *Slots) rollback(st SlotState, reason string) (string, bool, error) {
+	t := st.Trial
+	key := t.Name + "@" + t.Version
+	st.Bad = append(st.Bad, key)
+	st.Trial = nil
+	st.Last = &SlotResult{Release: key, Result: "rolled-back", Reason: reason, At: s.Now().UTC()}
+	if err := s.write(st); err != nil {
+		return "", false, err
+	}
+	return s.committed(st), false, nil
+}
+
+// Commit makes the running trial the committed slot; the caller raises
+// the TPM counter to its svn afterwards.
+func (s *Slots) Commit() (*Trial, error) {
+	st, err := s.State()
+	if err != nil {
+		return nil, err
+	}
+	t := st.Trial
+	if t == nil {
+		return nil, errors.New("firmware: no release on trial to commit")
+	}
+	st.Active, st.ActiveVersion, st.Trial = t.Slot, t.Version, nil
+	st.Last = &SlotResult{Release: t.Name + "@" + t.Version, Result: "committed", At: s.Now().UTC()}
+	return t, s.write(st)
+}
+
+// Rollback ends the trial as failed, for reason: marked bad, the
+// committed binary runs at the next start.
+func (s *Slots) Rollback(reason string) error {
+	st, err := s.State()
+	if err != nil {
+		return err
+	}
+	if st.Trial == nil {
+		return errors.New("firmware: no release on trial to roll back")
+	}
+	_, _, err = s.rollback(st, reason)
+	return err
+}
