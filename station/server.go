@@ -39,7 +39,13 @@ func (s *Station) Handler() http.Handler {
 	mux.HandleFunc("POST "+est.PathTPMEnroll, s.handleTPMEnroll)
 	mux.HandleFunc("GET /crl", s.handleCRL)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
-	return http.TimeoutHandler(mux, requestTimeout, "request timed out\n")
+	// Firmware is outside the request timeout, which buffers a whole
+	// answer: payloads are streamed (and resumed with Range).
+	top := http.NewServeMux()
+	top.HandleFunc("GET /firmware/{what}", s.handleFirmware)
+	top.HandleFunc("GET /firmware/releases/{name}/{version}/{what}", s.handleFirmware)
+	top.Handle("/", http.TimeoutHandler(mux, requestTimeout, "request timed out\n"))
+	return top
 }
 
 // TLSConfig returns the HTTPS configuration: TLS 1.2+ with AEAD suites

@@ -106,3 +106,13 @@ func (l *KeyList) signers(now time.Time) map[string]ed25519.PublicKey {
 	}
 	return m
 }
+
+// ParsePublicKey reads a public key as PublicKey's text form (base64 of
+// its 32 bytes), as `iotstation firmware key new` prints it.
+func ParsePublicKey(s string) (ed25519.PublicKey, error) {
+	var k PublicKey
+	if err := k.UnmarshalText([]byte(s)); err != nil {
+		return nil, err
+	}
+	return ed25519.PublicKey(k), nil
+}

@@ -111,3 +111,6 @@ func (m *Manifest) Compatible(hw, board string) error {
 	}
 	return nil
 }
+
+// ValidName reports whether s can name a release.
+func ValidName(s string) bool { return namePattern.MatchString(s) }

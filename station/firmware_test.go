@@ -1,0 +1,133 @@
+package station_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/firmware"
+	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/station/stationtest"
+)
+
+func fwKey(t *testing.T) ed25519.PrivateKey {
+	t.Helper()
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func fwSign(t *testing.T, typ string, v any, keys ...ed25519.PrivateKey) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := release.Sign(typ, b, keys...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+// The repository: the station stores only what checks against its key
+// list, and serves it to devices alone, payloads with Range, so that the
+// agent's resumable download works over mutual TLS.
+func TestFirmwareRepository(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	root, signer := fwKey(t), fwKey(t)
+	kl := &release.KeyList{Version: 1, Expires: time.Now().Add(time.Hour), RootThreshold: 1, Threshold: 1,
+		RootKeys:    []release.PublicKey{release.PublicKey(root.Public().(ed25519.PublicKey))},
+		SigningKeys: []release.SigningKey{{Key: release.PublicKey(signer.Public().(ed25519.PublicKey)), Expires: time.Now().Add(time.Hour)}}}
+	if err := st.InstallKeyList(fwSign(t, release.TypeKeyList, kl, signer)); err == nil {
+		t.Error("a key list its root did not sign was installed")
+	}
+	if err := st.InstallKeyList(fwSign(t, release.TypeKeyList, kl, root)); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 700_000)
+	rand.Read(payload)
+	sum := sha256.Sum256(payload)
+	file := filepath.Join(t.TempDir(), "iotagent")
+	os.WriteFile(file, payload, 0o600)
+	m := release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: "1.5.0", SVN: 2, HW: []string{"linux/armv7"},
+		Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}
+	manifest := fwSign(t, release.TypeManifest, m, signer)
+	if _, err := st.PublishRelease(file, fwSign(t, release.TypeManifest, m, root)); err == nil {
+		t.Error("a manifest signed by the root, not a signing key, was published")
+	}
+	bad := m
+	bad.Version, bad.Length = "1.5.1", int64(len(payload))+1
+	if _, err := st.PublishRelease(file, fwSign(t, release.TypeManifest, bad, signer)); err == nil || !strings.Contains(err.Error(), "bytes, the manifest says") {
+		t.Errorf("a payload shorter than its manifest = %v, want refused", err)
+	}
+	if _, err := st.PublishRelease(file, manifest); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.PublishRelease(file, manifest); err == nil {
+		t.Error("the same release was published twice")
+	}
+
+	dev := st.Device(t, "gw-fw")
+	pool := st.TrustPool()
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{dev.TLS}}}}
+	t.Cleanup(c.CloseIdleConnections)
+	anon := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	t.Cleanup(anon.CloseIdleConnections)
+	get := func(c *http.Client, path string, hdr ...string) (int, http.Header, []byte) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, st.URL+path, nil)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, b
+	}
+	if code, _, _ := get(anon, "/firmware/keylist"); code != http.StatusForbidden {
+		t.Errorf("key list without a device certificate = %d, want 403", code)
+	}
+	if code, _, b := get(c, "/firmware/releases/iotagent/1.5.0/manifest"); code != http.StatusOK || string(b) != string(manifest) {
+		t.Errorf("manifest = %d", code)
+	}
+	code, hdr, b := get(c, "/firmware/releases/iotagent/1.5.0/payload", "Range", "bytes=600000-")
+	if code != http.StatusPartialContent || hdr.Get("Content-Range") != "bytes 600000-699999/700000" || len(b) != 100_000 {
+		t.Errorf("ranged payload = %d %q %d bytes", code, hdr.Get("Content-Range"), len(b))
+	}
+	for _, p := range []string{"/firmware/releases/iotagent/01.5.0/payload", "/firmware/releases/..%2f..%2fca.key/1.0.0/payload", "/firmware/releases/iotagent/1.5.0/state"} {
+		if code, _, _ := get(c, p); code != http.StatusNotFound {
+			t.Errorf("GET %s = %d, want 404", p, code)
+		}
+	}
+	// The agent's downloader, over the station's mutual TLS.
+	dst := filepath.Join(t.TempDir(), "iotagent.new")
+	d := &firmware.Downloader{Client: c}
+	if err := d.Fetch(context.Background(), st.URL+"/firmware/releases/iotagent/1.5.0/payload", dst, firmware.Target{Length: m.Length, SHA256: sum[:]}); err != nil {
+		t.Fatalf("download: %v", err)
+	}
+	// A revoked device gets nothing.
+	if err := st.Revoke("gw-fw"); err != nil {
+		t.Fatal(err)
+	}
+	c.CloseIdleConnections()
+	if code, _, _ := get(c, "/firmware/keylist"); code != http.StatusForbidden {
+		t.Errorf("key list for a revoked device = %d, want 403", code)
+	}
+}
