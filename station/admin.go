@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"iotagent.dev/iotagent/firmware/release"
 	"iotagent.dev/iotagent/internal/certpem"
 	"iotagent.dev/iotagent/internal/unixsock"
 )
@@ -111,6 +112,10 @@ type Admin interface {
 	IssueService(ctx context.Context, req ServiceRequest) (*ServiceCert, error)
 	TrustPEM(ctx context.Context) ([]byte, error)
 	CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error)
+	// InstallKeyList and PublishRelease are Station's, for the firmware
+	// repository (the payload file is read by the station's process).
+	InstallKeyList(ctx context.Context, raw []byte) error
+	PublishRelease(ctx context.Context, payloadPath string, manifest []byte) (*release.Manifest, error)
 	Close() error
 }
 
@@ -150,6 +155,12 @@ func (l localAdmin) IssueService(ctx context.Context, r ServiceRequest) (*Servic
 func (l localAdmin) TrustPEM(context.Context) ([]byte, error) { return l.s.TrustPEM(), nil }
 func (l localAdmin) CreateToken(_ context.Context, id string, ttl time.Duration) (Token, error) {
 	return l.s.CreateToken(id, ttl)
+}
+func (l localAdmin) InstallKeyList(_ context.Context, raw []byte) error {
+	return l.s.InstallKeyList(raw)
+}
+func (l localAdmin) PublishRelease(_ context.Context, path string, manifest []byte) (*release.Manifest, error) {
+	return l.s.PublishRelease(path, manifest)
 }
 func (l localAdmin) Close() error { return l.s.Close() }
 
@@ -204,6 +215,21 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 		}
 		c, err := s.IssueService(r.Context(), req)
 		adminReply(w, c, err)
+	})
+	mux.HandleFunc("POST /firmware/keylist", func(w http.ResponseWriter, r *http.Request) {
+		raw, err := io.ReadAll(io.LimitReader(r.Body, release.MaxKeyListSize+1))
+		if err == nil {
+			err = s.InstallKeyList(raw)
+		}
+		adminReply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /firmware/publish", func(w http.ResponseWriter, r *http.Request) {
+		raw, err := io.ReadAll(io.LimitReader(r.Body, release.MaxManifestSize+1))
+		var m *release.Manifest
+		if err == nil {
+			m, err = s.PublishRelease(r.URL.Query().Get("file"), raw)
+		}
+		adminReply(w, m, err)
 	})
 	mux.HandleFunc("GET /trust", func(w http.ResponseWriter, r *http.Request) {
 		adminReply(w, s.TrustPEM(), nil)
@@ -337,6 +363,18 @@ func (a *adminClient) TrustPEM(ctx context.Context) ([]byte, error) {
 func (a *adminClient) CreateToken(ctx context.Context, id string, ttl time.Duration) (Token, error) {
 	var t Token
 	return t, a.call(ctx, http.MethodPost, "/tokens", url.Values{"device": {id}, "ttl": {ttl.String()}}, &t)
+}
+
+func (a *adminClient) InstallKeyList(ctx context.Context, raw []byte) error {
+	return a.callBody(ctx, http.MethodPost, "/firmware/keylist", raw, &struct{}{})
+}
+
+func (a *adminClient) PublishRelease(ctx context.Context, path string, manifest []byte) (*release.Manifest, error) {
+	var m release.Manifest
+	if err := a.callBody(ctx, http.MethodPost, "/firmware/publish?"+url.Values{"file": {path}}.Encode(), manifest, &m); err != nil {
+		return nil, err
+	}
+	return &m, nil
 }
 
 func (a *adminClient) Close() error { return nil }

@@ -62,6 +62,7 @@ func commands() []command {
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
 		{"watch", "subscribe to every device's telemetry and report delivery per device", cmdWatch},
+		{"firmware", "release keys and the firmware repository: key new, keys sign, keys install, publish", cmdFirmware},
 		{"demo-broker", "an embedded MQTT broker, for the demo only", cmdDemoBroker},
 	}
 }
