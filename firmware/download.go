@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -86,12 +87,22 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 		every = 1 << 20
 	}
 	part, statePath := path+".part", path+".part.json"
-	st, h := d.load(statePath, url, want)
+	st, h := d.load(part, statePath, url, want)
+	if st.Offset == 0 {
+		// A state left from another attempt must not outlive the data it
+		// described: gone before the part file is touched.
+		if err := atomicfile.Remove(statePath); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("firmware: %w", err)
+		}
+	}
 	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
 	defer f.Close()
+	if st.Offset == want.Length { // complete before a crash: finish here
+		return d.finish(f, part, statePath, path, url, h, want)
+	}
 	// What lies past the saved point was not saved with its hash state.
 	if err := f.Truncate(st.Offset); err != nil {
 		return fmt.Errorf("firmware: %w", err)
@@ -118,6 +129,9 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 		}
 	case resp.StatusCode == http.StatusOK:
 		if st.Offset > 0 { // the server ignored the range: start over
+			if err := atomicfile.Remove(statePath); err != nil {
+				return fmt.Errorf("firmware: %w", err)
+			}
 			st.Offset, h = 0, sha256.New()
 			if err := f.Truncate(0); err != nil {
 				return fmt.Errorf("firmware: %w", err)
@@ -174,6 +188,12 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 		}
 		return fmt.Errorf("firmware: %s ended at byte %d of %d; the next attempt resumes", url, st.Offset, want.Length)
 	}
+	return d.finish(f, part, statePath, path, url, h, want)
+}
+
+// finish checks the complete part file's digest and puts it in place;
+// the resume state goes first, so that no state outlives its data.
+func (d *Downloader) finish(f *os.File, part, statePath, path, url string, h hash.Hash, want Target) error {
 	if !bytes.Equal(h.Sum(nil), want.SHA256) {
 		d.discard(part, statePath)
 		return fmt.Errorf("%w: %s", ErrDigest, url)
@@ -181,15 +201,19 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
+	if err := atomicfile.Remove(statePath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("firmware: %w", err)
+	}
 	if err := os.Rename(part, path); err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
-	atomicfile.Remove(statePath)
 	return atomicfile.SyncDir(filepath.Dir(path))
 }
 
 // load returns the saved resume point for url and want, or a fresh one.
-func (d *Downloader) load(statePath, url string, want Target) (resume, hash.Hash) {
+// A point is kept only if the part file holds at least its bytes and the
+// hash state covers exactly them.
+func (d *Downloader) load(part, statePath, url string, want Target) (resume, hash.Hash) {
 	fresh := resume{URL: url, Length: want.Length, SHA256: want.SHA256}
 	b, err := os.ReadFile(statePath)
 	if err != nil || len(b) > 4096 {
@@ -202,6 +226,13 @@ func (d *Downloader) load(statePath, url string, want Target) (resume, hash.Hash
 	}
 	h := sha256.New()
 	if h.(encoding.BinaryUnmarshaler).UnmarshalBinary(st.Hash) != nil {
+		return fresh, sha256.New()
+	}
+	// sha256's state ends with the length it hashed, big-endian.
+	if len(st.Hash) < 8 || int64(binary.BigEndian.Uint64(st.Hash[len(st.Hash)-8:])) != st.Offset {
+		return fresh, sha256.New()
+	}
+	if fi, err := os.Stat(part); err != nil || fi.Size() < st.Offset {
 		return fresh, sha256.New()
 	}
 	return st, h
@@ -244,7 +275,11 @@ func freeSpace(path string, need int64) error {
 	if err := syscall.Statfs(filepath.Dir(path), &fs); err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
-	if avail := int64(fs.Bavail) * int64(fs.Bsize); avail < need {
+	unit := int64(fs.Frsize)
+	if unit <= 0 {
+		unit = int64(fs.Bsize)
+	}
+	if avail := int64(fs.Bavail) * unit; avail < need {
 		return fmt.Errorf("%w: %s has %d bytes free, the download needs %d (the rest of the payload and the margin)", ErrNoSpace, filepath.Dir(path), avail, need)
 	}
 	return nil

@@ -211,3 +211,27 @@ func BenchmarkDownload(b *testing.B) {
 		}
 	}
 }
+
+// A part file shorter than its saved resume point (a crash after a
+// restart from zero truncated it, or the card lost data) is not trusted:
+// the saved hash state would vouch for bytes that are not there, and the
+// file put in place would differ from the signed payload.
+func TestDownloadDistrustsShortPartFile(t *testing.T) {
+	data, target := payload(t, 1<<20)
+	o := &origin{payload: data, cuts: []int64{600_000}}
+	srv, c := start(t, o)
+	path := filepath.Join(t.TempDir(), "p")
+	d := &firmware.Downloader{Client: c}
+	if err := d.Fetch(context.Background(), srv.URL, path, target); err == nil {
+		t.Fatal("the cut attempt succeeded")
+	}
+	if err := os.Truncate(path+".part", 100_000); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Fetch(context.Background(), srv.URL, path, target); err != nil {
+		t.Fatalf("Fetch after the part file shrank: %v", err)
+	}
+	if got, _ := os.ReadFile(path); !bytes.Equal(got, data) {
+		t.Fatal("the file in place is not the signed payload")
+	}
+}

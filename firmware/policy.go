@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/tpm"
 )
 
 // Refusals of a release by the device's own state (the anti-rollback
@@ -37,8 +38,13 @@ type Device struct {
 	Bad map[string]bool
 }
 
-// BadKey names a release in Device.Bad.
-func BadKey(m *release.Manifest) string { return m.Name + "@" + m.SemVer().String() }
+// BadKey names a release in Device.Bad: its name and version, build
+// metadata left out (versions that differ only there are one release).
+func BadKey(m *release.Manifest) string {
+	v := m.SemVer()
+	v.Build = ""
+	return m.Name + "@" + v.String()
+}
 
 // Accept applies the anti-rollback policy to an opened manifest: for
 // this hardware, not marked bad, its version above the committed one,
@@ -56,6 +62,9 @@ func Accept(m *release.Manifest, d Device) error {
 	}
 	if uint64(m.SVN) < d.Counter {
 		return fmt.Errorf("%w: %s %s has svn %d, the TPM counter is %d", ErrSecurityVersion, m.Name, m.Version, m.SVN, d.Counter)
+	}
+	if uint64(m.SVN) > d.Counter+tpm.MaxCounterStep {
+		return fmt.Errorf("%w: %s %s has svn %d, more than %d above the TPM counter %d (it could never be recorded)", ErrSecurityVersion, m.Name, m.Version, m.SVN, tpm.MaxCounterStep, d.Counter)
 	}
 	if m.MinFrom != "" {
 		least, _ := release.ParseVersion(m.MinFrom) // validated when opened

@@ -35,6 +35,8 @@ func TestAcceptPolicy(t *testing.T) {
 		{"the committed version again", m("1.4.0", 9, ""), dev, firmware.ErrDowngrade},
 		{"the release of 1.4.0 is above its rc", m("1.4.0-rc.9", 9, ""), dev, firmware.ErrDowngrade},
 		{"svn below the counter", m("1.5.0", 4, ""), dev, firmware.ErrSecurityVersion},
+		{"svn too far above the counter to record", m("1.5.0", 5+1025, ""), dev, firmware.ErrSecurityVersion},
+		{"marked bad, with other build metadata", m("1.6.0+b2", 9, ""), dev, firmware.ErrMarkedBad},
 		{"marked bad", m("1.6.0", 9, ""), dev, firmware.ErrMarkedBad},
 		{"needs a newer version first", m("3.0.0", 9, "2.0.0"), dev, firmware.ErrMinFrom},
 		{"other hardware", m("1.5.0", 5, ""), func() firmware.Device { d := dev; d.HW = "linux/arm64"; return d }(), release.ErrIncompatible},

@@ -1,6 +1,8 @@
 package firmware
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -58,7 +60,11 @@ type SlotState struct {
 	// binary has never been updated (the launcher runs itself).
 	Active        string `json:"active,omitempty"`
 	ActiveVersion string `json:"active_version,omitempty"`
-	Trial         *Trial `json:"trial,omitempty"`
+	// ActiveSVN is the committed release's security version: the TPM
+	// counter is raised to it after the commit, and again at every start
+	// until it holds (a crash between the two loses nothing).
+	ActiveSVN uint32 `json:"active_svn,omitempty"`
+	Trial     *Trial `json:"trial,omitempty"`
 	// Bad holds releases that failed their trial, as NAME@VERSION.
 	Bad  []string    `json:"bad,omitempty"`
 	Last *SlotResult `json:"last,omitempty"`
@@ -110,6 +116,9 @@ func (s *Slots) State() (SlotState, error) {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return st, fmt.Errorf("firmware slots: %s: %w", s.statePath(), err)
 	}
+	if st.Active != "" && st.Active != "a" && st.Active != "b" || st.Trial != nil && st.Trial.Slot != "a" && st.Trial.Slot != "b" {
+		return SlotState{}, fmt.Errorf("firmware slots: %s names a slot other than a and b", s.statePath())
+	}
 	return st, nil
 }
 
@@ -135,6 +144,9 @@ var ErrTrialPending = errors.New("firmware: a release is on trial")
 // that is not active and makes it the trial for m. The payload must have
 // passed release.Trust and Accept.
 func (s *Slots) Stage(src string, m *release.Manifest) error {
+	if m.Type != release.TypeAgent {
+		return fmt.Errorf("firmware: %s %s is of type %q; only %q releases go into the agent's slots", m.Name, m.Version, m.Type, release.TypeAgent)
+	}
 	st, err := s.State()
 	if err != nil {
 		return err
@@ -150,7 +162,8 @@ func (s *Slots) Stage(src string, m *release.Manifest) error {
 		slot = "b"
 	}
 	dst := s.binary(slot)
-	if err := copyExecutable(src, dst+".new", s.step); err != nil {
+	if err := copyExecutable(src, dst+".new", m, s.step); err != nil {
+		os.Remove(dst + ".new")
 		return err
 	}
 	if err := s.step("binary written"); err != nil {
@@ -165,12 +178,16 @@ func (s *Slots) Stage(src string, m *release.Manifest) error {
 	if err := s.step("binary in place"); err != nil {
 		return err
 	}
-	st.Trial = &Trial{Slot: slot, Name: m.Name, Version: m.SemVer().String(), SVN: m.SVN, Staged: s.Now().UTC()}
+	v := m.SemVer()
+	v.Build = "" // a release is one version, whatever its build metadata
+	st.Trial = &Trial{Slot: slot, Name: m.Name, Version: v.String(), SVN: m.SVN, Staged: s.Now().UTC()}
 	return s.write(st)
 }
 
-// copyExecutable copies src to dst (0755), fsync'ed.
-func copyExecutable(src, dst string, step func(string) error) error {
+// copyExecutable copies src to dst (0755), fsync'ed, checking that what
+// it copies is m's payload (the bytes that go into the slot are the
+// signed ones, whatever happened to src since it was verified).
+func copyExecutable(src, dst string, m *release.Manifest, step func(string) error) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return fmt.Errorf("firmware slots: %w", err)
@@ -180,9 +197,15 @@ func copyExecutable(src, dst string, step func(string) error) error {
 	if err != nil {
 		return fmt.Errorf("firmware slots: %w", err)
 	}
-	if _, err := io.Copy(out, in); err != nil {
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(out, h), io.LimitReader(in, m.Length+1))
+	if err != nil {
 		out.Close()
 		return fmt.Errorf("firmware slots: copying the payload: %w", err)
+	}
+	if n != m.Length || !bytes.Equal(h.Sum(nil), m.Digest()) {
+		out.Close()
+		return fmt.Errorf("%w: %s is not the payload of %s %s", ErrDigest, src, m.Name, m.Version)
 	}
 	if err := step("binary copied, not synced"); err != nil {
 		out.Close()
@@ -213,6 +236,9 @@ func (s *Slots) Next() (path string, trial bool, err error) {
 		case !t.Deadline.IsZero() && now.After(t.Deadline):
 			return s.rollback(st, fmt.Sprintf("not healthy within %v", s.Deadline))
 		}
+		if !executable(s.binary(t.Slot)) {
+			return s.rollback(st, "the trial's binary is missing")
+		}
 		t.Attempts++
 		if t.Deadline.IsZero() {
 			t.Deadline = now.Add(s.Deadline)
@@ -225,16 +251,23 @@ func (s *Slots) Next() (path string, trial bool, err error) {
 	return s.committed(st), false, nil
 }
 
+// committed is the committed slot's binary, or "" (the launcher's own)
+// when there is none or it is missing.
 func (s *Slots) committed(st SlotState) string {
-	if st.Active == "" {
+	if st.Active == "" || !executable(s.binary(st.Active)) {
 		return ""
 	}
 	return s.binary(st.Active)
 }
 
+func executable(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o100 != 0
+}
+
 func (s *Slots) rollback(st SlotState, reason string) (string, bool, error) {
 	t := st.Trial
-	key := t.Name + "@" + t.Version
+	key := t.Name + "@" + t.Version // a version without build metadata
 	st.Bad = append(st.Bad, key)
 	st.Trial = nil
 	st.Last = &SlotResult{Release: key, Result: "rolled-back", Reason: reason, At: s.Now().UTC()}
@@ -255,7 +288,10 @@ func (s *Slots) Commit() (*Trial, error) {
 	if t == nil {
 		return nil, errors.New("firmware: no release on trial to commit")
 	}
-	st.Active, st.ActiveVersion, st.Trial = t.Slot, t.Version, nil
+	if t.Attempts < 1 {
+		return nil, fmt.Errorf("firmware: %s %s has not run yet; a trial commits once it has proved healthy", t.Name, t.Version)
+	}
+	st.Active, st.ActiveVersion, st.ActiveSVN, st.Trial = t.Slot, t.Version, t.SVN, nil
 	st.Last = &SlotResult{Release: t.Name + "@" + t.Version, Result: "committed", At: s.Now().UTC()}
 	return t, s.write(st)
 }

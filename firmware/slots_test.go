@@ -1,6 +1,8 @@
 package firmware_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -12,8 +14,19 @@ import (
 	"iotagent.dev/iotagent/firmware/release"
 )
 
-func agentRelease(version string) *release.Manifest {
-	return &release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: version, SVN: 1, HW: []string{"linux/armv7"}}
+// release returns a stand-in agent binary holding content and its
+// manifest.
+func agentRelease(t *testing.T, version, content string) (string, *release.Manifest) {
+	t.Helper()
+	sum := sha256.Sum256([]byte(content))
+	return binaryFile(t, content), &release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: version, SVN: 1,
+		HW: []string{"linux/armv7"}, Length: int64(len(content)), SHA256: hex.EncodeToString(sum[:])}
+}
+
+func stage(t *testing.T, s *firmware.Slots, version, content string) error {
+	t.Helper()
+	p, m := agentRelease(t, version, content)
+	return s.Stage(p, m)
 }
 
 // binaryFile writes a stand-in agent binary holding content.
@@ -43,10 +56,10 @@ func TestSlotsTrialCommitRollback(t *testing.T) {
 	if p, trial, err := s.Next(); p != "" || trial || err != nil {
 		t.Fatalf("Next before any update = %q %v %v, want the launcher itself", p, trial, err)
 	}
-	if err := s.Stage(binaryFile(t, "v1.5"), agentRelease("1.5.0")); err != nil {
+	if err := stage(t, s, "1.5.0", "v1.5"); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Stage(binaryFile(t, "v9"), agentRelease("9.0.0")); !errors.Is(err, firmware.ErrTrialPending) {
+	if err := stage(t, s, "9.0.0", "v9"); !errors.Is(err, firmware.ErrTrialPending) {
 		t.Errorf("Stage during a trial = %v, want ErrTrialPending", err)
 	}
 	p, trial, err := s.Next()
@@ -65,7 +78,7 @@ func TestSlotsTrialCommitRollback(t *testing.T) {
 	}
 	// The next release goes to the other slot; a failed trial is marked
 	// bad and the committed binary runs again.
-	if err := s.Stage(binaryFile(t, "v1.6"), agentRelease("1.6.0")); err != nil {
+	if err := stage(t, s, "1.6.0", "v1.6"); err != nil {
 		t.Fatal(err)
 	}
 	if p, _, _ := s.Next(); p == committed || read(t, p) != "v1.6" {
@@ -77,7 +90,7 @@ func TestSlotsTrialCommitRollback(t *testing.T) {
 	if p, trial, _ := s.Next(); p != committed || trial {
 		t.Errorf("Next after a rollback = %q %v, want the committed %s", p, trial, committed)
 	}
-	if err := s.Stage(binaryFile(t, "v1.6"), agentRelease("1.6.0")); !errors.Is(err, firmware.ErrMarkedBad) {
+	if err := stage(t, s, "1.6.0", "v1.6"); !errors.Is(err, firmware.ErrMarkedBad) {
 		t.Errorf("staging the release marked bad = %v, want ErrMarkedBad", err)
 	}
 	st, _ := s.State()
@@ -91,7 +104,7 @@ func TestSlotsTrialCommitRollback(t *testing.T) {
 func TestSlotsRollBackByThemselves(t *testing.T) {
 	t.Run("crash loop", func(t *testing.T) {
 		s, _ := firmware.OpenSlots(filepath.Join(t.TempDir(), "fw"))
-		s.Stage(binaryFile(t, "bad"), agentRelease("2.0.0"))
+		stage(t, s, "2.0.0", "bad")
 		for i := range 3 {
 			if _, trial, err := s.Next(); !trial || err != nil {
 				t.Fatalf("start %d = trial %v, %v", i+1, trial, err)
@@ -109,7 +122,7 @@ func TestSlotsRollBackByThemselves(t *testing.T) {
 		now := time.Now()
 		s, _ := firmware.OpenSlots(filepath.Join(t.TempDir(), "fw"))
 		s.Now = func() time.Time { return now }
-		s.Stage(binaryFile(t, "slow"), agentRelease("2.0.0"))
+		stage(t, s, "2.0.0", "slow")
 		if _, trial, _ := s.Next(); !trial {
 			t.Fatal("the first start is not the trial")
 		}
@@ -130,7 +143,7 @@ func TestSlotsCrashWhileStaging(t *testing.T) {
 		t.Run(step, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "fw")
 			s, _ := firmware.OpenSlots(dir)
-			s.Stage(binaryFile(t, "v1"), agentRelease("1.0.0"))
+			stage(t, s, "1.0.0", "v1")
 			s.Next()
 			if _, err := s.Commit(); err != nil {
 				t.Fatal(err)
@@ -142,7 +155,7 @@ func TestSlotsCrashWhileStaging(t *testing.T) {
 				}
 				return nil
 			})
-			if err := s.Stage(binaryFile(t, "v2"), agentRelease("2.0.0")); !errors.Is(err, crash) {
+			if err := stage(t, s, "2.0.0", "v2"); !errors.Is(err, crash) {
 				t.Fatalf("Stage = %v, want the crash", err)
 			}
 			// The agent starts again.
@@ -154,12 +167,48 @@ func TestSlotsCrashWhileStaging(t *testing.T) {
 			if err != nil || trial || read(t, p) != "v1" {
 				t.Fatalf("after the crash Next = %q %v %v, want the committed v1", p, trial, err)
 			}
-			if err := again.Stage(binaryFile(t, "v2"), agentRelease("2.0.0")); err != nil {
+			if err := stage(t, again, "2.0.0", "v2"); err != nil {
 				t.Fatalf("staging again: %v", err)
 			}
 			if p, trial, _ := again.Next(); !trial || read(t, p) != "v2" {
 				t.Errorf("the trial after staging again = %q %v", p, trial)
 			}
 		})
+	}
+}
+
+// What review found the slots let through.
+func TestSlotsRefuse(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "fw")
+	s, _ := firmware.OpenSlots(dir)
+	p, m := agentRelease(t, "1.0.0", "signed")
+	os.WriteFile(p, []byte("swapped"), 0o600) // changed after it was verified
+	if err := s.Stage(p, m); !errors.Is(err, firmware.ErrDigest) {
+		t.Errorf("staging a file that is not the signed payload = %v, want ErrDigest", err)
+	}
+	p, m = agentRelease(t, "1.0.0", "image")
+	m.Type = release.TypeImage
+	if err := s.Stage(p, m); err == nil || !strings.Contains(err.Error(), `only "agent" releases`) {
+		t.Errorf("staging an image release into the agent's slots = %v", err)
+	}
+	if err := stage(t, s, "1.0.0", "v1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(); err == nil || !strings.Contains(err.Error(), "has not run yet") {
+		t.Errorf("committing a trial that never ran = %v", err)
+	}
+	// The trial's binary went missing: rolled back at once.
+	st, _ := s.State()
+	os.Remove(filepath.Join(dir, "slots", st.Trial.Slot, "iotagent"))
+	if p, trial, err := s.Next(); trial || err != nil || p != "" {
+		t.Errorf("Next with the trial's binary gone = %q %v %v, want a rollback to the launcher", p, trial, err)
+	}
+	if st, _ := s.State(); st.Last == nil || !strings.Contains(st.Last.Reason, "missing") {
+		t.Errorf("state = %+v", st)
+	}
+	// A state naming another slot than a or b is refused.
+	os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"active":"../../../../bin"}`), 0o600)
+	if _, _, err := s.Next(); err == nil {
+		t.Error("a state naming a slot outside the slots was used")
 	}
 }

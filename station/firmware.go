@@ -62,7 +62,7 @@ func (s *Station) installKeyList(raw []byte) error {
 		if err != nil {
 			return fmt.Errorf("the installed key list: %w", err)
 		}
-		if _, err := t.Update(raw, s.now()); err != nil {
+		if _, err := t.Update(raw); err != nil {
 			return err
 		}
 	}

@@ -14,41 +14,54 @@ import (
 // resumes from the highest value any counter had (measured on swtpm).
 // It reads as uninitialized until its first increment.
 
-// ErrCounterAbsent: no counter is defined at the index.
-var ErrCounterAbsent = errors.New("tpm: no NV counter at that index")
+// Counter errors. Neither may be read as 0: whoever holds the owner
+// authorization (empty on most gateways) can undefine the index and
+// define it again without incrementing it. The first increment starts
+// it at the highest value any counter of the TPM had.
+var (
+	// ErrCounterAbsent: no counter is defined at the index.
+	ErrCounterAbsent = errors.New("tpm: no NV counter at that index")
+	// ErrCounterUnwritten: the counter is defined but was never
+	// incremented.
+	ErrCounterUnwritten = errors.New("tpm: NV counter never incremented")
+)
 
 // MaxCounterStep bounds how far one RaiseCounter call increments (each
 // step is an NV write, which a TPM's flash wears and may rate-limit).
 const MaxCounterStep = 1024
 
-// Counter reads the NV counter at index: 0 when defined but never
-// incremented, ErrCounterAbsent when not defined.
+// Counter reads the NV counter at index; ErrCounterAbsent or
+// ErrCounterUnwritten when there is no value to trust.
 func (t *TPM) Counter(index uint32) (uint64, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	v, _, err := t.readCounter(index)
+	v, written, _, err := t.readCounter(index)
+	if err == nil && !written {
+		return 0, fmt.Errorf("%w: %#x", ErrCounterUnwritten, index)
+	}
 	return v, err
 }
 
-// readCounter returns the counter's value and its NV name. t.mu held.
-func (t *TPM) readCounter(index uint32) (uint64, tpm2.TPM2BName, error) {
+// readCounter returns the counter's value, whether it was ever
+// incremented, and its NV name. t.mu held.
+func (t *TPM) readCounter(index uint32) (uint64, bool, tpm2.TPM2BName, error) {
 	h := tpm2.TPMHandle(index)
 	pub, err := tpm2.NVReadPublic{NVIndex: h}.Execute(t.tr)
 	if errors.Is(err, tpm2.TPMRCHandle) {
-		return 0, tpm2.TPM2BName{}, fmt.Errorf("%w %#x", ErrCounterAbsent, index)
+		return 0, false, tpm2.TPM2BName{}, fmt.Errorf("%w %#x", ErrCounterAbsent, index)
 	}
 	if err != nil {
-		return 0, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV_ReadPublic %#x: %w", index, err)
+		return 0, false, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV_ReadPublic %#x: %w", index, err)
 	}
 	nv, err := pub.NVPublic.Contents()
 	if err != nil {
-		return 0, tpm2.TPM2BName{}, err
+		return 0, false, tpm2.TPM2BName{}, err
 	}
 	if nv.Attributes.NT != tpm2.TPMNTCounter {
-		return 0, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV index %#x is not a counter (type %d)", index, nv.Attributes.NT)
+		return 0, false, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV index %#x is not a counter (type %d)", index, nv.Attributes.NT)
 	}
 	if !nv.Attributes.Written {
-		return 0, pub.NVName, nil
+		return 0, false, pub.NVName, nil
 	}
 	rsp, err := tpm2.NVRead{
 		AuthHandle: tpm2.TPMRHOwner,
@@ -56,12 +69,12 @@ func (t *TPM) readCounter(index uint32) (uint64, tpm2.TPM2BName, error) {
 		Size:       8,
 	}.Execute(t.tr)
 	if err != nil {
-		return 0, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV_Read %#x: %w", index, err)
+		return 0, false, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV_Read %#x: %w", index, err)
 	}
 	if len(rsp.Data.Buffer) != 8 {
-		return 0, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV counter %#x read %d bytes", index, len(rsp.Data.Buffer))
+		return 0, false, tpm2.TPM2BName{}, fmt.Errorf("tpm: NV counter %#x read %d bytes", index, len(rsp.Data.Buffer))
 	}
-	return binary.BigEndian.Uint64(rsp.Data.Buffer), pub.NVName, nil
+	return binary.BigEndian.Uint64(rsp.Data.Buffer), true, pub.NVName, nil
 }
 
 // RaiseCounter makes the NV counter at index at least to, defining it
@@ -71,12 +84,12 @@ func (t *TPM) readCounter(index uint32) (uint64, tpm2.TPM2BName, error) {
 func (t *TPM) RaiseCounter(index uint32, to uint64) (uint64, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	v, name, err := t.readCounter(index)
+	v, written, name, err := t.readCounter(index)
 	if errors.Is(err, ErrCounterAbsent) {
 		if err := t.defineCounter(index); err != nil {
 			return 0, err
 		}
-		v, name, err = t.readCounter(index)
+		v, written, name, err = t.readCounter(index)
 	}
 	if err != nil {
 		return 0, err
@@ -84,7 +97,9 @@ func (t *TPM) RaiseCounter(index uint32, to uint64) (uint64, error) {
 	if to > v && to-v > MaxCounterStep {
 		return v, fmt.Errorf("tpm: raising NV counter %#x from %d to %d: more than %d steps", index, v, to, MaxCounterStep)
 	}
-	for v < to {
+	// A counter never incremented has no value yet: the first increment
+	// gives it one (the TPM's highest), whatever to is.
+	for v < to || !written {
 		if _, err := (tpm2.NVIncrement{
 			AuthHandle: tpm2.TPMRHOwner,
 			NVIndex:    tpm2.NamedHandle{Handle: tpm2.TPMHandle(index), Name: name},
@@ -93,7 +108,7 @@ func (t *TPM) RaiseCounter(index uint32, to uint64) (uint64, error) {
 		}
 		// The first increment makes the name change (TPMA_NV_WRITTEN) and
 		// may start the counter above 1.
-		if v, name, err = t.readCounter(index); err != nil {
+		if v, written, name, err = t.readCounter(index); err != nil {
 			return v, err
 		}
 	}

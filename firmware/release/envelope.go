@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 )
 
 // Payload types: a signature binds its payload to one, so that a
@@ -138,6 +139,57 @@ func open(raw []byte, payloadType string, max int, trusted map[string]ed25519.Pu
 	return payload, nil
 }
 
+// checkKeys walks the JSON in b and refuses a key that is not lower case
+// (but payloadType) or that repeats in its object, whatever its case.
+func checkKeys(b []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	type frame struct {
+		object bool
+		keys   map[string]bool
+		expect bool // the next string token is a key
+	}
+	var stack []*frame
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var top *frame
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		if key, ok := tok.(string); ok && top != nil && top.object && top.expect {
+			lower := strings.ToLower(key)
+			if key != lower && key != "payloadType" {
+				return fmt.Errorf("key %q is not lower case", key)
+			}
+			if top.keys[lower] {
+				return fmt.Errorf("key %q repeats", key)
+			}
+			top.keys[lower] = true
+			top.expect = false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &frame{object: true, keys: map[string]bool{}, expect: true})
+			continue
+		case json.Delim('['):
+			stack = append(stack, &frame{})
+			continue
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+		}
+		// A value ended: in an object, a key comes next.
+		if len(stack) > 0 && stack[len(stack)-1].object {
+			stack[len(stack)-1].expect = true
+		}
+	}
+}
+
 // peek returns the payload of an envelope of payloadType without
 // checking its signatures: only for a document whose signatures the
 // caller checks next (Trust.Restore checks them against the keys the
@@ -170,8 +222,15 @@ func decode(raw []byte, payloadType string, max int) (*envelope, []byte, error) 
 }
 
 // strictUnmarshal decodes one JSON value into v, refusing unknown fields
-// and trailing data.
+// and trailing data, and keys that encoding/json would match to a field
+// another parser reads otherwise: it matches names without regard to
+// case and lets the last of duplicates win, so {"svn":3,"SVN":0} would
+// be svn 0 here and 3 elsewhere. Every key must be unique in its object
+// and lower case (the envelope's payloadType aside).
 func strictUnmarshal(b []byte, v any) error {
+	if err := checkKeys(b); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {

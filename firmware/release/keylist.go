@@ -67,6 +67,16 @@ func (l *KeyList) validate() error {
 	case l.Expires.IsZero():
 		return errors.New("key list: no expiry")
 	}
+	for _, k := range l.RootKeys {
+		if len(k) != ed25519.PublicKeySize {
+			return fmt.Errorf("key list: a root key of %d bytes, want %d", len(k), ed25519.PublicKeySize)
+		}
+	}
+	for _, k := range l.SigningKeys {
+		if len(k.Key) != ed25519.PublicKeySize {
+			return fmt.Errorf("key list: a signing key of %d bytes, want %d", len(k.Key), ed25519.PublicKeySize)
+		}
+	}
 	seen := map[string]bool{}
 	for _, k := range l.RootKeys {
 		if id := KeyID(ed25519.PublicKey(k)); seen[id] {

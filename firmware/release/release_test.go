@@ -82,7 +82,7 @@ func TestReleaseAccepted(t *testing.T) {
 	if _, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now); !errors.Is(err, release.ErrNoKeyList) {
 		t.Errorf("a manifest before any key list = %v, want ErrNoKeyList", err)
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root), now); err != nil {
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
 		t.Fatalf("key list: %v", err)
 	}
 	m, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now)
@@ -115,7 +115,7 @@ func TestKeyListRefused(t *testing.T) {
 	v1 := sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)
 	fresh := func() *release.Trust {
 		tr := trust(t, root)
-		if _, err := tr.Update(v1, now); err != nil {
+		if _, err := tr.Update(v1); err != nil {
 			t.Fatal(err)
 		}
 		return tr
@@ -132,11 +132,18 @@ func TestKeyListRefused(t *testing.T) {
 		{"signed by a signing key", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, ""},
 		{"version down", sign(t, release.TypeKeyList, keyList(0, []ed25519.PrivateKey{root}, signer), root), release.ErrRollback, "version 0, the current one is 1"},
 		{"same version, other contents", sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer, other), root), release.ErrRollback, "other contents"},
-		{"expired", sign(t, release.TypeKeyList, func() *release.KeyList {
-			l := keyList(2, []ed25519.PrivateKey{root}, signer)
-			l.Expires = now.Add(-time.Second)
-			return l
-		}(), root), release.ErrExpired, "expired"},
+		{"a missing root key", func() []byte {
+			b, _ := json.Marshal(keyList(2, []ed25519.PrivateKey{root}, signer))
+			b = bytes.Replace(b, []byte(`"root_keys":[`), []byte(`"root_keys":[null,`), 1)
+			env, _ := release.Sign(release.TypeKeyList, b, root)
+			return env
+		}(), nil, "a root key of 0 bytes"},
+		{"an upper-case key (another parser would read it otherwise)", func() []byte {
+			b, _ := json.Marshal(keyList(2, []ed25519.PrivateKey{root}, signer))
+			b = bytes.Replace(b, []byte(`"threshold":1`), []byte(`"threshold":1,"Threshold":1`), 1)
+			env, _ := release.Sign(release.TypeKeyList, b, root)
+			return env
+		}(), nil, "key"},
 		{"new roots that did not sign", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root2}, signer), root), release.ErrSignature, "its own root keys"},
 		{"below its own root threshold", sign(t, release.TypeKeyList, two, root), release.ErrSignature, "1 valid signatures by trusted keys, 2 needed"},
 		{"a manifest offered as a key list", sign(t, release.TypeManifest, keyList(2, []ed25519.PrivateKey{root}, signer), root), nil, "where a"},
@@ -155,7 +162,7 @@ func TestKeyListRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := fresh()
-			_, err := tr.Update(tc.raw, now)
+			_, err := tr.Update(tc.raw)
 			if err == nil || tc.want != nil && !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
 				t.Errorf("Update = %v, want %v containing %q", err, tc.want, tc.text)
 			}
@@ -166,15 +173,15 @@ func TestKeyListRefused(t *testing.T) {
 	}
 	// The same list again is no change.
 	tr := fresh()
-	if _, err := tr.Update(v1, now); err != nil {
+	if _, err := tr.Update(v1); err != nil {
 		t.Errorf("the current key list again = %v, want accepted", err)
 	}
 	// With a root threshold of 2, both roots sign.
 	ok := sign(t, release.TypeKeyList, two, root, root2)
-	if _, err := tr.Update(ok, now); err != nil {
+	if _, err := tr.Update(ok); err != nil {
 		t.Fatalf("v2 signed by both roots: %v", err)
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{root, root2}, signer), root), now); !errors.Is(err, release.ErrSignature) {
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{root, root2}, signer), root)); !errors.Is(err, release.ErrSignature) {
 		t.Errorf("v3 with one of v2's two required root signatures = %v, want ErrSignature", err)
 	}
 }
@@ -190,12 +197,25 @@ func TestRootRotation(t *testing.T) {
 		sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{r2}, signer), r2),
 	}
 	for i, raw := range steps {
-		if _, err := tr.Update(raw, now); err != nil {
+		if _, err := tr.Update(raw); err != nil {
 			t.Fatalf("step %d: %v", i+1, err)
 		}
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(4, []ed25519.PrivateKey{r1}, signer), r1), now); !errors.Is(err, release.ErrSignature) {
+	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(4, []ed25519.PrivateKey{r1}, signer), r1)); !errors.Is(err, release.ErrSignature) {
 		t.Errorf("a key list from the retired root = %v, want ErrSignature", err)
+	}
+	// A device that missed the rotation walks the chain, though the
+	// intermediate list expired meanwhile (TUF checks only the last).
+	expired := keyList(2, []ed25519.PrivateKey{r2}, signer)
+	expired.Expires = now.Add(-time.Hour)
+	late := trust(t, r1)
+	for i, raw := range [][]byte{steps[0], sign(t, release.TypeKeyList, expired, r1, r2), steps[2]} {
+		if _, err := late.Update(raw); err != nil {
+			t.Fatalf("catching up, step %d: %v", i+1, err)
+		}
+	}
+	if _, err := late.Manifest(sign(t, release.TypeManifest, manifest(), signer), now); err != nil {
+		t.Errorf("a manifest after catching up: %v", err)
 	}
 	// Restored after a restart, the rotated list is trusted as kept, even
 	// expired, and holds the version floor.
@@ -204,7 +224,7 @@ func TestRootRotation(t *testing.T) {
 	if _, err := back.Restore(tr.Raw()); err != nil {
 		t.Fatalf("Restore: %v", err)
 	}
-	if _, err := back.Update(steps[1], later); !errors.Is(err, release.ErrRollback) && !errors.Is(err, release.ErrSignature) {
+	if _, err := back.Update(steps[1]); !errors.Is(err, release.ErrRollback) && !errors.Is(err, release.ErrSignature) {
 		t.Errorf("an older key list after Restore = %v, want refused", err)
 	}
 	if _, err := back.Manifest(sign(t, release.TypeManifest, manifest(), signer), later); !errors.Is(err, release.ErrExpired) {
@@ -223,7 +243,7 @@ func TestManifestRefused(t *testing.T) {
 	l := keyList(1, []ed25519.PrivateKey{root}, signer, stale)
 	l.SigningKeys[1].Expires = now.Add(-time.Minute)
 	tr := trust(t, root)
-	if _, err := tr.Update(sign(t, release.TypeKeyList, l, root), now); err != nil {
+	if _, err := tr.Update(sign(t, release.TypeKeyList, l, root)); err != nil {
 		t.Fatal(err)
 	}
 	with := func(f func(*release.Manifest)) *release.Manifest {
@@ -303,6 +323,11 @@ func TestVersionOrder(t *testing.T) {
 			}
 		}
 	}
+	big, _ := release.ParseVersion("1.0.0-99999999999999999999")
+	bigger, _ := release.ParseVersion("1.0.0-100000000000000000000")
+	if big.Compare(bigger) != -1 {
+		t.Error("numeric pre-release identifiers past uint64 compare as strings")
+	}
 	a, _ := release.ParseVersion("1.0.0+build.1")
 	b, _ := release.ParseVersion("1.0.0+build.2")
 	if a.Compare(b) != 0 || a.String() != "1.0.0+build.1" {
@@ -320,7 +345,7 @@ func TestVersionOrder(t *testing.T) {
 func FuzzManifest(f *testing.F) {
 	root, signer := key(f), key(f)
 	tr := trust(f, root)
-	if _, err := tr.Update(sign(f, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root), now); err != nil {
+	if _, err := tr.Update(sign(f, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
 		f.Fatal(err)
 	}
 	good := sign(f, release.TypeManifest, manifest(), signer)

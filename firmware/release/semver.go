@@ -130,21 +130,31 @@ func (v Version) Compare(w Version) int {
 }
 
 func compareIdentifier(a, b string) int {
-	na, ea := numeric(a)
-	nb, eb := numeric(b)
+	da, db := digits(a), digits(b)
 	switch {
-	case ea == nil && eb == nil:
-		switch {
-		case na < nb:
-			return -1
-		case na > nb:
+	case da && db:
+		// Numerically, whatever their size: by length, then by digits
+		// (numeric identifiers have no leading zeros).
+		if len(a) != len(b) {
+			if len(a) < len(b) {
+				return -1
+			}
 			return 1
 		}
-		return 0
-	case ea == nil:
+		return strings.Compare(a, b)
+	case da:
 		return -1 // numeric identifiers are below alphanumeric ones
-	case eb == nil:
+	case db:
 		return 1
 	}
 	return strings.Compare(a, b)
+}
+
+func digits(s string) bool {
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return s != ""
 }

@@ -38,6 +38,11 @@ func NewTrust(roots []ed25519.PublicKey, threshold int) (*Trust, error) {
 	if len(l.RootKeys) == 0 || len(l.RootKeys) > MaxKeys || threshold < 1 || threshold > len(roots) {
 		return nil, fmt.Errorf("release: %d root keys with a threshold of %d", len(roots), threshold)
 	}
+	for _, r := range roots {
+		if len(r) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("release: a root key of %d bytes, want %d", len(r), ed25519.PublicKeySize)
+		}
+	}
 	return &Trust{cur: l}, nil
 }
 
@@ -56,25 +61,27 @@ func (t *Trust) Raw() []byte { return t.raw }
 // Update accepts a new key list: signed by the threshold of the current
 // root keys and by the threshold of its own, a version above the
 // current one (the same version is accepted only with the same bytes,
-// and changes nothing), and not expired at now (the device's clock
-// floor).
-func (t *Trust) Update(raw []byte, now time.Time) (*KeyList, error) {
-	return t.accept(raw, now, true)
+// and changes nothing). Its expiry is not checked here, as TUF checks
+// only the last root's: a device that missed rotations walks the chain
+// of lists, some of them expired by now; Manifest refuses while the
+// current list is expired at its clock floor.
+func (t *Trust) Update(raw []byte) (*KeyList, error) {
+	return t.accept(raw, true)
 }
 
 // Restore takes back a key list the device accepted before and kept in
 // its own state (as TUF clients keep their trusted root): it is trusted
 // as kept, since its root keys may have rotated away from the ones the
 // device was given, and only needs the signatures of its own root keys.
-// Its expiry is not checked, so that an expired one still holds the
-// version floor; manifests are refused until a fresh one comes.
+// An expired one still holds the version floor; manifests are refused
+// until a fresh one comes.
 func (t *Trust) Restore(raw []byte) (*KeyList, error) {
-	return t.accept(raw, time.Time{}, false)
+	return t.accept(raw, false)
 }
 
 // accept checks raw as a successor of the current key list (update), or
 // as one kept before (restore: !update).
-func (t *Trust) accept(raw []byte, now time.Time, update bool) (*KeyList, error) {
+func (t *Trust) accept(raw []byte, update bool) (*KeyList, error) {
 	var payload []byte
 	var err error
 	if update {
@@ -107,9 +114,6 @@ func (t *Trust) accept(raw []byte, now time.Time, update bool) (*KeyList, error)
 			}
 			return t.cur, nil
 		}
-	}
-	if update && !now.Before(l.Expires) {
-		return nil, fmt.Errorf("%w: key list version %d expired at %s", ErrExpired, l.Version, l.Expires.UTC().Format(time.RFC3339))
 	}
 	t.cur, t.raw = &l, bytes.Clone(raw)
 	return &l, nil
