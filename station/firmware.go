@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"iotagent.dev/iotagent/firmware/release"
@@ -66,7 +67,13 @@ func (s *Station) installKeyList(raw []byte) error {
 			return err
 		}
 	}
-	if err := atomicfile.MkdirPrivate(s.firmwarePath()); err != nil {
+	t, _ := release.TrustKeyList(raw)
+	if err := atomicfile.MkdirPrivate(s.firmwarePath("keylists")); err != nil {
+		return err
+	}
+	// Every version stays served (keylists/N), so that a device that
+	// missed rotations walks the chain; the current one also as keylist.
+	if err := atomicfile.Write(s.firmwarePath("keylists", strconv.FormatUint(t.KeyList().Version, 10)), raw, 0o600); err != nil {
 		return err
 	}
 	return atomicfile.Write(s.firmwarePath(fwKeyList), raw, 0o600)
@@ -149,7 +156,8 @@ func (s *Station) publishRelease(payloadPath string, raw []byte) (*release.Manif
 	return m, atomicfile.Write(filepath.Join(dir, fwManifest), raw, 0o600)
 }
 
-// handleFirmware serves the key list, manifests and payloads to devices
+// handleFirmware serves the key list (the current one, or version N at
+// /firmware/keylist/N), manifests and payloads to devices
 // over mutual TLS (a device certificate is required; a revoked device is
 // refused), payloads with Range and If-Range.
 func (s *Station) handleFirmware(w http.ResponseWriter, r *http.Request) {
@@ -166,6 +174,14 @@ func (s *Station) handleFirmware(w http.ResponseWriter, r *http.Request) {
 	switch r.PathValue("what") {
 	case "keylist":
 		path = s.firmwarePath(fwKeyList)
+		if n := r.PathValue("version"); n != "" {
+			v, err := strconv.ParseUint(n, 10, 64)
+			if err != nil || strconv.FormatUint(v, 10) != n {
+				http.Error(w, "no such key list", http.StatusNotFound)
+				return
+			}
+			path = s.firmwarePath("keylists", n)
+		}
 	case fwManifest, fwPayload:
 		name, version := r.PathValue("name"), r.PathValue("version")
 		v, err := release.ParseVersion(version)

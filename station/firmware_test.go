@@ -55,8 +55,21 @@ func TestFirmwareRepository(t *testing.T) {
 	if err := st.InstallKeyList(fwSign(t, release.TypeKeyList, kl, signer)); err == nil {
 		t.Error("a key list its root did not sign was installed")
 	}
-	if err := st.InstallKeyList(fwSign(t, release.TypeKeyList, kl, root)); err != nil {
+	v1 := fwSign(t, release.TypeKeyList, kl, root)
+	if err := st.InstallKeyList(v1); err != nil {
 		t.Fatal(err)
+	}
+	if err := st.InstallKeyList(v1); err != nil {
+		t.Errorf("the same key list again: %v", err)
+	}
+	kl2 := *kl
+	kl2.Version = 2
+	v2 := fwSign(t, release.TypeKeyList, &kl2, root)
+	if err := st.InstallKeyList(v2); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.InstallKeyList(v1); err == nil {
+		t.Error("an older key list was installed over a newer one")
 	}
 	payload := make([]byte, 700_000)
 	rand.Read(payload)
@@ -103,6 +116,17 @@ func TestFirmwareRepository(t *testing.T) {
 	}
 	if code, _, _ := get(anon, "/firmware/keylist"); code != http.StatusForbidden {
 		t.Errorf("key list without a device certificate = %d, want 403", code)
+	}
+	// Every version of the key list, for a device that missed some.
+	for path, want := range map[string][]byte{"/firmware/keylist": v2, "/firmware/keylist/1": v1, "/firmware/keylist/2": v2} {
+		if code, _, b := get(c, path); code != http.StatusOK || string(b) != string(want) {
+			t.Errorf("GET %s = %d, not the key list it names", path, code)
+		}
+	}
+	for _, path := range []string{"/firmware/keylist/3", "/firmware/keylist/01", "/firmware/keylist/..%2fkeylist.json"} {
+		if code, _, _ := get(c, path); code != http.StatusNotFound {
+			t.Errorf("GET %s = %d, want 404", path, code)
+		}
 	}
 	if code, _, b := get(c, "/firmware/releases/iotagent/1.5.0/manifest"); code != http.StatusOK || string(b) != string(manifest) {
 		t.Errorf("manifest = %d", code)

@@ -43,6 +43,7 @@ func (s *Station) Handler() http.Handler {
 	// answer: payloads are streamed (and resumed with Range).
 	top := http.NewServeMux()
 	top.HandleFunc("GET /firmware/{what}", s.handleFirmware)
+	top.HandleFunc("GET /firmware/{what}/{version}", s.handleFirmware)
 	top.HandleFunc("GET /firmware/releases/{name}/{version}/{what}", s.handleFirmware)
 	top.Handle("/", http.TimeoutHandler(mux, requestTimeout, "request timed out\n"))
 	return top
