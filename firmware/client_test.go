@@ -1,0 +1,135 @@
+package firmware_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/firmware"
+	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/station/stationtest"
+	"iotagent.dev/iotagent/tpm/tpmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
+
+func signJSON(t *testing.T, typ string, v any, keys ...ed25519.PrivateKey) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := release.Sign(typ, b, keys...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+func newKey(t *testing.T) ed25519.PrivateKey {
+	t.Helper()
+	_, k, _ := ed25519.GenerateKey(rand.Reader)
+	return k
+}
+
+func pk(k ed25519.PrivateKey) release.PublicKey { return release.PublicKey(k.Public().(ed25519.PublicKey)) }
+
+// A device given only the first root key catches up with two rotations
+// from the station, keeps the result across a restart, and takes a
+// release published under the latest list: the manifest, the payload
+// over mutual TLS with Range, the policy, the slot.
+func TestClientCatchesUpAndTakesARelease(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	r1, r2, signer := newKey(t), newKey(t), newKey(t)
+	exp := time.Now().Add(time.Hour)
+	list := func(v uint64, roots ...ed25519.PrivateKey) *release.KeyList {
+		l := &release.KeyList{Version: v, Expires: exp, RootThreshold: 1, Threshold: 1,
+			SigningKeys: []release.SigningKey{{Key: pk(signer), Expires: exp}}}
+		for _, r := range roots {
+			l.RootKeys = append(l.RootKeys, pk(r))
+		}
+		return l
+	}
+	for _, raw := range [][]byte{
+		signJSON(t, release.TypeKeyList, list(1, r1), r1),
+		signJSON(t, release.TypeKeyList, list(2, r2), r1, r2),
+		signJSON(t, release.TypeKeyList, list(3, r2), r2),
+	} {
+		if err := st.InstallKeyList(raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	payload := make([]byte, 300_000)
+	rand.Read(payload)
+	sum := sha256.Sum256(payload)
+	file := filepath.Join(t.TempDir(), "iotagent")
+	os.WriteFile(file, payload, 0o600)
+	if _, err := st.PublishRelease(file, signJSON(t, release.TypeManifest, release.Manifest{Name: "iotagent", Type: release.TypeAgent,
+		Version: "1.1.0", SVN: 1, HW: []string{"linux/armv7"}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: exp}, signer)); err != nil {
+		t.Fatal(err)
+	}
+
+	dev := st.Device(t, "gw-update")
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: st.TrustPool(), Certificates: []tls.Certificate{dev.TLS}}}}
+	t.Cleanup(hc.CloseIdleConnections)
+	state := t.TempDir()
+	client := func() *firmware.Client {
+		tr, err := release.NewTrust([]ed25519.PublicKey{r1.Public().(ed25519.PublicKey)}, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &firmware.Client{HTTP: hc, Station: st.URL, Trust: tr, KeyListFile: filepath.Join(state, "keylist.json")}
+		if err := c.Restore(); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := client()
+	l, err := c.UpdateKeyList(context.Background())
+	if err != nil || l.Version != 3 {
+		t.Fatalf("UpdateKeyList = %v, %v; want version 3", l, err)
+	}
+	// After a restart: the kept list, no walk needed.
+	c = client()
+	if l := c.Trust.KeyList(); l == nil || l.Version != 3 {
+		t.Fatalf("the kept key list after a restart = %+v", l)
+	}
+	if l, err := c.UpdateKeyList(context.Background()); err != nil || l.Version != 3 {
+		t.Errorf("UpdateKeyList again = %v, %v", l, err)
+	}
+	m, _, err := c.Manifest(context.Background(), "iotagent", "1.1.0", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Manifest(context.Background(), "iotagent", "9.9.9", time.Now()); err == nil {
+		t.Error("a manifest that does not exist was opened")
+	}
+	v, _ := release.ParseVersion("1.0.0")
+	if err := firmware.Accept(m, firmware.Device{Committed: v, Counter: 1, HW: "linux/armv7"}); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(t.TempDir(), "iotagent.new")
+	d := &firmware.Downloader{Client: hc}
+	if err := d.Fetch(context.Background(), c.PayloadURL(m), dst, firmware.Target{Length: m.Length, SHA256: m.Digest()}); err != nil {
+		t.Fatal(err)
+	}
+	slots, err := firmware.OpenSlots(filepath.Join(state, "fw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := slots.Stage(dst, m); err != nil {
+		t.Fatal(err)
+	}
+	if p, trial, err := slots.Next(); err != nil || !trial || filepath.Base(p) != "iotagent" {
+		t.Fatalf("Next = %q %v %v", p, trial, err)
+	}
+}
