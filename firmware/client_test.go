@@ -41,7 +41,9 @@ func newKey(t *testing.T) ed25519.PrivateKey {
 	return k
 }
 
-func pk(k ed25519.PrivateKey) release.PublicKey { return release.PublicKey(k.Public().(ed25519.PublicKey)) }
+func pk(k ed25519.PrivateKey) release.PublicKey {
+	return release.PublicKey(k.Public().(ed25519.PublicKey))
+}
 
 // A device given only the first root key catches up with two rotations
 // from the station, keeps the result across a restart, and takes a
