@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
-	"encoding/json"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -16,34 +15,12 @@ import (
 
 	"iotagent.dev/iotagent/firmware"
 	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/firmware/release/releasetest"
 	"iotagent.dev/iotagent/station/stationtest"
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
 func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
-
-func signJSON(t *testing.T, typ string, v any, keys ...ed25519.PrivateKey) []byte {
-	t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	env, err := release.Sign(typ, b, keys...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return env
-}
-
-func newKey(t *testing.T) ed25519.PrivateKey {
-	t.Helper()
-	_, k, _ := ed25519.GenerateKey(rand.Reader)
-	return k
-}
-
-func pk(k ed25519.PrivateKey) release.PublicKey {
-	return release.PublicKey(k.Public().(ed25519.PublicKey))
-}
 
 // A device given only the first root key catches up with two rotations
 // from the station, keeps the result across a restart, and takes a
@@ -51,20 +28,20 @@ func pk(k ed25519.PrivateKey) release.PublicKey {
 // over mutual TLS with Range, the policy, the slot.
 func TestClientCatchesUpAndTakesARelease(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{})
-	r1, r2, signer := newKey(t), newKey(t), newKey(t)
+	r1, r2, signer := releasetest.Key(t), releasetest.Key(t), releasetest.Key(t)
 	exp := time.Now().Add(time.Hour)
 	list := func(v uint64, roots ...ed25519.PrivateKey) *release.KeyList {
 		l := &release.KeyList{Version: v, Expires: exp, RootThreshold: 1, Threshold: 1,
-			SigningKeys: []release.SigningKey{{Key: pk(signer), Expires: exp}}}
+			SigningKeys: []release.SigningKey{{Key: releasetest.Public(signer), Expires: exp}}}
 		for _, r := range roots {
-			l.RootKeys = append(l.RootKeys, pk(r))
+			l.RootKeys = append(l.RootKeys, releasetest.Public(r))
 		}
 		return l
 	}
 	for _, raw := range [][]byte{
-		signJSON(t, release.TypeKeyList, list(1, r1), r1),
-		signJSON(t, release.TypeKeyList, list(2, r2), r1, r2),
-		signJSON(t, release.TypeKeyList, list(3, r2), r2),
+		releasetest.Sign(t, release.TypeKeyList, list(1, r1), r1),
+		releasetest.Sign(t, release.TypeKeyList, list(2, r2), r1, r2),
+		releasetest.Sign(t, release.TypeKeyList, list(3, r2), r2),
 	} {
 		if err := st.InstallKeyList(raw); err != nil {
 			t.Fatal(err)
@@ -75,7 +52,7 @@ func TestClientCatchesUpAndTakesARelease(t *testing.T) {
 	sum := sha256.Sum256(payload)
 	file := filepath.Join(t.TempDir(), "iotagent")
 	os.WriteFile(file, payload, 0o600)
-	if _, err := st.PublishRelease(file, signJSON(t, release.TypeManifest, release.Manifest{Name: "iotagent", Type: release.TypeAgent,
+	if _, err := st.PublishRelease(file, releasetest.Sign(t, release.TypeManifest, release.Manifest{Name: "iotagent", Type: release.TypeAgent,
 		Version: "1.1.0", SVN: 1, HW: []string{"linux/armv7"}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: exp}, signer)); err != nil {
 		t.Fatal(err)
 	}

@@ -2,12 +2,10 @@ package station_test
 
 import (
 	"context"
-	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
-	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -18,44 +16,23 @@ import (
 
 	"iotagent.dev/iotagent/firmware"
 	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/firmware/release/releasetest"
 	"iotagent.dev/iotagent/station/stationtest"
 )
-
-func fwKey(t *testing.T) ed25519.PrivateKey {
-	t.Helper()
-	_, k, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func fwSign(t *testing.T, typ string, v any, keys ...ed25519.PrivateKey) []byte {
-	t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	env, err := release.Sign(typ, b, keys...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return env
-}
 
 // The repository: the station stores only what checks against its key
 // list, and serves it to devices alone, payloads with Range, so that the
 // agent's resumable download works over mutual TLS.
 func TestFirmwareRepository(t *testing.T) {
 	st := stationtest.Start(t, stationtest.Options{})
-	root, signer := fwKey(t), fwKey(t)
+	root, signer := releasetest.Key(t), releasetest.Key(t)
 	kl := &release.KeyList{Version: 1, Expires: time.Now().Add(time.Hour), RootThreshold: 1, Threshold: 1,
-		RootKeys:    []release.PublicKey{release.PublicKey(root.Public().(ed25519.PublicKey))},
-		SigningKeys: []release.SigningKey{{Key: release.PublicKey(signer.Public().(ed25519.PublicKey)), Expires: time.Now().Add(time.Hour)}}}
-	if err := st.InstallKeyList(fwSign(t, release.TypeKeyList, kl, signer)); err == nil {
+		RootKeys:    []release.PublicKey{releasetest.Public(root)},
+		SigningKeys: []release.SigningKey{{Key: releasetest.Public(signer), Expires: time.Now().Add(time.Hour)}}}
+	if err := st.InstallKeyList(releasetest.Sign(t, release.TypeKeyList, kl, signer)); err == nil {
 		t.Error("a key list its root did not sign was installed")
 	}
-	v1 := fwSign(t, release.TypeKeyList, kl, root)
+	v1 := releasetest.Sign(t, release.TypeKeyList, kl, root)
 	if err := st.InstallKeyList(v1); err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +41,7 @@ func TestFirmwareRepository(t *testing.T) {
 	}
 	kl2 := *kl
 	kl2.Version = 2
-	v2 := fwSign(t, release.TypeKeyList, &kl2, root)
+	v2 := releasetest.Sign(t, release.TypeKeyList, &kl2, root)
 	if err := st.InstallKeyList(v2); err != nil {
 		t.Fatal(err)
 	}
@@ -78,13 +55,13 @@ func TestFirmwareRepository(t *testing.T) {
 	os.WriteFile(file, payload, 0o600)
 	m := release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: "1.5.0", SVN: 2, HW: []string{"linux/armv7"},
 		Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}
-	manifest := fwSign(t, release.TypeManifest, m, signer)
-	if _, err := st.PublishRelease(file, fwSign(t, release.TypeManifest, m, root)); err == nil {
+	manifest := releasetest.Sign(t, release.TypeManifest, m, signer)
+	if _, err := st.PublishRelease(file, releasetest.Sign(t, release.TypeManifest, m, root)); err == nil {
 		t.Error("a manifest signed by the root, not a signing key, was published")
 	}
 	bad := m
 	bad.Version, bad.Length = "1.5.1", int64(len(payload))+1
-	if _, err := st.PublishRelease(file, fwSign(t, release.TypeManifest, bad, signer)); err == nil || !strings.Contains(err.Error(), "bytes, the manifest says") {
+	if _, err := st.PublishRelease(file, releasetest.Sign(t, release.TypeManifest, bad, signer)); err == nil || !strings.Contains(err.Error(), "bytes, the manifest says") {
 		t.Errorf("a payload shorter than its manifest = %v, want refused", err)
 	}
 	if _, err := st.PublishRelease(file, manifest); err != nil {

@@ -3,7 +3,6 @@ package release_test
 import (
 	"bytes"
 	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -12,45 +11,20 @@ import (
 	"time"
 
 	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/firmware/release/releasetest"
 )
 
 var now = time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
-
-func key(t testing.TB) ed25519.PrivateKey {
-	t.Helper()
-	_, k, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func pub(k ed25519.PrivateKey) release.PublicKey {
-	return release.PublicKey(k.Public().(ed25519.PublicKey))
-}
-
-func sign(t testing.TB, typ string, v any, keys ...ed25519.PrivateKey) []byte {
-	t.Helper()
-	payload, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	env, err := release.Sign(typ, payload, keys...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return env
-}
 
 // keyList is a key list of version v with root keys roots (threshold
 // 1) and signing keys signers (threshold 1), valid for a day.
 func keyList(v uint64, roots []ed25519.PrivateKey, signers ...ed25519.PrivateKey) *release.KeyList {
 	l := &release.KeyList{Version: v, Expires: now.Add(24 * time.Hour), RootThreshold: 1, Threshold: 1}
 	for _, r := range roots {
-		l.RootKeys = append(l.RootKeys, pub(r))
+		l.RootKeys = append(l.RootKeys, releasetest.Public(r))
 	}
 	for _, s := range signers {
-		l.SigningKeys = append(l.SigningKeys, release.SigningKey{Key: pub(s), Expires: now.Add(24 * time.Hour)})
+		l.SigningKeys = append(l.SigningKeys, release.SigningKey{Key: releasetest.Public(s), Expires: now.Add(24 * time.Hour)})
 	}
 	return l
 }
@@ -77,15 +51,15 @@ func trust(t testing.TB, roots ...ed25519.PrivateKey) *release.Trust {
 }
 
 func TestReleaseAccepted(t *testing.T) {
-	root, signer := key(t), key(t)
+	root, signer := releasetest.Key(t), releasetest.Key(t)
 	tr := trust(t, root)
-	if _, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now); !errors.Is(err, release.ErrNoKeyList) {
+	if _, err := tr.Manifest(releasetest.Sign(t, release.TypeManifest, manifest(), signer), now); !errors.Is(err, release.ErrNoKeyList) {
 		t.Errorf("a manifest before any key list = %v, want ErrNoKeyList", err)
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
+	if _, err := tr.Update(releasetest.Sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
 		t.Fatalf("key list: %v", err)
 	}
-	m, err := tr.Manifest(sign(t, release.TypeManifest, manifest(), signer), now)
+	m, err := tr.Manifest(releasetest.Sign(t, release.TypeManifest, manifest(), signer), now)
 	if err != nil {
 		t.Fatalf("manifest: %v", err)
 	}
@@ -100,7 +74,7 @@ func TestReleaseAccepted(t *testing.T) {
 	}
 	withBoard := manifest()
 	withBoard.Board = "gw-rev-c"
-	mb, err := tr.Manifest(sign(t, release.TypeManifest, withBoard, signer), now)
+	mb, err := tr.Manifest(releasetest.Sign(t, release.TypeManifest, withBoard, signer), now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,8 +85,8 @@ func TestReleaseAccepted(t *testing.T) {
 
 // Every way a key list must be refused, each with its reason.
 func TestKeyListRefused(t *testing.T) {
-	root, root2, other, signer := key(t), key(t), key(t), key(t)
-	v1 := sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)
+	root, root2, other, signer := releasetest.Key(t), releasetest.Key(t), releasetest.Key(t), releasetest.Key(t)
+	v1 := releasetest.Sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)
 	fresh := func() *release.Trust {
 		tr := trust(t, root)
 		if _, err := tr.Update(v1); err != nil {
@@ -128,10 +102,10 @@ func TestKeyListRefused(t *testing.T) {
 		want error
 		text string
 	}{
-		{"signed by a key that is not a root", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), other), release.ErrSignature, "0 valid signatures"},
-		{"signed by a signing key", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, ""},
-		{"version down", sign(t, release.TypeKeyList, keyList(0, []ed25519.PrivateKey{root}, signer), root), release.ErrRollback, "version 0, the current one is 1"},
-		{"same version, other contents", sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer, other), root), release.ErrRollback, "other contents"},
+		{"signed by a key that is not a root", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), other), release.ErrSignature, "0 valid signatures"},
+		{"signed by a signing key", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, ""},
+		{"version down", releasetest.Sign(t, release.TypeKeyList, keyList(0, []ed25519.PrivateKey{root}, signer), root), release.ErrRollback, "version 0, the current one is 1"},
+		{"same version, other contents", releasetest.Sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer, other), root), release.ErrRollback, "other contents"},
 		{"a missing root key", func() []byte {
 			b, _ := json.Marshal(keyList(2, []ed25519.PrivateKey{root}, signer))
 			b = bytes.Replace(b, []byte(`"root_keys":[`), []byte(`"root_keys":[null,`), 1)
@@ -144,9 +118,9 @@ func TestKeyListRefused(t *testing.T) {
 			env, _ := release.Sign(release.TypeKeyList, b, root)
 			return env
 		}(), nil, "key"},
-		{"new roots that did not sign", sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root2}, signer), root), release.ErrSignature, "its own root keys"},
-		{"below its own root threshold", sign(t, release.TypeKeyList, two, root), release.ErrSignature, "1 valid signatures by trusted keys, 2 needed"},
-		{"a manifest offered as a key list", sign(t, release.TypeManifest, keyList(2, []ed25519.PrivateKey{root}, signer), root), nil, "where a"},
+		{"new roots that did not sign", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root2}, signer), root), release.ErrSignature, "its own root keys"},
+		{"below its own root threshold", releasetest.Sign(t, release.TypeKeyList, two, root), release.ErrSignature, "1 valid signatures by trusted keys, 2 needed"},
+		{"a manifest offered as a key list", releasetest.Sign(t, release.TypeManifest, keyList(2, []ed25519.PrivateKey{root}, signer), root), nil, "where a"},
 		{"unknown field", func() []byte {
 			b, _ := json.Marshal(keyList(2, []ed25519.PrivateKey{root}, signer))
 			b = bytes.Replace(b, []byte(`{`), []byte(`{"trust_everyone":true,`), 1)
@@ -154,7 +128,7 @@ func TestKeyListRefused(t *testing.T) {
 			return env
 		}(), nil, "unknown field"},
 		{"oversize", bytes.Repeat([]byte(" "), release.MaxKeyListSize+1), release.ErrTooLarge, ""},
-		{"threshold above its keys", sign(t, release.TypeKeyList, func() *release.KeyList {
+		{"threshold above its keys", releasetest.Sign(t, release.TypeKeyList, func() *release.KeyList {
 			l := keyList(2, []ed25519.PrivateKey{root}, signer)
 			l.Threshold = 2
 			return l
@@ -177,11 +151,11 @@ func TestKeyListRefused(t *testing.T) {
 		t.Errorf("the current key list again = %v, want accepted", err)
 	}
 	// With a root threshold of 2, both roots sign.
-	ok := sign(t, release.TypeKeyList, two, root, root2)
+	ok := releasetest.Sign(t, release.TypeKeyList, two, root, root2)
 	if _, err := tr.Update(ok); err != nil {
 		t.Fatalf("v2 signed by both roots: %v", err)
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{root, root2}, signer), root)); !errors.Is(err, release.ErrSignature) {
+	if _, err := tr.Update(releasetest.Sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{root, root2}, signer), root)); !errors.Is(err, release.ErrSignature) {
 		t.Errorf("v3 with one of v2's two required root signatures = %v, want ErrSignature", err)
 	}
 }
@@ -189,19 +163,19 @@ func TestKeyListRefused(t *testing.T) {
 // Root rotation: the old roots hand over to new ones, which then sign
 // alone; the retired root can no longer sign a key list.
 func TestRootRotation(t *testing.T) {
-	r1, r2, signer := key(t), key(t), key(t)
+	r1, r2, signer := releasetest.Key(t), releasetest.Key(t), releasetest.Key(t)
 	tr := trust(t, r1)
 	steps := [][]byte{
-		sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{r1}, signer), r1),
-		sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{r2}, signer), r1, r2),
-		sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{r2}, signer), r2),
+		releasetest.Sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{r1}, signer), r1),
+		releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{r2}, signer), r1, r2),
+		releasetest.Sign(t, release.TypeKeyList, keyList(3, []ed25519.PrivateKey{r2}, signer), r2),
 	}
 	for i, raw := range steps {
 		if _, err := tr.Update(raw); err != nil {
 			t.Fatalf("step %d: %v", i+1, err)
 		}
 	}
-	if _, err := tr.Update(sign(t, release.TypeKeyList, keyList(4, []ed25519.PrivateKey{r1}, signer), r1)); !errors.Is(err, release.ErrSignature) {
+	if _, err := tr.Update(releasetest.Sign(t, release.TypeKeyList, keyList(4, []ed25519.PrivateKey{r1}, signer), r1)); !errors.Is(err, release.ErrSignature) {
 		t.Errorf("a key list from the retired root = %v, want ErrSignature", err)
 	}
 	// A device that missed the rotation walks the chain, though the
@@ -209,12 +183,12 @@ func TestRootRotation(t *testing.T) {
 	expired := keyList(2, []ed25519.PrivateKey{r2}, signer)
 	expired.Expires = now.Add(-time.Hour)
 	late := trust(t, r1)
-	for i, raw := range [][]byte{steps[0], sign(t, release.TypeKeyList, expired, r1, r2), steps[2]} {
+	for i, raw := range [][]byte{steps[0], releasetest.Sign(t, release.TypeKeyList, expired, r1, r2), steps[2]} {
 		if _, err := late.Update(raw); err != nil {
 			t.Fatalf("catching up, step %d: %v", i+1, err)
 		}
 	}
-	if _, err := late.Manifest(sign(t, release.TypeManifest, manifest(), signer), now); err != nil {
+	if _, err := late.Manifest(releasetest.Sign(t, release.TypeManifest, manifest(), signer), now); err != nil {
 		t.Errorf("a manifest after catching up: %v", err)
 	}
 	// Restored after a restart, the rotated list is trusted as kept, even
@@ -227,11 +201,11 @@ func TestRootRotation(t *testing.T) {
 	if _, err := back.Update(steps[1]); !errors.Is(err, release.ErrRollback) && !errors.Is(err, release.ErrSignature) {
 		t.Errorf("an older key list after Restore = %v, want refused", err)
 	}
-	if _, err := back.Manifest(sign(t, release.TypeManifest, manifest(), signer), later); !errors.Is(err, release.ErrExpired) {
+	if _, err := back.Manifest(releasetest.Sign(t, release.TypeManifest, manifest(), signer), later); !errors.Is(err, release.ErrExpired) {
 		t.Errorf("a manifest under an expired key list = %v, want ErrExpired", err)
 	}
 	// Restore still wants the list's own root signatures.
-	forged := sign(t, release.TypeKeyList, keyList(9, []ed25519.PrivateKey{r2}, signer), key(t))
+	forged := releasetest.Sign(t, release.TypeKeyList, keyList(9, []ed25519.PrivateKey{r2}, signer), releasetest.Key(t))
 	if _, err := trust(t, r1).Restore(forged); !errors.Is(err, release.ErrSignature) {
 		t.Errorf("Restore of a list its roots did not sign = %v, want ErrSignature", err)
 	}
@@ -239,11 +213,11 @@ func TestRootRotation(t *testing.T) {
 
 // Every way a manifest must be refused.
 func TestManifestRefused(t *testing.T) {
-	root, signer, revoked, stale := key(t), key(t), key(t), key(t)
+	root, signer, revoked, stale := releasetest.Key(t), releasetest.Key(t), releasetest.Key(t), releasetest.Key(t)
 	l := keyList(1, []ed25519.PrivateKey{root}, signer, stale)
 	l.SigningKeys[1].Expires = now.Add(-time.Minute)
 	tr := trust(t, root)
-	if _, err := tr.Update(sign(t, release.TypeKeyList, l, root)); err != nil {
+	if _, err := tr.Update(releasetest.Sign(t, release.TypeKeyList, l, root)); err != nil {
 		t.Fatal(err)
 	}
 	with := func(f func(*release.Manifest)) *release.Manifest {
@@ -251,7 +225,7 @@ func TestManifestRefused(t *testing.T) {
 		f(m)
 		return m
 	}
-	good := sign(t, release.TypeManifest, manifest(), signer)
+	good := releasetest.Sign(t, release.TypeManifest, manifest(), signer)
 	for _, tc := range []struct {
 		name string
 		raw  []byte
@@ -267,11 +241,11 @@ func TestManifestRefused(t *testing.T) {
 			b, _ := json.Marshal(env)
 			return b
 		}(), release.ErrSignature, ""},
-		{"signed by a key not in the list (revoked)", sign(t, release.TypeManifest, manifest(), revoked), release.ErrSignature, ""},
-		{"signed by an expired signing key", sign(t, release.TypeManifest, manifest(), stale), release.ErrSignature, ""},
-		{"signed by the root", sign(t, release.TypeManifest, manifest(), root), release.ErrSignature, ""},
-		{"a key list offered as a manifest", sign(t, release.TypeKeyList, manifest(), signer), nil, "where a"},
-		{"expired", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Expires = now }), signer), release.ErrExpired, "expired"},
+		{"signed by a key not in the list (revoked)", releasetest.Sign(t, release.TypeManifest, manifest(), revoked), release.ErrSignature, ""},
+		{"signed by an expired signing key", releasetest.Sign(t, release.TypeManifest, manifest(), stale), release.ErrSignature, ""},
+		{"signed by the root", releasetest.Sign(t, release.TypeManifest, manifest(), root), release.ErrSignature, ""},
+		{"a key list offered as a manifest", releasetest.Sign(t, release.TypeKeyList, manifest(), signer), nil, "where a"},
+		{"expired", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Expires = now }), signer), release.ErrExpired, "expired"},
 		{"unknown field", func() []byte {
 			b, _ := json.Marshal(manifest())
 			b = bytes.Replace(b, []byte(`{`), []byte(`{"postinstall":"rm -rf /",`), 1)
@@ -279,11 +253,11 @@ func TestManifestRefused(t *testing.T) {
 			return env
 		}(), nil, "unknown field"},
 		{"oversize", bytes.Repeat([]byte(" "), release.MaxManifestSize+1), release.ErrTooLarge, ""},
-		{"bad sha256", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.SHA256 = "AB" }), signer), nil, "sha256"},
-		{"bad version", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Version = "v1.2" }), signer), nil, "MAJOR.MINOR.PATCH"},
-		{"bad hw", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.HW = []string{"armv7"} }), signer), nil, "OS/ARCH"},
-		{"bad type", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Type = "script" }), signer), nil, "type"},
-		{"length over the cap", sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Length = release.MaxLength + 1 }), signer), nil, "length"},
+		{"bad sha256", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.SHA256 = "AB" }), signer), nil, "sha256"},
+		{"bad version", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Version = "v1.2" }), signer), nil, "MAJOR.MINOR.PATCH"},
+		{"bad hw", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.HW = []string{"armv7"} }), signer), nil, "OS/ARCH"},
+		{"bad type", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Type = "script" }), signer), nil, "type"},
+		{"length over the cap", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Length = release.MaxLength + 1 }), signer), nil, "length"},
 		{"data after the JSON", func() []byte {
 			b, _ := json.Marshal(manifest())
 			env, _ := release.Sign(release.TypeManifest, append(b, []byte(`{}`)...), signer)
@@ -343,12 +317,12 @@ func TestVersionOrder(t *testing.T) {
 // FuzzManifest: whatever the bytes, opening a manifest neither panics
 // nor accepts what its key did not sign.
 func FuzzManifest(f *testing.F) {
-	root, signer := key(f), key(f)
+	root, signer := releasetest.Key(f), releasetest.Key(f)
 	tr := trust(f, root)
-	if _, err := tr.Update(sign(f, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
+	if _, err := tr.Update(releasetest.Sign(f, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer), root)); err != nil {
 		f.Fatal(err)
 	}
-	good := sign(f, release.TypeManifest, manifest(), signer)
+	good := releasetest.Sign(f, release.TypeManifest, manifest(), signer)
 	f.Add(good)
 	f.Add([]byte(`{"payloadType":"x","payload":"","signatures":[]}`))
 	f.Fuzz(func(t *testing.T, raw []byte) {

@@ -12,7 +12,7 @@ const mod = "iotagent.dev/iotagent/"
 // fixtures are packages for tests only: outside the layers, and never in
 // a binary.
 var fixtures = []string{"tpm/tpmtest", "station/stationtest", "station/mqtttest", "enroll/enrolltest",
-	"internal/dnstest", "internal/leakcheck", "internal/testsync", "internal/testdirs", "internal/udpproxy"}
+	"firmware/release/releasetest", "internal/dnstest", "internal/leakcheck", "internal/testsync", "internal/testdirs", "internal/udpproxy"}
 
 // layer of a production package: it may import ours of lower layers only.
 func layer(p string) int {
