@@ -336,3 +336,39 @@ func FuzzManifest(f *testing.F) {
 		}
 	})
 }
+
+func TestRolloutMessages(t *testing.T) {
+	good := `{"rollout":"r1","name":"iotagent","version":"1.2.0","step":"rolled-back","reason":"3 starts without becoming healthy","running":"1.1.0","at":"2026-12-06T00:00:00Z"}`
+	if r, err := release.ParseReport([]byte(good)); err != nil || r.Step != release.StepRolledBack || !release.Failed(r.Step) {
+		t.Fatalf("ParseReport(good) = %+v, %v", r, err)
+	}
+	for name, bad := range map[string]string{
+		"unknown step":    `{"name":"iotagent","version":"1.2.0","step":"exploded"}`,
+		"unknown field":   `{"name":"iotagent","version":"1.2.0","step":"trial","extra":1}`,
+		"two lines":       `{"name":"iotagent","version":"1.2.0","step":"refused","reason":"a\nb"}`,
+		"bad version":     `{"name":"iotagent","version":"one","step":"trial"}`,
+		"bad name":        `{"name":"../x","version":"1.0.0","step":"trial"}`,
+		"upper-case key":  `{"Name":"iotagent","version":"1.0.0","step":"trial"}`,
+		"repeated key":    `{"name":"iotagent","version":"1.0.0","step":"trial","step":"committed"}`,
+		"trailing":        `{"name":"iotagent","version":"1.0.0","step":"trial"} {}`,
+		"long reason":     `{"name":"iotagent","version":"1.0.0","step":"refused","reason":"` + strings.Repeat("x", release.MaxReasonLen+1) + `"}`,
+		"over the cap":    `{"name":"iotagent","version":"1.0.0","step":"trial","running":"` + strings.Repeat(" ", release.MaxReportSize) + `"}`,
+		"bad rollout ID":  `{"rollout":"a b","name":"iotagent","version":"1.0.0","step":"trial"}`,
+	} {
+		if _, err := release.ParseReport([]byte(bad)); err == nil {
+			t.Errorf("%s: ParseReport accepted %.80s", name, bad)
+		}
+	}
+	if c, err := release.ParseCheck([]byte(`{"agent":{"name":"iotagent","version":"1.0.0"},"images":[{"name":"rootfs","version":"7.0.0"}]}`)); err != nil || c.Images[0].Name != "rootfs" {
+		t.Errorf("ParseCheck = %+v, %v", c, err)
+	}
+	if _, err := release.ParseCheck([]byte(`{"agent":{"name":"","version":"1.0.0"}}`)); err == nil {
+		t.Error("ParseCheck accepted an empty agent name")
+	}
+	if a, err := release.ParseAssignment([]byte(`{"rollout":"r1","name":"iotagent","version":"1.2.0"}`)); err != nil || a.Version != "1.2.0" {
+		t.Errorf("ParseAssignment = %+v, %v", a, err)
+	}
+	if _, err := release.ParseAssignment([]byte(`{"rollout":"r1","name":"iotagent"}`)); err == nil {
+		t.Error("ParseAssignment accepted no version")
+	}
+}
