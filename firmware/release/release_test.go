@@ -343,17 +343,17 @@ func TestRolloutMessages(t *testing.T) {
 		t.Fatalf("ParseReport(good) = %+v, %v", r, err)
 	}
 	for name, bad := range map[string]string{
-		"unknown step":    `{"name":"iotagent","version":"1.2.0","step":"exploded"}`,
-		"unknown field":   `{"name":"iotagent","version":"1.2.0","step":"trial","extra":1}`,
-		"two lines":       `{"name":"iotagent","version":"1.2.0","step":"refused","reason":"a\nb"}`,
-		"bad version":     `{"name":"iotagent","version":"one","step":"trial"}`,
-		"bad name":        `{"name":"../x","version":"1.0.0","step":"trial"}`,
-		"upper-case key":  `{"Name":"iotagent","version":"1.0.0","step":"trial"}`,
-		"repeated key":    `{"name":"iotagent","version":"1.0.0","step":"trial","step":"committed"}`,
-		"trailing":        `{"name":"iotagent","version":"1.0.0","step":"trial"} {}`,
-		"long reason":     `{"name":"iotagent","version":"1.0.0","step":"refused","reason":"` + strings.Repeat("x", release.MaxReasonLen+1) + `"}`,
-		"over the cap":    `{"name":"iotagent","version":"1.0.0","step":"trial","running":"` + strings.Repeat(" ", release.MaxReportSize) + `"}`,
-		"bad rollout ID":  `{"rollout":"a b","name":"iotagent","version":"1.0.0","step":"trial"}`,
+		"unknown step":   `{"name":"iotagent","version":"1.2.0","step":"exploded"}`,
+		"unknown field":  `{"name":"iotagent","version":"1.2.0","step":"trial","extra":1}`,
+		"two lines":      `{"name":"iotagent","version":"1.2.0","step":"refused","reason":"a\nb"}`,
+		"bad version":    `{"name":"iotagent","version":"one","step":"trial"}`,
+		"bad name":       `{"name":"../x","version":"1.0.0","step":"trial"}`,
+		"upper-case key": `{"Name":"iotagent","version":"1.0.0","step":"trial"}`,
+		"repeated key":   `{"name":"iotagent","version":"1.0.0","step":"trial","step":"committed"}`,
+		"trailing":       `{"name":"iotagent","version":"1.0.0","step":"trial"} {}`,
+		"long reason":    `{"name":"iotagent","version":"1.0.0","step":"refused","reason":"` + strings.Repeat("x", release.MaxReasonLen+1) + `"}`,
+		"over the cap":   `{"name":"iotagent","version":"1.0.0","step":"trial","running":"` + strings.Repeat(" ", release.MaxReportSize) + `"}`,
+		"bad rollout ID": `{"rollout":"a b","name":"iotagent","version":"1.0.0","step":"trial"}`,
 	} {
 		if _, err := release.ParseReport([]byte(bad)); err == nil {
 			t.Errorf("%s: ParseReport accepted %.80s", name, bad)
