@@ -65,7 +65,15 @@ type Config struct {
 	// Version is reported in the retained status message.
 	Version string
 	Rand    *rand.Rand
+	// Command, when set, is called with the op of each command the
+	// station publishes to devices/{id}/cmd ({"op":"firmware-check"}),
+	// subscribed at QoS 1 on every connection. It must not block.
+	Command func(op string)
 }
+
+// maxCommandSize bounds a command message; a larger or malformed one is
+// logged and dropped.
+const maxCommandSize = 1024
 
 // Uplink is the MQTT-over-TLS uplink (paho). It publishes QoS 1 to
 // devices/{id}/telemetry, keeps a retained status on devices/{id}/status
@@ -153,6 +161,20 @@ func New(cfg Config) (*Uplink, error) {
 func (m *Uplink) Topic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/telemetry" }
 
 func (m *Uplink) statusTopic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/status" }
+
+func (m *Uplink) commandTopic() string { return "devices/" + m.cfg.Identity.DeviceID() + "/cmd" }
+
+// command handles one message on the command topic.
+func (m *Uplink) command(_ paho.Client, msg paho.Message) {
+	var c struct {
+		Op string `json:"op"`
+	}
+	if p := msg.Payload(); len(p) > maxCommandSize || json.Unmarshal(p, &c) != nil || c.Op == "" {
+		m.log.Warn("mqtt: ignoring a malformed command", "topic", msg.Topic(), "bytes", len(p))
+		return
+	}
+	m.cfg.Command(c.Op)
+}
 
 // Encode renders records as a SenML JSON pack.
 func (m *Uplink) Encode(p senml.Pack) ([]byte, error) { return p.EncodeJSON() }
@@ -331,6 +353,16 @@ func (m *Uplink) connect(ctx context.Context) (paho.Client, <-chan error, error)
 	if !st.WaitTimeout(m.cfg.ConnectTimeout) || st.Error() != nil {
 		c.Disconnect(0)
 		return nil, nil, fmt.Errorf("publishing online status: %v", st.Error())
+	}
+	if m.cfg.Command != nil {
+		// The session is clean: the subscription is made on each
+		// connection. A broker that refuses it leaves telemetry working.
+		sub := c.Subscribe(m.commandTopic(), 1, m.command)
+		if !sub.WaitTimeout(m.cfg.ConnectTimeout) || sub.Error() != nil {
+			m.log.Warn("mqtt: subscribing to commands failed; the station's nudges are not heard (polling continues)", "topic", m.commandTopic(), "err", sub.Error())
+		} else if st, ok := sub.(*paho.SubscribeToken); ok && len(st.Result()) > 0 && st.Result()[m.commandTopic()] == 0x80 {
+			m.log.Warn("mqtt: the broker refused the command subscription; the station's nudges are not heard (polling continues)", "topic", m.commandTopic())
+		}
 	}
 	return c, lost, nil
 }

@@ -59,6 +59,8 @@ type rigOptions struct {
 	lifetime time.Duration
 	noUplink bool
 	roots    func() *x509.CertPool // default the identity's trust bundle
+	broker   mqtttest.Options
+	command  func(op string)
 }
 
 func newRig(t testing.TB, opts rigOptions) *rig {
@@ -68,7 +70,7 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 	}
 	r := &rig{t: t}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true, CertLifetime: opts.lifetime})
-	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
+	r.br = mqtttest.Start(t, r.st, opts.broker)
 	d := enrolltest.New(t, r.st, enroll.RenewerConfig{})
 	r.sim, r.tpm, r.dir, r.id, r.renewer = d.Sim, d.TPM, d.Dir, d.DeviceID(), d.Renewer
 	var err error
@@ -97,7 +99,7 @@ func newRig(t testing.TB, opts rigOptions) *rig {
 		opts.roots = r.renewer.Identity().RootCAs
 	}
 	r.up, err = mqtt.New(mqtt.Config{URL: url, RootCAs: opts.roots, Identity: r.renewer.Identity(), Stats: r.stats,
-		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second})
+		BackoffBase: 50 * time.Millisecond, BackoffCap: 500 * time.Millisecond, KeepAlive: 5 * time.Second, ConnectTimeout: 5 * time.Second, Command: opts.command})
 	if err != nil {
 		t.Fatal(err)
 	}
