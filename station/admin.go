@@ -116,6 +116,13 @@ type Admin interface {
 	// repository (the payload file is read by the station's process).
 	InstallKeyList(ctx context.Context, raw []byte) error
 	PublishRelease(ctx context.Context, payloadPath string, manifest []byte) (*release.Manifest, error)
+	// CreateRollout, Rollouts, PauseRollout, ResumeRollout and
+	// AbortRollout are Station's, for staged rollouts.
+	CreateRollout(ctx context.Context, req RolloutRequest) (*RolloutStatus, error)
+	Rollouts(ctx context.Context, id string) ([]RolloutStatus, error)
+	PauseRollout(ctx context.Context, id string) error
+	ResumeRollout(ctx context.Context, id string) error
+	AbortRollout(ctx context.Context, id string) error
 	Close() error
 }
 
@@ -162,7 +169,16 @@ func (l localAdmin) InstallKeyList(_ context.Context, raw []byte) error {
 func (l localAdmin) PublishRelease(_ context.Context, path string, manifest []byte) (*release.Manifest, error) {
 	return l.s.PublishRelease(path, manifest)
 }
-func (l localAdmin) Close() error { return l.s.Close() }
+func (l localAdmin) CreateRollout(_ context.Context, req RolloutRequest) (*RolloutStatus, error) {
+	return l.s.CreateRollout(req)
+}
+func (l localAdmin) Rollouts(_ context.Context, id string) ([]RolloutStatus, error) {
+	return l.s.Rollouts(id)
+}
+func (l localAdmin) PauseRollout(_ context.Context, id string) error  { return l.s.PauseRollout(id) }
+func (l localAdmin) ResumeRollout(_ context.Context, id string) error { return l.s.ResumeRollout(id) }
+func (l localAdmin) AbortRollout(_ context.Context, id string) error  { return l.s.AbortRollout(id) }
+func (l localAdmin) Close() error                                     { return l.s.Close() }
 
 // adminServer serves the admin API on admin.sock (mode 0600: whoever can
 // read the station's keys may administer it, nobody else).
@@ -231,6 +247,26 @@ func (s *Station) listenAdmin() (*adminServer, error) {
 		}
 		adminReply(w, m, err)
 	})
+	mux.HandleFunc("POST /firmware/rollouts", func(w http.ResponseWriter, r *http.Request) {
+		var req RolloutRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+			err = fmt.Errorf("rollout request: %w", err)
+			s.auditRollout("rollout-create", "", err)
+			adminReply(w, nil, err)
+			return
+		}
+		st, err := s.CreateRollout(req)
+		adminReply(w, st, err)
+	})
+	mux.HandleFunc("GET /firmware/rollouts", func(w http.ResponseWriter, r *http.Request) {
+		st, err := s.Rollouts(r.URL.Query().Get("id"))
+		adminReply(w, st, err)
+	})
+	for action, op := range map[string]func(string) error{"pause": s.PauseRollout, "resume": s.ResumeRollout, "abort": s.AbortRollout} {
+		mux.HandleFunc("POST /firmware/rollouts/"+action, func(w http.ResponseWriter, r *http.Request) {
+			adminReply(w, struct{}{}, op(r.URL.Query().Get("id")))
+		})
+	}
 	mux.HandleFunc("GET /trust", func(w http.ResponseWriter, r *http.Request) {
 		adminReply(w, s.TrustPEM(), nil)
 	})
@@ -270,7 +306,7 @@ func adminReply(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
 		status := http.StatusBadRequest
-		if errors.Is(err, ErrUnknownDevice) {
+		if errors.Is(err, ErrUnknownDevice) || errors.Is(err, ErrUnknownRollout) {
 			status = http.StatusNotFound
 		}
 		w.WriteHeader(status)
@@ -308,7 +344,12 @@ func (a *adminClient) callBody(ctx context.Context, method, path string, body []
 		var ae adminError
 		if json.NewDecoder(resp.Body).Decode(&ae) == nil && ae.Error != "" {
 			if resp.StatusCode == http.StatusNotFound {
-				return fmt.Errorf("%w%s", ErrUnknownDevice, strings.TrimPrefix(ae.Error, ErrUnknownDevice.Error()))
+				// The sentinel back, for errors.Is, its text unchanged.
+				for _, sentinel := range []error{ErrUnknownDevice, ErrUnknownRollout} {
+					if rest, ok := strings.CutPrefix(ae.Error, sentinel.Error()); ok {
+						return fmt.Errorf("%w%s", sentinel, rest)
+					}
+				}
 			}
 			return errors.New(ae.Error)
 		}
@@ -375,6 +416,35 @@ func (a *adminClient) PublishRelease(ctx context.Context, path string, manifest 
 		return nil, err
 	}
 	return &m, nil
+}
+
+func (a *adminClient) CreateRollout(ctx context.Context, req RolloutRequest) (*RolloutStatus, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	var st RolloutStatus
+	if err := a.callBody(ctx, http.MethodPost, "/firmware/rollouts", body, &st); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+func (a *adminClient) Rollouts(ctx context.Context, id string) ([]RolloutStatus, error) {
+	var st []RolloutStatus
+	return st, a.call(ctx, http.MethodGet, "/firmware/rollouts", url.Values{"id": {id}}, &st)
+}
+
+func (a *adminClient) PauseRollout(ctx context.Context, id string) error {
+	return a.call(ctx, http.MethodPost, "/firmware/rollouts/pause", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) ResumeRollout(ctx context.Context, id string) error {
+	return a.call(ctx, http.MethodPost, "/firmware/rollouts/resume", url.Values{"id": {id}}, &struct{}{})
+}
+
+func (a *adminClient) AbortRollout(ctx context.Context, id string) error {
+	return a.call(ctx, http.MethodPost, "/firmware/rollouts/abort", url.Values{"id": {id}}, &struct{}{})
 }
 
 func (a *adminClient) Close() error { return nil }

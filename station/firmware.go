@@ -79,6 +79,13 @@ func (s *Station) installKeyList(raw []byte) error {
 	return atomicfile.Write(s.firmwarePath(fwKeyList), raw, 0o600)
 }
 
+// published reports whether release name at version (canonical) is
+// published: its manifest, written last, is there.
+func (s *Station) published(name, version string) bool {
+	fi, err := os.Stat(s.firmwarePath("releases", name, version, fwManifest))
+	return err == nil && fi.Mode().IsRegular()
+}
+
 // trust is the installed key list as a Trust.
 func (s *Station) trust() (*release.Trust, error) {
 	raw, err := os.ReadFile(s.firmwarePath(fwKeyList))
@@ -161,11 +168,7 @@ func (s *Station) publishRelease(payloadPath string, raw []byte) (*release.Manif
 // over mutual TLS (a device certificate is required; a revoked device is
 // refused), payloads with Range and If-Range.
 func (s *Station) handleFirmware(w http.ResponseWriter, r *http.Request) {
-	d, _, err := s.clientDevice(r)
-	if err == nil && d == nil {
-		err = refuse(http.StatusForbidden, "cert_missing", "firmware is served to devices: a device certificate is required (mutual TLS)")
-	}
-	if err != nil {
+	if _, err := s.firmwareDevice(r); err != nil {
 		rf := s.refusalOf(AuditEntry{Event: "firmware"}, err)
 		writeRefusal(w, rf)
 		return

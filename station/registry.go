@@ -17,6 +17,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"iotagent.dev/iotagent/firmware/release"
 )
 
 // Device statuses.
@@ -48,6 +50,24 @@ type Device struct {
 	// Issued counts the certificates issued to the device; their serials
 	// are indexed in the registry for revocation.
 	Issued int `json:"certificates_issued"`
+	// Firmware is what the device last said of its firmware (POST
+	// /firmware/check and /firmware/report); nil until it did.
+	Firmware *DeviceFirmware `json:"firmware,omitempty"`
+}
+
+// DeviceFirmware is what a device last told the station of the
+// releases it runs.
+type DeviceFirmware struct {
+	// Agent is the running agent: from its last check, its version also
+	// from its last report.
+	Agent release.Running `json:"agent"`
+	// Images are the committed system images of its last check.
+	Images    []release.Running `json:"images,omitempty"`
+	CheckedAt time.Time         `json:"checked_at,omitzero"`
+	// LastReport is its last step of an update, as it sent it;
+	// ReportedAt when the station received it.
+	LastReport *release.Report `json:"last_report,omitempty"`
+	ReportedAt time.Time       `json:"reported_at,omitzero"`
 }
 
 // issued is a certificate the station signed, by serial: a device's
@@ -98,7 +118,10 @@ var (
 	bucketSvc     = []byte("services") // service name -> nothing: names devices may not take
 	bucketBySvc   = []byte("bysvc")    // name NUL serial hex -> nothing: a service's certificates
 	bucketUnconf  = []byte("unconf")   // ek NUL serial hex -> nothing: unconfirmed certificates by EK
+	bucketRollout = []byte("rollouts") // rollout ID -> rolloutRecord
+	bucketRollDev = []byte("rolldevs") // rollout ID NUL device ID -> RolloutDevice: a rollout's devices and their progress
 	keyCRLNumber  = []byte("crl_number")
+	keyRolloutSeq = []byte("rollout_seq") // the number of the last rollout created
 )
 
 // Registry errors.
@@ -123,7 +146,7 @@ func openRegistry(path string) (*registry, error) {
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta, bucketSvc, bucketBySvc, bucketUnconf} {
+		for _, b := range [][]byte{bucketDevices, bucketEKs, bucketCerts, bucketByDev, bucketTokens, bucketMeta, bucketSvc, bucketBySvc, bucketUnconf, bucketRollout, bucketRollDev} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

@@ -29,7 +29,8 @@ var cryptoRand = rand.Reader
 const requestTimeout = 20 * time.Second
 
 // Handler returns the station's HTTP handler: the EST endpoints under
-// /.well-known/est/, the CRL at /crl and metrics at /metrics.
+// /.well-known/est/, the CRL at /crl, metrics at /metrics, and the
+// firmware repository and rollouts under /firmware/.
 func (s *Station) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+est.PathCACerts, s.handleCACerts)
@@ -39,6 +40,8 @@ func (s *Station) Handler() http.Handler {
 	mux.HandleFunc("POST "+est.PathTPMEnroll, s.handleTPMEnroll)
 	mux.HandleFunc("GET /crl", s.handleCRL)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("POST /firmware/check", s.handleFirmwareCheck)
+	mux.HandleFunc("POST /firmware/report", s.handleFirmwareReport)
 	// Firmware is outside the request timeout, which buffers a whole
 	// answer: payloads are streamed (and resumed with Range).
 	top := http.NewServeMux()
@@ -711,8 +714,9 @@ func samePublicKey(a, b crypto.PublicKey) bool {
 	return ok && ak.Equal(b)
 }
 
-// Serve runs the station's HTTPS server on l, its admin socket and the
-// CRL refresher until ctx is done, then shuts down within 5 seconds.
+// Serve runs the station's HTTPS server on l, its admin socket, the CRL
+// refresher, the retries of session ends and the rollouts' clock
+// (RunRollouts) until ctx is done, then shuts down within 5 seconds.
 func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	tlsCfg, err := s.TLSConfig()
 	if err != nil {
@@ -751,6 +755,11 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 		defer close(sessionsDone)
 		s.RunSessionEnds(crlCtx) // returns nil when crlCtx ends
 	}()
+	rolloutsDone := make(chan struct{})
+	go func() {
+		defer close(rolloutsDone)
+		s.RunRollouts(crlCtx) // returns nil when crlCtx ends
+	}()
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -762,6 +771,7 @@ func (s *Station) Serve(ctx context.Context, l net.Listener) error {
 	err = errors.Join(srv.Shutdown(sctx), admin.close())
 	<-crlDone
 	<-sessionsDone
+	<-rolloutsDone
 	if runErr != nil && !errors.Is(runErr, http.ErrServerClosed) {
 		return runErr
 	}

@@ -78,9 +78,9 @@ const (
 	// sessionsTimeout bounds the connection to the broker and each answer.
 	sessionsTimeout = 10 * time.Second
 	// sessionsCertLifetime is the lifetime of the certificate the station
-	// issues itself to connect as SessionsClientName; its key never
-	// leaves memory. It is reused for two thirds of it
-	// (sessionsCertCache): far longer than RunSessionEnds waits between
+	// issues itself to connect as SessionsClientName (or NudgeClientName);
+	// its key never leaves memory. It is reused for two thirds of it
+	// (serviceCertCache): far longer than RunSessionEnds waits between
 	// retries (at most hookRetryMax), so that a broker down for a day
 	// costs a certificate or two, not one an attempt.
 	sessionsCertLifetime = 24 * time.Hour
@@ -105,17 +105,11 @@ type SessionsConfig struct {
 // sessionsConfig reads station.json's end_sessions at each use: a
 // revocation in a CLI process and serve's retries read the same file.
 func (s *Station) sessionsConfig() (SessionsConfig, error) {
-	var fc struct {
-		EndSessions SessionsConfig `json:"end_sessions"`
-	}
-	b, err := os.ReadFile(s.path(fileConfig))
-	if err != nil {
+	fc, err := s.readFileConfig()
+	if err != nil || fc.EndSessions == nil {
 		return SessionsConfig{}, err
 	}
-	if err := json.Unmarshal(b, &fc); err != nil {
-		return SessionsConfig{}, fmt.Errorf("%s: %w", fileConfig, err)
-	}
-	return fc.EndSessions, nil
+	return *fc.EndSessions, nil
 }
 
 // pendingSessions is sessions-pending.json: each device whose sessions
@@ -311,40 +305,11 @@ type dynsecClient struct {
 // dialDynsec connects to the broker cfg names as SessionsClientName and
 // subscribes to the plugin's answers. s.sessionsCert.mu held.
 func (s *Station) dialDynsec(ctx context.Context, cfg SessionsConfig) (*dynsecClient, error) {
-	u, err := url.Parse(cfg.MosquittoDynsec)
-	if err != nil || u.Scheme != "mqtts" || u.Host == "" {
-		return nil, fmt.Errorf("end_sessions broker %q: want mqtts://HOST:PORT", cfg.MosquittoDynsec)
-	}
-	host := u.Host
-	if u.Port() == "" {
-		host = net.JoinHostPort(u.Hostname(), "8883")
-	}
-	roots := certpem.Pool(s.CACerts())
-	if cfg.CAFile != "" {
-		certs, err := certpem.ReadFile(cfg.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("end_sessions ca_file: %w", err)
-		}
-		roots = certpem.Pool(certs)
-	}
-	cert, err := s.sessionsCertificate(ctx)
+	c, timeout, err := s.dialMQTT(ctx, "end_sessions", cfg.MosquittoDynsec, cfg.CAFile, SessionsClientName, &s.sessionsCert)
 	if err != nil {
 		return nil, err
 	}
-	dc := &dynsecClient{answers: make(chan []byte, 16)}
-	// The paho token API has no context: a deadline from ctx, if sooner,
-	// bounds the waits instead.
-	timeout := sessionsTimeout
-	if d, ok := ctx.Deadline(); ok && time.Until(d) < timeout {
-		timeout = max(time.Until(d), time.Millisecond)
-	}
-	dc.c = paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + host).SetClientID(SessionsClientName).
-		SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: roots, MinVersion: tls.VersionTLS12}).
-		SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
-		SetConnectTimeout(timeout).SetWriteTimeout(timeout))
-	if err := wait(dc.c.Connect(), timeout); err != nil {
-		return nil, fmt.Errorf("connecting to %s: %w", host, err)
-	}
+	dc := &dynsecClient{c: c, answers: make(chan []byte, 16)}
 	err = wait(dc.c.Subscribe(dynsecTopic+"/response", 1, func(_ paho.Client, m paho.Message) {
 		select {
 		case dc.answers <- m.Payload():
@@ -353,34 +318,76 @@ func (s *Station) dialDynsec(ctx context.Context, cfg SessionsConfig) (*dynsecCl
 	}), timeout)
 	if err != nil {
 		dc.close()
-		return nil, fmt.Errorf("subscribing to the dynamic-security plugin's answers at %s: %w", host, err)
+		return nil, fmt.Errorf("subscribing to the dynamic-security plugin's answers at %s: %w", cfg.MosquittoDynsec, err)
 	}
 	return dc, nil
 }
 
-// sessionsCertCache is what a station keeps between its connections as
-// SessionsClientName: the lock a flush holds from start to end (two
-// connections under one client ID would take each other over at the
-// broker), and the certificate they connect with, its key in memory
-// only. Retries while the broker is down reuse the certificate rather
-// than each issuing one, which the registry records and the CRL would
-// list if the service were revoked.
-type sessionsCertCache struct {
+// dialMQTT connects to the broker at brokerURL (mqtts://HOST:PORT, the
+// setting what of station.json) as the station's service name, with the
+// certificate cache holds (cache.mu held), verifying the broker with
+// caFile's certificates (default: the station's CA certificates). It
+// returns the client and the timeout to wait on its tokens with.
+func (s *Station) dialMQTT(ctx context.Context, what, brokerURL, caFile, name string, cache *serviceCertCache) (paho.Client, time.Duration, error) {
+	u, err := url.Parse(brokerURL)
+	if err != nil || u.Scheme != "mqtts" || u.Host == "" {
+		return nil, 0, fmt.Errorf("%s broker %q: want mqtts://HOST:PORT", what, brokerURL)
+	}
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), "8883")
+	}
+	roots := certpem.Pool(s.CACerts())
+	if caFile != "" {
+		certs, err := certpem.ReadFile(caFile)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s ca_file: %w", what, err)
+		}
+		roots = certpem.Pool(certs)
+	}
+	cert, err := s.serviceCertificate(ctx, cache, name)
+	if err != nil {
+		return nil, 0, err
+	}
+	// The paho token API has no context: a deadline from ctx, if sooner,
+	// bounds the waits instead.
+	timeout := sessionsTimeout
+	if d, ok := ctx.Deadline(); ok && time.Until(d) < timeout {
+		timeout = max(time.Until(d), time.Millisecond)
+	}
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + host).SetClientID(name).
+		SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: roots, MinVersion: tls.VersionTLS12}).
+		SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
+		SetConnectTimeout(timeout).SetWriteTimeout(timeout))
+	if err := wait(c.Connect(), timeout); err != nil {
+		return nil, 0, fmt.Errorf("connecting to %s: %w", host, err)
+	}
+	return c, timeout, nil
+}
+
+// serviceCertCache is what a station keeps between its connections to
+// a broker as one of its services (SessionsClientName, NudgeClientName):
+// the lock held from a connection's start to its end (two connections
+// under one client ID would take each other over at the broker), and the
+// certificate they connect with, its key in memory only. Retries while
+// the broker is down reuse the certificate rather than each issuing one,
+// which the registry records and the CRL would list if the service were
+// revoked.
+type serviceCertCache struct {
 	mu   sync.Mutex
 	cert *tls.Certificate // its Leaf set; nil until the first connection
 }
 
-// sessionsCertificate returns the certificate to connect as
-// SessionsClientName with: the cached one, or a new one if it is missing,
-// in the last third of its validity, or revoked. s.sessionsCert.mu held.
-func (s *Station) sessionsCertificate(ctx context.Context) (tls.Certificate, error) {
-	c := &s.sessionsCert
+// serviceCertificate returns the certificate to connect as service name
+// with: the one cached, or a new one if it is missing, in the last third
+// of its validity, or revoked. c.mu held.
+func (s *Station) serviceCertificate(ctx context.Context, c *serviceCertCache, name string) (tls.Certificate, error) {
 	if c.cert != nil && s.sessionsCertUsable(c.cert.Leaf) {
 		return *c.cert, nil
 	}
-	sc, err := s.IssueService(ctx, ServiceRequest{Name: SessionsClientName, Lifetime: sessionsCertLifetime})
+	sc, err := s.IssueService(ctx, ServiceRequest{Name: name, Lifetime: sessionsCertLifetime})
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("issuing the %s certificate: %w", SessionsClientName, err)
+		return tls.Certificate{}, fmt.Errorf("issuing the %s certificate: %w", name, err)
 	}
 	cert, err := tls.X509KeyPair(sc.Chain, sc.Key)
 	if err != nil {

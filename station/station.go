@@ -15,6 +15,7 @@
 //	crl.pem             the current CRL, for brokers (mosquitto crlfile)
 //	admin.sock          while serving: the admin API used by iotstation commands
 //	sessions-pending.json  revoked devices whose broker sessions are still to be ended
+//	firmware/           the firmware repository (key lists, releases); rollouts are in the registry
 //
 // Keys are written 0600 and atomically.
 package station
@@ -54,6 +55,8 @@ type fileConfigJSON struct {
 	CATPM        string   `json:"ca_tpm,omitempty"`
 	// EndSessions is read at each use (sessionsConfig).
 	EndSessions *SessionsConfig `json:"end_sessions,omitempty"`
+	// FirmwareNudge is read at each use (nudgeConfig).
+	FirmwareNudge *NudgeConfig `json:"firmware_nudge,omitempty"`
 }
 
 // InitOptions configures Init.
@@ -89,7 +92,11 @@ type InitOptions struct {
 	// the broker (see SessionsConfig); kept in station.json as
 	// end_sessions.
 	EndSessions SessionsConfig
-	Now         func() time.Time
+	// FirmwareNudge says where devices are told to check for firmware at
+	// once when a wave of a rollout opens (see NudgeConfig); kept in
+	// station.json as firmware_nudge.
+	FirmwareNudge NudgeConfig
+	Now           func() time.Time
 }
 
 // ErrInitialized: Init on a directory that already holds a station.
@@ -146,21 +153,29 @@ func Init(opts InitOptions) error {
 		}
 		manifest = b
 	}
-	if u := opts.EndSessions.MosquittoDynsec; u != "" {
-		if pu, err := url.Parse(u); err != nil || pu.Scheme != "mqtts" || pu.Host == "" {
-			return fmt.Errorf("--end-sessions-dynsec %q: want mqtts://HOST:PORT", u)
+	for _, b := range []struct {
+		flag, caFlag string
+		url, ca      *string
+	}{
+		{"--end-sessions-dynsec", "--end-sessions-ca", &opts.EndSessions.MosquittoDynsec, &opts.EndSessions.CAFile},
+		{"--nudge-broker", "--nudge-ca", &opts.FirmwareNudge.Broker, &opts.FirmwareNudge.CAFile},
+	} {
+		if u := *b.url; u != "" {
+			if pu, err := url.Parse(u); err != nil || pu.Scheme != "mqtts" || pu.Host == "" {
+				return fmt.Errorf("%s %q: want mqtts://HOST:PORT", b.flag, u)
+			}
 		}
-	}
-	if f := opts.EndSessions.CAFile; f != "" {
-		if _, err := certpem.ReadFile(f); err != nil {
-			return fmt.Errorf("--end-sessions-ca: %w", err)
+		if f := *b.ca; f != "" {
+			if _, err := certpem.ReadFile(f); err != nil {
+				return fmt.Errorf("%s: %w", b.caFlag, err)
+			}
+			// Kept in station.json: serve may start in another directory.
+			abs, err := filepath.Abs(f)
+			if err != nil {
+				return fmt.Errorf("%s: %w", b.caFlag, err)
+			}
+			*b.ca = abs
 		}
-		// Kept in station.json: serve may start in another directory.
-		abs, err := filepath.Abs(f)
-		if err != nil {
-			return fmt.Errorf("--end-sessions-ca: %w", err)
-		}
-		opts.EndSessions.CAFile = abs
 	}
 	// The TPM comes before anything is written: a bad spec changes nothing.
 	var caKey crypto.Signer
@@ -212,6 +227,9 @@ func Init(opts InitOptions) error {
 	}
 	if opts.EndSessions != (SessionsConfig{}) {
 		fc.EndSessions = &opts.EndSessions
+	}
+	if opts.FirmwareNudge != (NudgeConfig{}) {
+		fc.FirmwareNudge = &opts.FirmwareNudge
 	}
 	cfg, err := json.MarshalIndent(fc, "", "  ")
 	if err != nil {
@@ -308,7 +326,10 @@ type Station struct {
 	hookRetry   time.Duration
 	metrics     metrics
 
-	sessionsCert sessionsCertCache
+	sessionsCert serviceCertCache
+	nudgeCert    serviceCertCache
+	// rolloutWake has RunRollouts nudge a wave that just opened.
+	rolloutWake chan struct{}
 }
 
 // Open opens the station in cfg.Dir.
@@ -329,6 +350,7 @@ func Open(cfg Config) (*Station, error) {
 		holdUnknown: fc.HoldUnknown || cfg.HoldUnknown,
 		crlHook:     cmp.Or(cfg.CRLHook, fc.CRLHook),
 		hookFailed:  make(chan struct{}, 1),
+		rolloutWake: make(chan struct{}, 1),
 		hookRetry:   cmp.Or(cfg.CRLHookRetry, hookRetryMin),
 		log:         cfg.Logger, now: cfg.Now, rand: cfg.Rand,
 	}
@@ -390,6 +412,20 @@ func Open(cfg Config) (*Station, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// readFileConfig reads station.json: the settings read at each use
+// (end_sessions, firmware_nudge), which a CLI process and serve share.
+func (s *Station) readFileConfig() (*fileConfigJSON, error) {
+	b, err := os.ReadFile(s.path(fileConfig))
+	if err != nil {
+		return nil, err
+	}
+	var fc fileConfigJSON
+	if err := json.Unmarshal(b, &fc); err != nil {
+		return nil, fmt.Errorf("%s: %w", fileConfig, err)
+	}
+	return &fc, nil
 }
 
 // Close releases the registry and the audit log.

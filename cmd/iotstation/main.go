@@ -62,7 +62,7 @@ func commands() []command {
 		{"token", "bootstrap tokens: token create --device ID [--ttl 24h]", cmdToken},
 		{"issue", "certificate for a broker, collector (--server) or backend client", cmdIssue},
 		{"watch", "subscribe to every device's telemetry and report delivery per device", cmdWatch},
-		{"firmware", "release keys and the firmware repository: key new, keys sign, keys install, publish", cmdFirmware},
+		{"firmware", "release keys, the firmware repository and rollouts: root init, key new, keys sign, keys install, publish, rollout create|status|pause|resume|abort", cmdFirmware},
 		{"demo-broker", "an embedded MQTT broker, for the demo only", cmdDemoBroker},
 	}
 }
@@ -183,6 +183,8 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	crlHook := fs.String("crl-hook", "", "shell `COMMAND` run after every change of crl.pem (revocation, 12-hourly reissue), e.g. 'systemctl reload mosquitto'")
 	dynsec := fs.String("end-sessions-dynsec", "", "mqtts://`HOST:PORT` of a mosquitto broker with the dynamic-security plugin: a revocation ends the device's live sessions there (station.json end_sessions)")
 	dynsecCA := fs.String("end-sessions-ca", "", "PEM `FILE` verifying that broker's certificate (default: the station's CA)")
+	nudge := fs.String("nudge-broker", "", "mqtts://`HOST:PORT` of the fleet's broker: when a wave of a firmware rollout opens, its devices are told to check at once (devices/ID/cmd, as client "+station.NudgeClientName+"; station.json firmware_nudge; default: the --end-sessions-dynsec broker)")
+	nudgeCA := fs.String("nudge-ca", "", "PEM `FILE` verifying that broker's certificate (default: the station's CA)")
 	hold := fs.Bool("hold-unknown", false, "hold devices not in the manifest for approval (202 + Retry-After) instead of refusing them")
 	name := fs.String("name", "iotagent", "`NAME` for the CA certificates")
 	caTPM := fs.String("ca-tpm", "", "create the issuing CA key in the TPM at `SPEC` (/dev/tpmrm0, unix:PATH, tcp:HOST:PORT) instead of ca.key")
@@ -195,8 +197,9 @@ func cmdInit(_ context.Context, e *env, args []string) error {
 	err := station.Init(station.InitOptions{
 		Dir: *dir, Name: *name, SANs: sans, TPMRoots: roots, Manifest: *manifest,
 		CertLifetime: *lifetime, AutoApprove: *autoApprove, HoldUnknown: *hold, CRLHook: *crlHook,
-		EndSessions: station.SessionsConfig{MosquittoDynsec: *dynsec, CAFile: *dynsecCA},
-		CATPM:       *caTPM,
+		EndSessions:   station.SessionsConfig{MosquittoDynsec: *dynsec, CAFile: *dynsecCA},
+		FirmwareNudge: station.NudgeConfig{Broker: *nudge, CAFile: *nudgeCA},
+		CATPM:         *caTPM,
 	})
 	if err != nil {
 		return err
@@ -301,7 +304,7 @@ func cmdDevices(ctx context.Context, e *env, args []string) error {
 		return enc.Encode(devs)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATUS\tCERT SERIAL\tNOT AFTER\tENROLLED\tLAST SEEN\tEK SHA256")
+	fmt.Fprintln(tw, "ID\tSTATUS\tAGENT\tCERT SERIAL\tNOT AFTER\tENROLLED\tLAST SEEN\tEK SHA256")
 	for _, d := range devs {
 		ek := d.EKSHA256
 		if ek == "" {
@@ -309,7 +312,11 @@ func cmdDevices(ctx context.Context, e *env, args []string) error {
 		} else {
 			ek = ek[:16] + "…"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Status, d.CertSerial, d.NotAfter.UTC().Format(time.RFC3339),
+		agent := "-" // it never said (an agent without firmware updates)
+		if d.Firmware != nil && d.Firmware.Agent.Version != "" {
+			agent = d.Firmware.Agent.Version
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Status, agent, d.CertSerial, d.NotAfter.UTC().Format(time.RFC3339),
 			d.EnrolledAt.UTC().Format(time.RFC3339), d.LastSeen.UTC().Format(time.RFC3339), ek)
 	}
 	return tw.Flush()
@@ -365,13 +372,19 @@ func cmdApprove(ctx context.Context, e *env, args []string) error {
 // deviceAction runs an admin operation on the device named by the one
 // positional argument.
 func deviceAction(ctx context.Context, e *env, name string, args []string, op func(station.Admin, context.Context, string) error, done string) error {
+	return adminAction(ctx, e, name, "the device ID", args, op, done)
+}
+
+// adminAction runs an admin operation on what the one positional
+// argument names (want says what it is).
+func adminAction(ctx context.Context, e *env, name, want string, args []string, op func(station.Admin, context.Context, string) error, done string) error {
 	fs, dir := newFlags(e, name)
 	pos, err := parse(fs, dir, args, 1)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("%s: want the device ID", name)
+		return usagef("%s: want %s", name, want)
 	}
 	a, err := station.OpenAdmin(*dir)
 	if err != nil {
