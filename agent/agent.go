@@ -47,6 +47,8 @@ type Agent struct {
 	s     *settings
 	log   *slog.Logger
 	renew chan struct{} // RequestRenewal's requests to the running daemon
+	// fwCheck: RequestFirmwareCheck's requests (and the station's nudges).
+	fwCheck chan struct{}
 
 	// enrollRetry paces first enrollment's retries (tests shorten it and
 	// give it a clock that records the waits).
@@ -71,7 +73,7 @@ func New(cfg Config) (*Agent, error) {
 		}
 		log = slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: s.level}))
 	}
-	return &Agent{cfg: cfg, s: s, log: log, renew: make(chan struct{}, 1),
+	return &Agent{cfg: cfg, s: s, log: log, renew: make(chan struct{}, 1), fwCheck: make(chan struct{}, 1),
 		enrollRetry: backoff.Config{Base: enrollRetryBase, Cap: enrollRetryCap, Rand: cfg.Rand}}, nil
 }
 
@@ -130,6 +132,8 @@ type daemon struct {
 	// enrolling is the last first-enrollment failure, while the device is
 	// not enrolled ("" before the first attempt).
 	enrolling atomic.Pointer[string]
+	// firmware is the updater's state for the status file.
+	firmware atomic.Pointer[fwRuntime]
 }
 
 // delivery is the uplink and the pipeline feeding it.
@@ -265,6 +269,13 @@ func (d *daemon) runIdentity(ctx context.Context, enrolled bool, first enroll.En
 		parts = append(parts, rungroup.Part{Name: "uplink", Run: up.Run}, rungroup.Part{Name: "pipeline", Run: pipe.Run})
 	} else {
 		a.log.Warn("no uplink configured: telemetry is queued until one is ([uplink] url or --uplink)")
+	}
+	if a.s.firmware != nil {
+		u, err := d.newUpdater()
+		if err != nil {
+			return err
+		}
+		parts = append(parts, rungroup.Part{Name: "firmware", Run: u.Run})
 	}
 	a.log.Info("identity ready", "device", r.Identity().DeviceID())
 	return rungroup.Run(ctx, parts...)

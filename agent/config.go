@@ -46,6 +46,7 @@ type Config struct {
 	Collectors CollectorsConfig `toml:"collectors"`
 	Renewal    RenewalConfig    `toml:"renewal"`
 	Log        LogConfig        `toml:"log"`
+	Firmware   FirmwareConfig   `toml:"firmware"`
 
 	// LogOutput receives the agent's log as text at [log] level (default
 	// os.Stderr). Logger, when set, is used instead.
@@ -164,6 +165,8 @@ type settings struct {
 	keepAlive  time.Duration
 	groupDelay time.Duration
 	level      slog.Level
+	// firmware is nil when updates are off.
+	firmware *fwSettings
 }
 
 // parse checks c and fills the defaults. Every error is a *ConfigError.
@@ -261,6 +264,9 @@ func (c *Config) parse() (*settings, error) {
 		if _, err := enroll.ParsePin(c.Station.Fingerprint); err != nil {
 			return nil, configErrorf("station fingerprint ([station] fingerprint, --station-fingerprint): %w", err)
 		}
+	}
+	if s.firmware, err = c.parseFirmware(); err != nil {
+		return nil, err
 	}
 	return s, nil
 }

@@ -41,6 +41,8 @@ type runtimeStatus struct {
 	// Enrolling is why first enrollment failed last, while the device is
 	// not enrolled.
 	Enrolling string `json:"enrolling,omitempty"`
+	// Firmware is the update state, when [firmware] is on.
+	Firmware *fwRuntime `json:"firmware,omitempty"`
 }
 
 type statusWriter struct {
@@ -66,6 +68,7 @@ func (w *statusWriter) Run(ctx context.Context) error {
 		if e := w.d.enrolling.Load(); e != nil {
 			rs.Enrolling = *e
 		}
+		rs.Firmware = w.d.firmware.Load()
 		b, _ := json.Marshal(rs)
 		err := atomicfile.Write(w.path, b, 0o640)
 		if err != nil && !failing && ctx.Err() == nil {

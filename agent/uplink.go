@@ -71,7 +71,21 @@ func (a *Agent) newUplink(t *tpm.TPM, id *enroll.Identity, q *store.Store, stats
 	return mqtt.New(mqtt.Config{
 		URL: a.cfg.Uplink.URL, RootCAs: roots, Identity: id, MaxPayload: a.s.maxPayload,
 		Window: a.cfg.Uplink.Window, KeepAlive: a.s.keepAlive, Stats: stats, Logger: a.log, Version: buildinfo.Get().Version,
+		Command: a.command,
 	})
+}
+
+// command is a command from the station (MQTT devices/ID/cmd).
+func (a *Agent) command(op string) {
+	switch op {
+	case "firmware-check":
+		if a.s.firmware != nil {
+			a.log.Info("firmware: the station asks for a check")
+			a.RequestFirmwareCheck()
+		}
+	default:
+		a.log.Warn("ignoring an unknown command from the station", "op", op)
+	}
 }
 
 // caFile is [uplink] ca_file, read again at each handshake once it

@@ -142,6 +142,18 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}, nil
 }
 
+// HTTP returns an HTTP client that reaches the station as this one does
+// (its verification, its client certificate), with timeout bounding one
+// request (0: none; a long download is bounded by its context).
+func (c *Client) HTTP(timeout time.Duration) *http.Client {
+	h := *c.http
+	h.Timeout = timeout
+	return &h
+}
+
+// URL is the station's base URL.
+func (c *Client) URL() string { return c.base.String() }
+
 // CloseIdleConnections drops kept-alive connections (after a certificate
 // change, the next request must handshake with the new one).
 func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }

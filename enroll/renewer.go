@@ -305,6 +305,11 @@ func (r *Renewer) noteRefusal(err error) {
 	}
 }
 
+// StationClient returns a client of the station that presents the
+// device certificate (mutual TLS), for the station's other services
+// (the firmware repository).
+func (r *Renewer) StationClient() (*Client, error) { return r.client(true) }
+
 func (r *Renewer) client(mtls bool) (*Client, error) {
 	cfg := ClientConfig{URL: r.st.Enrollment.Station, Roots: r.st.TrustPool(), Clock: r.clock}
 	if mtls {

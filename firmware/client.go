@@ -1,7 +1,9 @@
 package firmware
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -113,32 +115,81 @@ func (c *Client) PayloadURL(m *release.Manifest) string {
 	return strings.TrimSuffix(c.Station, "/") + "/firmware/releases/" + m.Name + "/" + m.SemVer().String() + "/payload"
 }
 
+// Check tells the station what the device runs and returns its
+// assignment, or nil when a rollout assigns it nothing.
+func (c *Client) Check(ctx context.Context, ch release.Check) (*release.Assignment, error) {
+	body, _ := json.Marshal(ch)
+	b, err := c.do(ctx, http.MethodPost, "/firmware/check", body, release.MaxCheckSize)
+	if err != nil || len(b) == 0 {
+		return nil, err
+	}
+	a, err := release.ParseAssignment(b)
+	if err != nil {
+		return nil, fmt.Errorf("firmware: the station's assignment: %w", err)
+	}
+	return a, nil
+}
+
+// Report sends one step of an update to the station.
+func (c *Client) Report(ctx context.Context, r release.Report) error {
+	if len(r.Reason) > release.MaxReasonLen {
+		r.Reason = r.Reason[:release.MaxReasonLen-3] + "..."
+	}
+	r.Reason = strings.NewReplacer("\r", " ", "\n", " ").Replace(r.Reason)
+	body, _ := json.Marshal(r)
+	_, err := c.do(ctx, http.MethodPost, "/firmware/report", body, 512)
+	return err
+}
+
 var errNotFound = errors.New("not found")
+
+// ErrUnreachable: the station could not be asked (the network, or its
+// answer was 5xx or 429): a reason to try again later, not to refuse a
+// release.
+var ErrUnreachable = errors.New("firmware: station unreachable")
 
 // get fetches path, at most max bytes.
 func (c *Client) get(ctx context.Context, path string, max int) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(c.Station, "/")+path, nil)
+	return c.do(ctx, http.MethodGet, path, nil, max)
+}
+
+// do makes one request and returns the answer's body (at most max
+// bytes; empty for 204).
+func (c *Client) do(ctx context.Context, method, path string, body []byte, max int) ([]byte, error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.Station, "/")+path, rd)
 	if err != nil {
 		return nil, err
 	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("firmware: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusNotFound {
+	switch {
+	case resp.StatusCode == http.StatusNotFound && method == http.MethodGet:
 		return nil, errNotFound
-	}
-	if resp.StatusCode != http.StatusOK {
+	case resp.StatusCode == http.StatusNoContent:
+		return nil, nil
+	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("firmware: GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(msg)))
+		return nil, fmt.Errorf("%w: %s %s: %s: %s", ErrUnreachable, method, path, resp.Status, strings.TrimSpace(string(msg)))
+	case resp.StatusCode != http.StatusOK:
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, fmt.Errorf("firmware: %s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(msg)))
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, int64(max)+1))
 	if err != nil {
-		return nil, fmt.Errorf("firmware: GET %s: %w", path, err)
+		return nil, fmt.Errorf("%w: %s %s: %w", ErrUnreachable, method, path, err)
 	}
 	if len(b) > max {
-		return nil, fmt.Errorf("firmware: GET %s: %w", path, release.ErrTooLarge)
+		return nil, fmt.Errorf("firmware: %s %s: %w", method, path, release.ErrTooLarge)
 	}
 	return b, nil
 }

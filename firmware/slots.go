@@ -80,6 +80,9 @@ type Trial struct {
 	Staged   time.Time `json:"staged"`
 	// Deadline is set at the trial's first start.
 	Deadline time.Time `json:"deadline,omitzero"`
+	// Rollout is the station's rollout that assigned the release ("" for
+	// one applied locally).
+	Rollout string `json:"rollout,omitempty"`
 }
 
 // SlotResult is how the last trial ended.
@@ -88,6 +91,10 @@ type SlotResult struct {
 	Result  string    `json:"result"`  // committed, rolled-back
 	Reason  string    `json:"reason,omitempty"`
 	At      time.Time `json:"at"`
+	Rollout string    `json:"rollout,omitempty"`
+	// Reported: the station has been told (the agent reports a result
+	// once, at its first chance after the result was recorded).
+	Reported bool `json:"reported,omitempty"`
 }
 
 // OpenSlots uses dir (created 0700).
@@ -143,7 +150,11 @@ var ErrTrialPending = errors.New("firmware: a release is on trial")
 // Stage puts the verified payload at src (an agent binary) into the slot
 // that is not active and makes it the trial for m. The payload must have
 // passed release.Trust and Accept.
-func (s *Slots) Stage(src string, m *release.Manifest) error {
+func (s *Slots) Stage(src string, m *release.Manifest) error { return s.StageFor(src, m, "") }
+
+// StageFor is Stage for a release assigned by the station's rollout
+// (kept with the trial and its result, for the reports).
+func (s *Slots) StageFor(src string, m *release.Manifest, rollout string) error {
 	if m.Type != release.TypeAgent {
 		return fmt.Errorf("firmware: %s %s is of type %q; only %q releases go into the agent's slots", m.Name, m.Version, m.Type, release.TypeAgent)
 	}
@@ -180,7 +191,7 @@ func (s *Slots) Stage(src string, m *release.Manifest) error {
 	}
 	v := m.SemVer()
 	v.Build = "" // a release is one version, whatever its build metadata
-	st.Trial = &Trial{Slot: slot, Name: m.Name, Version: v.String(), SVN: m.SVN, Staged: s.Now().UTC()}
+	st.Trial = &Trial{Slot: slot, Name: m.Name, Version: v.String(), SVN: m.SVN, Staged: s.Now().UTC(), Rollout: rollout}
 	return s.write(st)
 }
 
@@ -270,7 +281,7 @@ func (s *Slots) rollback(st SlotState, reason string) (string, bool, error) {
 	key := t.Name + "@" + t.Version // a version without build metadata
 	st.Bad = append(st.Bad, key)
 	st.Trial = nil
-	st.Last = &SlotResult{Release: key, Result: "rolled-back", Reason: reason, At: s.Now().UTC()}
+	st.Last = &SlotResult{Release: key, Result: "rolled-back", Reason: reason, At: s.Now().UTC(), Rollout: t.Rollout}
 	if err := s.write(st); err != nil {
 		return "", false, err
 	}
@@ -292,8 +303,22 @@ func (s *Slots) Commit() (*Trial, error) {
 		return nil, fmt.Errorf("firmware: %s %s has not run yet; a trial commits once it has proved healthy", t.Name, t.Version)
 	}
 	st.Active, st.ActiveVersion, st.ActiveSVN, st.Trial = t.Slot, t.Version, t.SVN, nil
-	st.Last = &SlotResult{Release: t.Name + "@" + t.Version, Result: "committed", At: s.Now().UTC()}
+	st.Last = &SlotResult{Release: t.Name + "@" + t.Version, Result: "committed", At: s.Now().UTC(), Rollout: t.Rollout}
 	return t, s.write(st)
+}
+
+// MarkReported records that the last result was reported to the
+// station.
+func (s *Slots) MarkReported(r SlotResult) error {
+	st, err := s.State()
+	if err != nil {
+		return err
+	}
+	if st.Last == nil || st.Last.Release != r.Release || !st.Last.At.Equal(r.At) || st.Last.Reported {
+		return nil // another result since, or already marked
+	}
+	st.Last.Reported = true
+	return s.write(st)
 }
 
 // Rollback ends the trial as failed, for reason: marked bad, the

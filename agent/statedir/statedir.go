@@ -17,6 +17,11 @@
 //	queue.db              the telemetry queue and small agent state (bbolt)
 //	session-key.json      the TPM-sealed key that seals the DTLS session
 //	agent.lock            flock(2)ed by its owner, holding the owner's PID
+//	firmware/             updates: state.json and slots/{a,b}/iotagent
+//	                      (package firmware), keylist.json (the trusted
+//	                      key list), download/ (payloads being fetched),
+//	                      request.json and answer.json (iotagent firmware
+//	                      commands handed to the running agent)
 //
 // The runtime directory (the ingest socket and the status file, on tmpfs)
 // is not state: it is beside the socket, see package agent.
@@ -53,6 +58,7 @@ func (d Dir) Clock() string         { return d.file("clock.json") }
 func (d Dir) Queue() string         { return d.file("queue.db") }
 func (d Dir) SessionKey() string    { return d.file("session-key.json") }
 func (d Dir) LockFile() string      { return d.file("agent.lock") }
+func (d Dir) Firmware() string      { return d.file("firmware") }
 
 // Create makes the directory (and its parents) with mode 0700 if it does
 // not exist, and checks that it is a directory.

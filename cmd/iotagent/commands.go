@@ -90,7 +90,9 @@ func keepKey(set bool) func(*agent.Config) {
 }
 
 // cmdRun runs the agent until SIGTERM or SIGINT. SIGUSR1 renews the
-// certificate now.
+// certificate now; SIGUSR2 checks for a firmware update (and takes a
+// command iotagent firmware handed over). With [firmware], the launcher
+// runs first: it may exec the committed or trial slot's binary.
 func cmdRun(ctx context.Context, e *env, args []string) error {
 	fs := e.flagSet("run")
 	uplinkURL := fs.String("uplink", "", "uplink `URL`: mqtts://HOST:PORT (MQTT over TLS) or coaps://HOST:PORT (CoAP over DTLS) ([uplink] url)")
@@ -111,22 +113,33 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+	if err := a.Launch(); err != nil {
+		return err
+	}
+	usr := make(chan os.Signal, 1)
+	signal.Notify(usr, syscall.SIGUSR1, syscall.SIGUSR2)
 	done := make(chan struct{})
-	defer close(done)
 	go func() {
 		for {
 			select {
-			case <-usr1:
-				a.RequestRenewal()
+			case s := <-usr:
+				if s == syscall.SIGUSR1 {
+					a.RequestRenewal()
+				} else {
+					a.RequestFirmwareCheck()
+				}
 			case <-done:
 				return
 			}
 		}
 	}()
-	return a.Run(ctx)
+	err = a.Run(ctx)
+	signal.Stop(usr)
+	close(done)
+	if errors.Is(err, agent.ErrRelaunch) {
+		return agent.Relaunch()
+	}
+	return err
 }
 
 func cmdRenew(ctx context.Context, e *env, args []string) error {

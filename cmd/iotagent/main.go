@@ -74,6 +74,7 @@ func commands() []command {
 		{"status", "show the device identity and renewal state", cmdStatus},
 		{"renew", "renew the certificate now", cmdRenew},
 		{"tpm", "TPM commands: info, keygen", cmdTPM},
+		{"firmware", "updates: status, check, apply, commit, rollback", cmdFirmware},
 		{"version", "print version, commit, Go version and target", cmdVersion},
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -15,7 +16,19 @@ var (
 	version   = "dev"
 	commit    = ""
 	buildTime = "" // Unix seconds of the commit, for reproducible builds
+	// firmwareRootKeys are the firmware root public keys a build trusts
+	// (base64 ed25519, comma-separated), besides the configured ones.
+	firmwareRootKeys = ""
 )
+
+// FirmwareRootKeys returns the firmware root public keys built in
+// (-X …/buildinfo.firmwareRootKeys=KEY,KEY), as base64 text.
+func FirmwareRootKeys() []string {
+	if firmwareRootKeys == "" {
+		return nil
+	}
+	return strings.Split(firmwareRootKeys, ",")
+}
 
 // Info describes the running binary.
 type Info struct {

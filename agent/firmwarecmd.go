@@ -1,0 +1,360 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"iotagent.dev/iotagent/agent/statedir"
+	"iotagent.dev/iotagent/firmware"
+	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/internal/atomicfile"
+)
+
+// The iotagent firmware commands. Slots is used by one process at a
+// time, the state directory's owner: when an agent runs, a command is
+// handed to it (FIRMWARE/request.json, then SIGUSR2) and its answer read
+// from FIRMWARE/answer.json; when none runs, the command takes the lock
+// and does the same work itself.
+
+// firmwareRequestWait bounds how long a command waits for the running
+// agent's answer.
+const firmwareRequestWait = 60 * time.Second
+
+// Firmware operations.
+const (
+	opApply    = "apply"
+	opCommit   = "commit"
+	opRollback = "rollback"
+)
+
+// fwRequest is request.json.
+type fwRequest struct {
+	ID string `json:"id"`
+	Op string `json:"op"`
+	// File is the payload and Manifest its signed manifest, for apply;
+	// KeyList an optional key list to trust first.
+	File     string `json:"file,omitempty"`
+	Manifest []byte `json:"manifest,omitempty"`
+	KeyList  []byte `json:"keylist,omitempty"`
+}
+
+// fwAnswer is answer.json.
+type fwAnswer struct {
+	ID     string `json:"id"`
+	Result string `json:"result,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+// ErrFirmwareOff: the configuration has no [firmware] root key.
+var ErrFirmwareOff = errors.New("firmware updates are off: [firmware] has no root key (root_keys or root_keys_file)")
+
+// FirmwareResult says what a firmware command did.
+type FirmwareResult struct {
+	// DaemonPID is the running agent that did it (0: this process).
+	DaemonPID int
+	Result    string
+}
+
+// FirmwareApply installs the payload at file, described by the signed
+// manifest, as a trial, with the checks of an update from the station
+// (keyList, if given, is trusted first under the rotation rules). The
+// trial starts at the next start of the agent (at once when one runs).
+func (a *Agent) FirmwareApply(ctx context.Context, file string, manifest, keyList []byte) (*FirmwareResult, error) {
+	abs, err := filepath.Abs(file)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(abs); err != nil {
+		return nil, err
+	}
+	return a.firmwareOp(ctx, fwRequest{Op: opApply, File: abs, Manifest: manifest, KeyList: keyList})
+}
+
+// FirmwareCommit commits the release on trial now (an operator's
+// verdict that it is healthy).
+func (a *Agent) FirmwareCommit(ctx context.Context) (*FirmwareResult, error) {
+	return a.firmwareOp(ctx, fwRequest{Op: opCommit})
+}
+
+// FirmwareRollback rolls the release on trial back (marked bad); the
+// committed binary runs next.
+func (a *Agent) FirmwareRollback(ctx context.Context) (*FirmwareResult, error) {
+	return a.firmwareOp(ctx, fwRequest{Op: opRollback})
+}
+
+// FirmwareCheck asks the running agent to check with the station now.
+func (a *Agent) FirmwareCheck() (int, error) {
+	if a.s.firmware == nil {
+		return 0, ErrFirmwareOff
+	}
+	lock, err := a.s.dir.Lock()
+	if le := (*statedir.LockedError)(nil); errors.As(err, &le) && le.PID > 0 {
+		if err := syscall.Kill(le.PID, syscall.SIGUSR2); err != nil {
+			return 0, fmt.Errorf("asking iotagent (pid %d) to check: %w", le.PID, err)
+		}
+		return le.PID, nil
+	}
+	if err == nil {
+		lock.Close()
+		return 0, errors.New("no agent is running: the check is made by iotagent run (it checks at start)")
+	}
+	return 0, err
+}
+
+func (a *Agent) firmwareOp(ctx context.Context, req fwRequest) (*FirmwareResult, error) {
+	if a.s.firmware == nil {
+		return nil, ErrFirmwareOff
+	}
+	if err := a.s.dir.Create(); err != nil {
+		return nil, err
+	}
+	lock, err := a.s.dir.Lock()
+	if le := (*statedir.LockedError)(nil); errors.As(err, &le) {
+		return a.firmwareOpByDaemon(ctx, le.PID, req)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Close()
+	t, err := a.openTPM()
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	d := &daemon{a: a, t: t, clock: a.clock()}
+	u, err := d.newUpdater()
+	if err != nil {
+		return nil, err
+	}
+	res, err := u.do(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return &FirmwareResult{Result: res}, nil
+}
+
+func requestPath(fw string) string { return filepath.Join(fw, "request.json") }
+func answerPath(fw string) string  { return filepath.Join(fw, "answer.json") }
+
+func (a *Agent) firmwareOpByDaemon(ctx context.Context, pid int, req fwRequest) (*FirmwareResult, error) {
+	if pid <= 0 {
+		return nil, errors.New("the state dir is locked by another iotagent whose pid is unknown")
+	}
+	id := make([]byte, 8)
+	rand.Read(id)
+	req.ID = hex.EncodeToString(id)
+	fw := a.s.dir.Firmware()
+	b, _ := json.Marshal(req)
+	if err := atomicfile.Write(requestPath(fw), b, 0o600); err != nil {
+		return nil, err
+	}
+	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
+		os.Remove(requestPath(fw))
+		return nil, fmt.Errorf("handing the command to iotagent (pid %d): %w", pid, err)
+	}
+	deadline := time.After(firmwareRequestWait)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-deadline:
+			return nil, fmt.Errorf("iotagent (pid %d) did not answer within %v (is it built with firmware updates and [firmware] configured?)", pid, firmwareRequestWait)
+		case <-tick.C:
+		}
+		var ans fwAnswer
+		if b, err := os.ReadFile(answerPath(fw)); err != nil || json.Unmarshal(b, &ans) != nil || ans.ID != req.ID {
+			continue
+		}
+		if ans.Error != "" {
+			return nil, errors.New(ans.Error)
+		}
+		return &FirmwareResult{DaemonPID: pid, Result: ans.Result}, nil
+	}
+}
+
+// takeRequest reads and removes a pending request.json, if any.
+func (u *updater) takeRequest() (*fwRequest, bool) {
+	path := requestPath(u.d.a.s.dir.Firmware())
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, false
+	}
+	os.Remove(path)
+	var req fwRequest
+	if err := json.Unmarshal(b, &req); err != nil || req.ID == "" {
+		u.d.a.log.Warn("firmware: ignoring a malformed request.json", "err", err)
+		return nil, false
+	}
+	return &req, true
+}
+
+// answer writes the answer to req.
+func (u *updater) answer(req *fwRequest, result string, err error) {
+	ans := fwAnswer{ID: req.ID, Result: result}
+	if err != nil && !errors.Is(err, ErrRelaunch) {
+		ans.Error = oneLine(err)
+	}
+	b, _ := json.Marshal(ans)
+	if err := atomicfile.Write(answerPath(u.d.a.s.dir.Firmware()), b, 0o600); err != nil {
+		u.d.a.log.Warn("firmware: writing the answer to a command", "err", err)
+	}
+}
+
+// serveRequest handles a pending command in the daemon, outside a
+// trial. It returns ErrRelaunch when the launcher must run.
+func (u *updater) serveRequest(ctx context.Context) error {
+	req, ok := u.takeRequest()
+	if !ok {
+		return nil
+	}
+	res, err := u.do(ctx, *req)
+	u.answer(req, res, err)
+	if errors.Is(err, ErrRelaunch) {
+		return err
+	}
+	return nil
+}
+
+// do runs one command: in the daemon, or in the command's own process
+// when no agent runs. ErrRelaunch (with a result) means done, and the
+// launcher must run for it to take effect.
+func (u *updater) do(ctx context.Context, req fwRequest) (string, error) {
+	switch req.Op {
+	case opApply:
+		if len(req.KeyList) > 0 {
+			if _, err := u.trust.Update(req.KeyList); err != nil {
+				return "", fmt.Errorf("firmware apply: the key list: %w", err)
+			}
+			if err := atomicfile.Write(u.keyListFile(), u.trust.Raw(), 0o600); err != nil {
+				return "", err
+			}
+		}
+		m, err := u.trust.Manifest(req.Manifest, u.d.clock.Now())
+		if err != nil {
+			return "", fmt.Errorf("firmware apply: %w", err)
+		}
+		if err := u.accept(m); err != nil {
+			return "", fmt.Errorf("firmware apply: %w", err)
+		}
+		if err := u.slots.StageFor(req.File, m, ""); err != nil {
+			return "", fmt.Errorf("firmware apply: %w", err)
+		}
+		return fmt.Sprintf("%s %s staged; on trial from the next start", m.Name, m.Version), ErrRelaunch
+	case opCommit:
+		t, err := u.slots.Commit()
+		if err != nil {
+			return "", err
+		}
+		u.raiseCounter()
+		return fmt.Sprintf("%s %s committed", t.Name, t.Version), nil
+	case opRollback:
+		st, err := u.slots.State()
+		if err != nil {
+			return "", err
+		}
+		if err := u.slots.Rollback("rolled back by the operator"); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("%s %s rolled back and marked bad", st.Trial.Name, st.Trial.Version), ErrRelaunch
+	}
+	return "", fmt.Errorf("firmware: unknown command %q", req.Op)
+}
+
+func (u *updater) keyListFile() string {
+	return filepath.Join(u.d.a.s.dir.Firmware(), "keylist.json")
+}
+
+// accept applies the anti-rollback policy for this device to m.
+func (u *updater) accept(m *release.Manifest) error {
+	st, err := u.slots.State()
+	if err != nil {
+		return err
+	}
+	n, err := u.counter()
+	if err != nil {
+		return err
+	}
+	bad := map[string]bool{}
+	for _, k := range st.Bad {
+		bad[k] = true
+	}
+	return firmware.Accept(m, firmware.Device{Committed: u.committed(st), Counter: n, HW: hardware(), Board: u.fw.board, Bad: bad})
+}
+
+// fwRuntime is the running agent's firmware view, in its status file.
+type fwRuntime struct {
+	Running        string    `json:"running"`
+	Counter        *uint64   `json:"counter,omitempty"`
+	LastCheck      time.Time `json:"last_check,omitzero"`
+	LastCheckError string    `json:"last_check_error,omitempty"`
+	Trial          string    `json:"trial,omitempty"`
+}
+
+// FirmwareStatus is what iotagent firmware status reports; its JSON keys
+// are a contract with operators' scripts.
+type FirmwareStatus struct {
+	// Running is the version the running agent runs ("": none runs);
+	// DaemonPID is that agent.
+	Running   string `json:"running"`
+	DaemonPID int    `json:"pid,omitempty"`
+	// Committed is the committed version; ActiveSlot its slot ("" while
+	// the installed binary was never updated).
+	Committed  string `json:"committed"`
+	ActiveSlot string `json:"active_slot,omitempty"`
+	// Trial is the release on trial, if any.
+	Trial *firmware.Trial `json:"trial,omitempty"`
+	// Counter is the TPM anti-rollback counter (nil: unknown).
+	Counter *uint64 `json:"counter,omitempty"`
+	// CommittedSVN is the committed release's svn: the counter is raised
+	// to it.
+	CommittedSVN uint32               `json:"committed_svn"`
+	Last         *firmware.SlotResult `json:"last,omitempty"`
+	Bad          []string             `json:"bad,omitempty"`
+	// KeyList is the version of the trusted key list (0: none yet).
+	KeyList        uint64    `json:"keylist_version"`
+	LastCheck      time.Time `json:"last_check,omitzero"`
+	LastCheckError string    `json:"last_check_error,omitempty"`
+}
+
+// FirmwareStatus reads the update state (state.json, the kept key list)
+// and, from the running agent's status file, what it runs and its TPM
+// counter. It needs no TPM and takes no lock (a starting agent must
+// not find its state directory taken by a status command).
+func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
+	if a.s.firmware == nil {
+		return nil, ErrFirmwareOff
+	}
+	d := &daemon{a: a, clock: a.clock()}
+	u, err := d.newUpdater()
+	if err != nil {
+		return nil, err
+	}
+	st, err := u.slots.State()
+	if err != nil {
+		return nil, err
+	}
+	out := &FirmwareStatus{Running: running(), Committed: u.committed(st).String(), ActiveSlot: st.Active, CommittedSVN: st.ActiveSVN, Trial: st.Trial, Last: st.Last, Bad: st.Bad}
+	if l := u.trust.KeyList(); l != nil {
+		out.KeyList = l.Version
+	}
+	if rs, ok := readRuntimeStatus(statusFile(a.s.socket)); ok && rs.Firmware != nil {
+		out.DaemonPID, out.Running, out.Counter = rs.PID, rs.Firmware.Running, rs.Firmware.Counter
+		out.LastCheck, out.LastCheckError = rs.Firmware.LastCheck, rs.Firmware.LastCheckError
+		if st.Active == "" && rs.Firmware.Trial == "" {
+			out.Committed = rs.Firmware.Running
+		}
+		return out, nil
+	}
+	out.Running = ""
+	return out, nil
+}

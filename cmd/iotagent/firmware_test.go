@@ -1,0 +1,249 @@
+package main
+
+import (
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"iotagent.dev/iotagent/agent"
+	"iotagent.dev/iotagent/firmware/release"
+	"iotagent.dev/iotagent/firmware/release/releasetest"
+	"iotagent.dev/iotagent/internal/buildinfo"
+	"iotagent.dev/iotagent/internal/testsync"
+	"iotagent.dev/iotagent/station/mqtttest"
+	"iotagent.dev/iotagent/station/stationtest"
+)
+
+var versionBuilds struct {
+	sync.Mutex
+	dir  string
+	bins map[string]string
+}
+
+// versionBinary builds iotagent stamped with version (once per test
+// binary and version), for GOARCH goarch ("" for the host's).
+func versionBinary(t testing.TB, version, goarch string) string {
+	t.Helper()
+	versionBuilds.Lock()
+	defer versionBuilds.Unlock()
+	key := version + "/" + goarch
+	if p, ok := versionBuilds.bins[key]; ok {
+		return p
+	}
+	if versionBuilds.dir == "" {
+		dir, err := os.MkdirTemp("", "iotagent-versions")
+		if err != nil {
+			t.Fatal(err)
+		}
+		versionBuilds.dir, versionBuilds.bins = dir, map[string]string{}
+	}
+	p := filepath.Join(versionBuilds.dir, "iotagent-"+strings.ReplaceAll(key, "/", "-"))
+	cmd := exec.Command("go", "build", "-ldflags", "-X iotagent.dev/iotagent/internal/buildinfo.version="+version, "-o", p, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if goarch != "" {
+		cmd.Env = append(cmd.Env, "GOARCH="+goarch, "GOARM=7")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", version, err, out)
+	}
+	versionBuilds.bins[key] = p
+	return p
+}
+
+// fwRig is an enrolled device whose agent updates itself: the station
+// with a key list, mosquitto, the agent's state and configuration.
+type fwRig struct {
+	t            *testing.T
+	st           *stationtest.Station
+	br           *mqtttest.Broker
+	root, signer ed25519.PrivateKey
+	keyList      string // the signed key list's file
+	state, sock  string
+	cfg          string
+	args         []string // iotagent run
+	global       []string // the global flags
+	launcher     string   // the installed binary
+}
+
+func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
+	t.Helper()
+	r := &fwRig{t: t, launcher: launcher}
+	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true})
+	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
+	r.root, r.signer = releasetest.Key(t), releasetest.Key(t)
+	exp := time.Now().Add(24 * time.Hour)
+	kl := releasetest.Sign(t, release.TypeKeyList, &release.KeyList{Version: 1, Expires: exp, RootThreshold: 1, Threshold: 1,
+		RootKeys: []release.PublicKey{releasetest.Public(r.root)}, SigningKeys: []release.SigningKey{{Key: releasetest.Public(r.signer), Expires: exp}}}, r.root)
+	if err := r.st.InstallKeyList(kl); err != nil {
+		t.Fatal(err)
+	}
+	r.keyList = filepath.Join(t.TempDir(), "keylist.json")
+	os.WriteFile(r.keyList, kl, 0o600)
+	var args []string
+	r.state, r.sock, args = enrolledRun(t, r.st, r.br.URL)
+	root, _ := releasetest.Public(r.root).MarshalText()
+	cfg := fmt.Sprintf("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n[firmware]\nroot_keys = [%q]\npoll_interval = \"1h\"\n%s", root, cfgExtra)
+	r.cfg = filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i, a := range args {
+		if a == "--config" {
+			args[i+1] = r.cfg
+		}
+	}
+	r.args = args
+	r.global = []string{"--config", r.cfg, "--state-dir", r.state, "--ingest-socket", r.sock, "--tpm", args[1]}
+	return r
+}
+
+// release writes payload as release version of the agent, signed, and
+// returns the payload and manifest files.
+func (r *fwRig) release(version string, svn uint32, payload []byte) (file, manifest string) {
+	r.t.Helper()
+	dir := r.t.TempDir()
+	file, manifest = filepath.Join(dir, "payload"), filepath.Join(dir, "manifest")
+	sum := sha256.Sum256(payload)
+	raw := releasetest.Sign(r.t, release.TypeManifest, release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: version, SVN: svn,
+		HW: []string{"linux/" + buildinfo.Get().Arch()}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}, r.signer)
+	os.WriteFile(file, payload, 0o755)
+	os.WriteFile(manifest, raw, 0o600)
+	return file, manifest
+}
+
+func (r *fwRig) binaryRelease(version string, svn uint32) (file, manifest string) {
+	b, err := os.ReadFile(versionBinary(r.t, version, ""))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return r.release(version, svn, b)
+}
+
+// fwStatus is iotagent firmware status --json.
+func (r *fwRig) fwStatus() agent.FirmwareStatus {
+	r.t.Helper()
+	code, out, errs := cli(r.t, append(r.global, "firmware", "status", "--json")...)
+	if code != 0 {
+		r.t.Fatalf("firmware status: %s", errs)
+	}
+	var s agent.FirmwareStatus
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		r.t.Fatalf("firmware status --json: %v: %s", err, out)
+	}
+	return s
+}
+
+func (r *fwRig) waitFW(what string, d time.Duration, ok func(agent.FirmwareStatus) bool) agent.FirmwareStatus {
+	r.t.Helper()
+	var s agent.FirmwareStatus
+	testsync.Until(r.t, d, what, func() bool { s = r.fwStatus(); return ok(s) })
+	return s
+}
+
+// A good release applied to the running agent: staged, exec'd in the
+// same process as a trial, healthy (certificate, station, a record
+// delivered), committed, the TPM counter raised. A release that crashes
+// at every start is rolled back after the attempt limit and never tried
+// again; one that cannot deliver is rolled back at its deadline; a
+// downgrade and an svn below the counter are refused. The state file is
+// consistent after each.
+func TestAgentUpdatesItself(t *testing.T) {
+	launcher := versionBinary(t, "1.0.0", "")
+	r := newFWRig(t, launcher, "trial_deadline = \"15s\"\n")
+	p := startAgent(t, launcher, r.args...)
+	pid := p.cmd.Process.Pid
+	if s := r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == pid }); s.Running != "1.0.0" || s.Committed != "1.0.0" {
+		t.Fatalf("before any update: %+v", s)
+	}
+
+	file, manifest := r.binaryRelease("1.1.0", 1)
+	code, out, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest, "--keylist", r.keyList)...)
+	if code != 0 {
+		t.Fatalf("firmware apply: %s\n%s", errs, p.out)
+	}
+	if !strings.Contains(out, "1.1.0 staged") || !strings.Contains(out, fmt.Sprint(pid)) {
+		t.Errorf("firmware apply said %q", out)
+	}
+	// The trial needs a record delivered.
+	testsync.Until(t, 30*time.Second, "the trial's ingest socket", func() bool {
+		s := r.fwStatus()
+		return s.Running == "1.1.0" && s.DaemonPID == pid
+	})
+	send(t, r.sock, 1)
+	s := r.waitFW("1.1.0 committed", 60*time.Second, func(s agent.FirmwareStatus) bool {
+		return s.Trial == nil && s.Committed == "1.1.0" && s.Counter != nil && *s.Counter == 1
+	})
+	if s.DaemonPID != pid || s.Last == nil || s.Last.Result != "committed" || s.ActiveSlot == "" {
+		t.Fatalf("after the commit: %+v (want pid %d: the same process, exec'd)", s, pid)
+	}
+
+	// A downgrade, and an svn below the counter, are refused with the
+	// reason, and nothing changes.
+	for _, c := range []struct {
+		version string
+		svn     uint32
+		want    string
+	}{{"1.0.5", 1, "not above the committed version"}, {"1.4.0", 0, "security version below the TPM counter"}} {
+		file, manifest := r.release(c.version, c.svn, []byte("#!/bin/sh\nexit 0\n"))
+		code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...)
+		if code == 0 || !strings.Contains(errs, c.want) {
+			t.Errorf("apply %s svn %d: exit %d, %q; want a refusal naming %q", c.version, c.svn, code, errs, c.want)
+		}
+	}
+
+	// 1.2.0 crashes at every start: systemd would restart it; here the
+	// test does, three times.
+	file, manifest = r.release("1.2.0", 2, []byte("#!/bin/sh\necho crashing >&2\nexit 3\n"))
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code != 0 {
+		t.Fatalf("firmware apply 1.2.0: %s", errs)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the crashing trial did not exit:\n%s", p.out)
+	}
+	for attempt := 2; attempt <= 3; attempt++ {
+		out, err := exec.Command(launcher, r.args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "crashing") {
+			t.Fatalf("start %d of the crashing trial: %v\n%s", attempt, err, out)
+		}
+	}
+	p = startAgent(t, launcher, r.args...) // the fourth start: rolled back
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the agent's output:\n%s", p.out)
+		}
+	})
+	s = r.waitFW("1.2.0 rolled back", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	if s.Running != "1.1.0" || s.Trial != nil || s.Last == nil || s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "3 starts") || len(s.Bad) != 1 || s.Bad[0] != "iotagent@1.2.0" {
+		t.Fatalf("after three crashing starts: %+v", s)
+	}
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code == 0 || !strings.Contains(errs, "marked bad") {
+		t.Errorf("1.2.0 again: exit %d, %q; want refused as marked bad", code, errs)
+	}
+
+	// 1.3.0 cannot deliver (the broker is down): rolled back at its
+	// deadline, in the same process, back to 1.1.0.
+	r.br.Stop()
+	file, manifest = r.binaryRelease("1.3.0", 3)
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code != 0 {
+		t.Fatalf("firmware apply 1.3.0: %s", errs)
+	}
+	s = r.waitFW("1.3.0 rolled back at its deadline", 90*time.Second, func(s agent.FirmwareStatus) bool {
+		return s.Last != nil && s.Last.Release == "iotagent@1.3.0" && s.Running == "1.1.0"
+	})
+	if s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "no record delivered") || *s.Counter != 1 || s.DaemonPID != p.cmd.Process.Pid {
+		t.Errorf("after the deadline: %+v", s)
+	}
+	t.Logf("last result: %s %s: %s; marked bad: %v", s.Last.Release, s.Last.Result, s.Last.Reason, s.Bad)
+	stopAgent(t, p)
+}
