@@ -13,7 +13,9 @@ export PATH="$PATH:/usr/local/go/bin"
 STATICCHECK_VERSION=v0.8.2
 # The list, plus curl and openssl, the independent EST clients of
 # the RFC 7030 conformance test.
-APT_PACKAGES=(swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients qemu-user-static libcoap3-bin curl openssl)
+# rauc, rauc-service, squashfs-tools and dbus: the image installer's test
+# against the real RAUC.
+APT_PACKAGES=(swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients qemu-user-static libcoap3-bin curl openssl rauc rauc-service squashfs-tools dbus)
 
 step() { printf '\n=== %s\n' "$*"; }
 die() { printf 'test.sh: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -37,7 +39,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 	$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
 		die "apt-get install ${missing[*]} failed"
 fi
-for bin in swtpm swtpm_setup swtpm_localca certtool tpm2_readpublic mosquitto mosquitto_sub qemu-arm-static qemu-aarch64-static coap-client-openssl coap-client-gnutls coap-server-openssl curl openssl; do
+for bin in swtpm swtpm_setup swtpm_localca certtool tpm2_readpublic mosquitto mosquitto_sub qemu-arm-static qemu-aarch64-static coap-client-openssl coap-client-gnutls coap-server-openssl curl openssl rauc dbus-daemon mksquashfs; do
 	command -v "$bin" >/dev/null || die "$bin not found after installing ${APT_PACKAGES[*]}"
 done
 go version

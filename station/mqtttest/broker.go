@@ -36,8 +36,9 @@ const (
 // DefaultACL is the broker's ACL (mosquitto acl_file syntax; %u is the
 // user, which is the certificate's CN): the fleet reader reads every
 // device's topics, the station's session ender (station.SessionsClientName)
-// sends commands to the dynamic-security plugin and reads its answers, a
-// device writes its telemetry, reads and writes its status and reads its
+// sends commands to the dynamic-security plugin and reads its answers,
+// the station's firmware nudger (station.NudgeClientName) writes devices'
+// commands, a device writes its telemetry, reads and writes its status and reads its
 // commands, and nothing else.
 const DefaultACL = `user ` + ReaderName + `
 topic read devices/#
@@ -45,6 +46,9 @@ topic read devices/#
 user ` + station.SessionsClientName + `
 topic write $CONTROL/dynamic-security/v1
 topic read $CONTROL/dynamic-security/v1/response
+
+user ` + station.NudgeClientName + `
+topic write devices/+/cmd
 
 pattern write devices/%u/telemetry
 pattern readwrite devices/%u/status
