@@ -77,8 +77,13 @@ type FirmwareConfig struct {
 	PollInterval  string `toml:"poll_interval"`
 	TrialDeadline string `toml:"trial_deadline"`
 	MaxAttempts   int    `toml:"max_attempts"`
-	// CounterIndex is the TPM NV index of the anti-rollback counter.
-	CounterIndex string `toml:"counter_index"`
+	// CounterIndex is the TPM NV index of the agent's anti-rollback
+	// counter (it also takes the next index, for its base);
+	// ImageCounterIndex the images' (default CounterIndex + 2).
+	CounterIndex      string `toml:"counter_index"`
+	ImageCounterIndex string `toml:"image_counter_index"`
+	// Image is [firmware.image]: the system installer's commands.
+	Image firmware.ImageConfig `toml:"image"`
 }
 
 // fwSettings is [firmware] checked.
@@ -91,6 +96,10 @@ type fwSettings struct {
 	deadline  time.Duration
 	attempts  int
 	counter   uint32
+	// imageCounter is the images' counter; image nil without
+	// [firmware.image].
+	imageCounter uint32
+	image        *firmware.ImageCommands
 }
 
 // parseFirmware checks [firmware]: nil when updates are off (no root
@@ -153,14 +162,36 @@ func (c *Config) parseFirmware() (*fwSettings, error) {
 		}
 		s.attempts = f.MaxAttempts
 	}
-	if f.CounterIndex != "" {
-		n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(f.CounterIndex), "0x"), 16, 32)
-		if err != nil || n < 0x01000000 || n > 0x01bfffff {
-			return nil, configErrorf("config [firmware] counter_index %q: want an NV index in 0x01000000-0x01bfffff", f.CounterIndex)
+	if s.counter, err = parseNVIndex("counter_index", f.CounterIndex, defaultCounterIndex); err != nil {
+		return nil, err
+	}
+	if s.imageCounter, err = parseNVIndex("image_counter_index", f.ImageCounterIndex, s.counter+2); err != nil {
+		return nil, err
+	}
+	if s.imageCounter >= s.counter-1 && s.imageCounter <= s.counter+1 {
+		return nil, configErrorf("config [firmware] image_counter_index %#x: the agent's counter takes %#x and %#x", s.imageCounter, s.counter, s.counter+1)
+	}
+	if f.Image != (firmware.ImageConfig{}) {
+		cmds, err := firmware.ParseImageCommands(f.Image)
+		if err != nil {
+			return nil, configErrorf("config [firmware.image]: %w", err)
 		}
-		s.counter = uint32(n)
+		s.image = &cmds
 	}
 	return s, nil
+}
+
+// parseNVIndex parses an NV index of the owner's range (def when
+// empty); the index after it must be free too (the counter's base).
+func parseNVIndex(key, text string, def uint32) (uint32, error) {
+	if text == "" {
+		return def, nil
+	}
+	n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(text), "0x"), 16, 32)
+	if err != nil || n < 0x01000000 || n >= 0x01bfffff {
+		return 0, configErrorf("config [firmware] %s %q: want an NV index in 0x01000000-0x01bffffe", key, text)
+	}
+	return uint32(n), nil
 }
 
 // openSlots opens the agent's A/B slots with the configured limits.
@@ -279,7 +310,9 @@ type updater struct {
 	d     *daemon
 	fw    *fwSettings
 	slots *firmware.Slots
-	trust *release.Trust
+	// images is nil without [firmware.image].
+	images *firmware.Images
+	trust  *release.Trust
 	// trial is NAME@VERSION when this process is a trial.
 	trial string
 	// stationOK: the station answered a request of this process.
@@ -296,7 +329,11 @@ func (d *daemon) newUpdater() (*updater, error) {
 	if err != nil {
 		return nil, &ConfigError{err}
 	}
-	u := &updater{d: d, fw: fw, slots: slots, trust: trust, trial: os.Getenv(envTrial)}
+	images, err := d.a.openImages()
+	if err != nil {
+		return nil, err
+	}
+	u := &updater{d: d, fw: fw, slots: slots, images: images, trust: trust, trial: os.Getenv(envTrial)}
 	if raw, err := os.ReadFile(u.keyListFile()); err == nil {
 		if _, err := trust.Restore(raw); err != nil {
 			d.a.log.Warn("firmware: the kept key list is refused; starting from the root keys", "err", err)
@@ -336,6 +373,11 @@ func (u *updater) Run(ctx context.Context) error {
 	u.reportLast(ctx, c)
 	u.raiseCounter()
 	u.publish(time.Time{}, nil)
+	if u.images != nil {
+		if err := u.bootImage(ctx, c); err != nil || ctx.Err() != nil {
+			return waitRebooting(ctx, err)
+		}
+	}
 	if u.trial != "" {
 		if err := u.runTrial(ctx); err != nil || ctx.Err() != nil {
 			return err
@@ -361,6 +403,8 @@ func (u *updater) Run(ctx context.Context) error {
 		switch {
 		case errors.Is(err, ErrRelaunch):
 			return err
+		case errors.Is(err, firmware.ErrRebooting):
+			return waitRebooting(ctx, err)
 		case err != nil && ctx.Err() == nil:
 			wait = bo.Fail()
 			u.d.a.log.Warn("firmware: check failed; trying again", "err", err, "in", wait.Round(time.Second))
@@ -481,7 +525,7 @@ func (u *updater) runTrial(ctx context.Context) error {
 		return err
 	}
 	u.d.a.log.Info("firmware: on trial", "release", u.trial, "attempt", t.Attempts, "deadline", t.Deadline)
-	reason := u.waitHealthy(ctx, c, t.Rollout, t)
+	reason := u.waitHealthy(ctx, c, trialInfo{t.Name, t.Version, t.Rollout, t.Deadline})
 	if ctx.Err() != nil {
 		return nil // stopped: the next start is another attempt
 	}
@@ -507,7 +551,7 @@ func (u *updater) runTrial(ctx context.Context) error {
 // waitHealthy returns "" once the certificate is valid, the station
 // answered and the uplink delivered a record, or why not at t's
 // deadline.
-func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, rollout string, t *firmware.Trial) string {
+func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, t trialInfo) string {
 	tick := time.NewTicker(healthEvery)
 	defer tick.Stop()
 	var lastReport time.Time
@@ -515,7 +559,7 @@ func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, rollout s
 		now := u.d.clock.Now()
 		if !u.stationOK && time.Since(lastReport) > 10*time.Second {
 			lastReport = time.Now()
-			u.report(ctx, c, rollout, t.Name, t.Version, release.StepTrial, "")
+			u.report(ctx, c, t.Rollout, t.Name, t.Version, release.StepTrial, "")
 		}
 		var missing []string
 		if r := u.d.renewer.Load(); r == nil || !r.Identity().Leaf().NotAfter.After(now) {
@@ -556,13 +600,20 @@ func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, rollout s
 	}
 }
 
+// trialInfo is what waitHealthy needs of a trial (of the agent or of
+// an image).
+type trialInfo struct {
+	Name, Version, Rollout string
+	Deadline               time.Time
+}
+
 // check asks the station for an assignment and applies it.
 func (u *updater) check(ctx context.Context) error {
 	c, dl, err := u.client()
 	if err != nil {
 		return err
 	}
-	a, err := c.Check(ctx, release.Check{Agent: release.Running{Name: u.fw.name, Version: running()}})
+	a, err := c.Check(ctx, release.Check{Agent: release.Running{Name: u.fw.name, Version: running()}, Images: u.runningImages()})
 	if err != nil {
 		return err
 	}
@@ -614,8 +665,8 @@ func (u *updater) apply(ctx context.Context, c *firmware.Client, dl *firmware.Do
 // it as the trial: ErrRelaunch then. A refusal is a *refusal or a
 // metadata error; ErrUnreachable and context errors are retried.
 func (u *updater) stage(ctx context.Context, c *firmware.Client, dl *firmware.Downloader, rollout string, m *release.Manifest) error {
-	if m.Type != release.TypeAgent {
-		return &refusal{fmt.Errorf("firmware: %s is a system image; this agent has no [firmware.image] installer", m.Name)}
+	if m.Type == release.TypeImage {
+		return u.stageImage(ctx, c, dl, rollout, m)
 	}
 	if m.Name != u.fw.name {
 		return &refusal{fmt.Errorf("firmware: release %s is not this agent's (its release name is %s)", m.Name, u.fw.name)}
@@ -627,27 +678,38 @@ func (u *updater) stage(ctx context.Context, c *firmware.Client, dl *firmware.Do
 	if err := u.accept(m); err != nil {
 		return &refusal{err}
 	}
+	file, err := u.download(ctx, c, dl, rollout, m)
+	if err != nil {
+		return err
+	}
+	if err := u.slots.StageFor(file, m, rollout); err != nil {
+		return &refusal{err}
+	}
+	removeDownload(file)
+	u.d.a.log.Info("firmware: staged; restarting into the trial", "release", m.Name+"@"+m.Version)
+	return ErrRelaunch
+}
+
+// download fetches m's payload (resuming a part file), reporting
+// downloading, downloaded and installing; a payload that is not the
+// signed one, or no room for it, is a refusal.
+func (u *updater) download(ctx context.Context, c *firmware.Client, dl *firmware.Downloader, rollout string, m *release.Manifest) (string, error) {
 	dir := filepath.Join(u.d.a.s.dir.Firmware(), "download")
 	file := filepath.Join(dir, m.Name+"-"+m.SemVer().String())
 	if err := cleanDownloads(dir, file); err != nil {
-		return err
+		return "", err
 	}
 	u.report(ctx, c, rollout, m.Name, m.Version, release.StepDownloading, "")
 	u.d.a.log.Info("firmware: downloading", "release", m.Name+"@"+m.Version, "bytes", m.Length)
 	if err := dl.Fetch(ctx, c.PayloadURL(m), file, firmware.Target{Length: m.Length, SHA256: m.Digest()}); err != nil {
 		if errors.Is(err, firmware.ErrDigest) || errors.Is(err, firmware.ErrLength) || errors.Is(err, firmware.ErrNoSpace) {
-			return &refusal{err}
+			return "", &refusal{err}
 		}
-		return fmt.Errorf("%w: %w", firmware.ErrUnreachable, err) // resumed at the next check
+		return "", fmt.Errorf("%w: %w", firmware.ErrUnreachable, err) // resumed at the next check
 	}
 	u.report(ctx, c, rollout, m.Name, m.Version, release.StepDownloaded, "")
 	u.report(ctx, c, rollout, m.Name, m.Version, release.StepInstalling, "")
-	if err := u.slots.StageFor(file, m, rollout); err != nil {
-		return &refusal{err}
-	}
-	os.Remove(file)
-	u.d.a.log.Info("firmware: staged; restarting into the trial", "release", m.Name+"@"+m.Version)
-	return ErrRelaunch
+	return file, nil
 }
 
 // cleanDownloads removes what dir holds that is not keep's download
@@ -666,6 +728,14 @@ func cleanDownloads(dir, keep string) error {
 		}
 	}
 	return nil
+}
+
+// removeDownload removes a payload once installed, and its resume
+// files.
+func removeDownload(file string) {
+	for _, p := range []string{file, file + ".part", file + ".part.json"} {
+		os.Remove(p)
+	}
 }
 
 // oneLine is err's text on one line.

@@ -243,6 +243,16 @@ func (u *updater) do(ctx context.Context, req fwRequest) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("firmware apply: %w", err)
 		}
+		if m.Type == release.TypeImage {
+			if err := u.acceptImage(m); err != nil {
+				return "", fmt.Errorf("firmware apply: %w", err)
+			}
+			err := u.installImage(ctx, req.File, m, "")
+			if errors.Is(err, firmware.ErrRebooting) {
+				return fmt.Sprintf("%s %s installed; rebooting into it", m.Name, m.Version), nil
+			}
+			return "", fmt.Errorf("firmware apply: %w", err)
+		}
 		if err := u.accept(m); err != nil {
 			return "", fmt.Errorf("firmware apply: %w", err)
 		}
@@ -324,6 +334,8 @@ type FirmwareStatus struct {
 	KeyList        uint64    `json:"keylist_version"`
 	LastCheck      time.Time `json:"last_check,omitzero"`
 	LastCheckError string    `json:"last_check_error,omitempty"`
+	// Images is the system image installer's state ([firmware.image]).
+	Images *firmware.ImageState `json:"images,omitempty"`
 }
 
 // FirmwareStatus reads the update state (state.json, the kept key list)
@@ -346,6 +358,13 @@ func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
 	out := &FirmwareStatus{Running: running(), Committed: u.committed(st).String(), ActiveSlot: st.Active, CommittedSVN: st.ActiveSVN, Trial: st.Trial, Last: st.Last, Bad: st.Bad}
 	if l := u.trust.KeyList(); l != nil {
 		out.KeyList = l.Version
+	}
+	if u.images != nil {
+		ist, err := u.images.State()
+		if err != nil {
+			return nil, err
+		}
+		out.Images = &ist
 	}
 	if rs, ok := readRuntimeStatus(statusFile(a.s.socket)); ok && rs.Firmware != nil {
 		out.DaemonPID, out.Running, out.Counter = rs.PID, rs.Firmware.Running, rs.Firmware.Counter

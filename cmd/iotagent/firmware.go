@@ -145,6 +145,17 @@ func printFirmwareStatus(e *env, out *agent.FirmwareStatus) {
 	for _, b := range out.Bad {
 		fmt.Fprintf(e.stdout, "marked bad:    %s\n", b)
 	}
+	if im := out.Images; im != nil {
+		for name, v := range im.Committed {
+			fmt.Fprintf(e.stdout, "image:         %s %s committed (svn %d)\n", name, v.Version, v.SVN)
+		}
+		if t := im.Trial; t != nil {
+			fmt.Fprintf(e.stdout, "image trial:   %s %s %s, attempt %d\n", t.Name, t.Version, t.Phase, t.Attempts)
+		}
+		if l := im.Last; l != nil {
+			fmt.Fprintf(e.stdout, "image result:  %s %s at %s %s\n", l.Release, l.Result, l.At.Format(time.RFC3339), l.Reason)
+		}
+	}
 	if !out.LastCheck.IsZero() {
 		fmt.Fprintf(e.stdout, "last check:    %s", out.LastCheck.Format(time.RFC3339))
 		if out.LastCheckError != "" {

@@ -247,3 +247,55 @@ func TestAgentUpdatesItself(t *testing.T) {
 	t.Logf("last result: %s %s: %s; marked bad: %v", s.Last.Release, s.Last.Result, s.Last.Reason, s.Bad)
 	stopAgent(t, p)
 }
+
+// A system image applied to the running agent goes to the installer's
+// commands: install gets the verified file, then the reboot runs, and
+// images.json holds the trial as installed. An agent restarted without
+// the system having rebooted (the same boot id) runs the reboot again
+// rather than taking the old image for the trial. (The trial after a
+// real reboot, mark-good and mark-bad are tested in package firmware,
+// against Debian's RAUC too.)
+func TestAgentHandsImageToInstaller(t *testing.T) {
+	launcher := versionBinary(t, "1.0.0", "")
+	dir := t.TempDir()
+	calls := filepath.Join(dir, "calls")
+	script := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte("#!/bin/sh\necho \""+name+" $*\" >> "+calls+"\n"+body), 0o755)
+		return p
+	}
+	install := script("install.sh", "sha256sum \"$1\" | cut -d' ' -f1 >> "+calls+"\n")
+	good, bad, reboot := script("good.sh", ""), script("bad.sh", ""), script("reboot.sh", "")
+	r := newFWRig(t, launcher, fmt.Sprintf("[firmware.image]\ninstall = \"%s {file}\"\nmark_good = %q\nmark_bad = %q\nreboot = %q\n", install, good, bad, reboot))
+	p := startAgent(t, launcher, r.args...)
+	r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+
+	payload := []byte("a root file system image\n")
+	sum := sha256.Sum256(payload)
+	file, manifest := filepath.Join(dir, "rootfs.img"), filepath.Join(dir, "rootfs.manifest")
+	os.WriteFile(file, payload, 0o600)
+	os.WriteFile(manifest, releasetest.Sign(t, release.TypeManifest, release.Manifest{Name: "rootfs", Type: release.TypeImage, Version: "2.0.0", SVN: 2,
+		HW: []string{"linux/" + buildinfo.Get().Arch()}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}, r.signer), 0o600)
+	code, out, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest, "--keylist", r.keyList)...)
+	if code != 0 || !strings.Contains(out, "rootfs 2.0.0 installed; rebooting") {
+		t.Fatalf("firmware apply of an image: exit %d, %q, %q", code, out, errs)
+	}
+	got, _ := os.ReadFile(calls)
+	if want := "install.sh " + file + "\n" + hex.EncodeToString(sum[:]) + "\nreboot.sh \n"; string(got) != want {
+		t.Fatalf("installer calls:\n%s\nwant:\n%s", got, want)
+	}
+	s := r.fwStatus()
+	if s.Images == nil || s.Images.Trial == nil || s.Images.Trial.Phase != "installed" || s.Images.Trial.Version != "2.0.0" {
+		t.Fatalf("images after the install: %+v", s.Images)
+	}
+	stopAgent(t, p)
+	p = startAgent(t, launcher, r.args...) // no reboot happened
+	testsync.Until(t, 30*time.Second, "the reboot run again", func() bool {
+		got, _ := os.ReadFile(calls)
+		return strings.Count(string(got), "reboot.sh") == 2
+	})
+	if got, _ := os.ReadFile(calls); strings.Contains(string(got), "good.sh") || strings.Contains(string(got), "bad.sh") {
+		t.Errorf("the old image was marked: %s", got)
+	}
+	stopAgent(t, p)
+}
