@@ -32,11 +32,21 @@ func TestExampleConfig(t *testing.T) {
 	}
 }
 
+// testRoot is a valid base64 ed25519 public key.
+const testRoot = "uJ8c0u5m2nF4m6x0yZ1kC8w0Q3lq4o9cYp0mB2o7vPQ="
+
 func TestConfigBadInput(t *testing.T) {
 	for _, tc := range []struct {
 		name, body, want string
 	}{
 		{"unknown key", "[queue]\nmax_byte = \"1MiB\"\n", "unknown key queue.max_byte"},
+		{"firmware without a root key", "[firmware]\npoll_interval = \"1h\"\n", "[firmware]: no root key"},
+		{"bad root key", "[firmware]\nroot_keys = [\"abc\"]\n", `[firmware] root key "abc"`},
+		{"threshold above the keys", "[firmware]\nroot_keys = [\"" + testRoot + "\"]\nroot_threshold = 2\n", "root_threshold 2: want 1 to 1"},
+		{"short poll", "[firmware]\nroot_keys = [\"" + testRoot + "\"]\npoll_interval = \"1s\"\n", "poll_interval 1s is below 10s"},
+		{"counter out of range", "[firmware]\nroot_keys = [\"" + testRoot + "\"]\ncounter_index = \"0x81000001\"\n", "counter_index \"0x81000001\""},
+		{"counters overlap", "[firmware]\nroot_keys = [\"" + testRoot + "\"]\nimage_counter_index = \"0x01500101\"\n", "the agent's counter takes"},
+		{"install without file", "[firmware]\nroot_keys = [\"" + testRoot + "\"]\n[firmware.image]\ninstall = \"rauc install\"\nmark_good = \"a\"\nmark_bad = \"b\"\nreboot = \"c\"\n", "[firmware.image]"},
 		{"bad size", "[queue]\nmax_bytes = \"lots\"\n", `[queue] max_bytes: size "lots"`},
 		{"huge size", "[queue]\nmax_bytes = \"99999999999GiB\"\n", `[queue] max_bytes: size`},
 		{"bad policy", "[queue]\non_full = \"drop-newest\"\n", "want drop-oldest or reject"},
