@@ -29,7 +29,7 @@ import (
 //	firmware key new --out FILE
 //	firmware keys sign --root FILE... --signing PUB... --version N --out FILE
 //	firmware keys install --dir D FILE
-//	firmware publish --dir D --file F --name N --type T --version V --svn S --hw H... --key FILE
+//	firmware publish --dir D --file F --name N --type T --version V --svn S --hw H... --key FILE [--manifest-out FILE]
 //	firmware rollout create --dir D --release NAME@VERSION (--devices ID... | --all) [--waves 1%,10%,50%,100%] [--wave-wait 10m] [--max-failures 5%]
 //	firmware rollout status --dir D [ID] [--json] [--devices]
 //	firmware rollout pause|resume|abort --dir D ID
@@ -247,6 +247,7 @@ func cmdFirmwarePublish(ctx context.Context, e *env, args []string) error {
 	minFrom := fs.String("min-from", "", "the lowest `VERSION` a device must run to take it")
 	expires := fs.Duration("expires", 30*24*time.Hour, "how long the manifest is valid")
 	key := fs.String("key", "", "signing key `FILE`")
+	manifestOut := fs.String("manifest-out", "", "also write the signed manifest to `FILE` (for iotagent firmware apply on a device offline)")
 	if _, err := parse(fs, dir, args, 0); err != nil {
 		return err
 	}
@@ -297,6 +298,11 @@ func cmdFirmwarePublish(ctx context.Context, e *env, args []string) error {
 		return errors.New("firmware publish: the station returned no manifest")
 	}
 	fmt.Fprintf(e.stdout, "published %s %s (%d bytes, sha256 %s) for %v\n", pm.Name, pm.Version, pm.Length, pm.SHA256, pm.HW)
+	if *manifestOut != "" {
+		if err := atomicfile.Write(*manifestOut, raw, 0o644); err != nil {
+			return fmt.Errorf("firmware publish: published, but writing %s: %w", *manifestOut, err)
+		}
+	}
 	return nil
 }
 

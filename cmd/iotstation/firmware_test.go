@@ -74,6 +74,16 @@ func TestFirmwareCLI(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(dir, "firmware", "releases", "iotagent", "1.0.0", "payload")); err != nil || string(got) != string(b) {
 		t.Errorf("the stored payload: %v", err)
 	}
+	// --manifest-out writes the manifest the station stored.
+	mout := filepath.Join(t.TempDir(), "manifest")
+	if code, _, errs := stationCLI(t, "firmware", "publish", "--dir", dir, "--file", payload, "--name", "iotagent", "--type", "agent",
+		"--version", "1.0.1", "--svn", "1", "--hw", "linux/armv7", "--key", filepath.Join(keys, "signing.key"), "--manifest-out", mout); code != 0 {
+		t.Fatalf("publish --manifest-out = %d %q", code, errs)
+	}
+	stored, _ := os.ReadFile(filepath.Join(dir, "firmware", "releases", "iotagent", "1.0.1", "manifest"))
+	if got, err := os.ReadFile(mout); err != nil || len(got) == 0 || string(got) != string(stored) {
+		t.Errorf("--manifest-out wrote %q (%v), the station stored %q", got, err, stored)
+	}
 	if code, _, errs := publish("1.0.0"); code != 1 || !strings.Contains(errs, "already published") {
 		t.Errorf("publish again = %d %q", code, errs)
 	}
