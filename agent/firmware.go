@@ -432,6 +432,9 @@ func (u *updater) publish(checked time.Time, err error) {
 	if n, err := u.counter(); err == nil {
 		fr.Counter = &n
 	}
+	if st, err := u.slots.State(); err == nil && (u.trial == "" || st.Active != "") {
+		fr.Committed = u.committed(st).String()
+	}
 	u.d.firmware.Store(&fr)
 }
 
@@ -497,13 +500,17 @@ func (u *updater) counter() (uint64, error) {
 }
 
 // committed is the committed agent version: the committed slot's, or
-// the launcher's own when no update was committed.
+// the launcher's own when no update was committed or when the launcher
+// is newer (a package upgrade; it then runs itself, see nextBinary).
+// In a trial, running() is the trial's, not the launcher's.
 func (u *updater) committed(st firmware.SlotState) release.Version {
-	text := st.ActiveVersion
-	if st.Active == "" {
-		text = running()
+	v, _ := release.ParseVersion(st.ActiveVersion) // "": 0.0.0
+	if u.trial == "" {
+		// A dev build is 0.0.0: anything is newer.
+		if own, err := release.ParseVersion(running()); err == nil && (st.Active == "" || own.Compare(v) > 0) {
+			return own
+		}
 	}
-	v, _ := release.ParseVersion(text) // a dev build is 0.0.0: anything is newer
 	return v
 }
 

@@ -304,6 +304,7 @@ func (u *updater) accept(m *release.Manifest) error {
 // fwRuntime is the running agent's firmware view, in its status file.
 type fwRuntime struct {
 	Running        string    `json:"running"`
+	Committed      string    `json:"committed,omitempty"`
 	Counter        *uint64   `json:"counter,omitempty"`
 	LastCheck      time.Time `json:"last_check,omitzero"`
 	LastCheckError string    `json:"last_check_error,omitempty"`
@@ -369,8 +370,8 @@ func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
 	if rs, ok := readRuntimeStatus(statusFile(a.s.socket)); ok && rs.Firmware != nil {
 		out.DaemonPID, out.Running, out.Counter = rs.PID, rs.Firmware.Running, rs.Firmware.Counter
 		out.LastCheck, out.LastCheckError = rs.Firmware.LastCheck, rs.Firmware.LastCheckError
-		if st.Active == "" && rs.Firmware.Trial == "" {
-			out.Committed = rs.Firmware.Running
+		if rs.Firmware.Committed != "" {
+			out.Committed = rs.Firmware.Committed // it knows the launcher's version
 		}
 		return out, nil
 	}

@@ -299,3 +299,46 @@ func TestAgentHandsImageToInstaller(t *testing.T) {
 	}
 	stopAgent(t, p)
 }
+
+// A launcher upgraded by the package manager past the committed slot
+// runs itself, and counts as the committed version: a release between
+// the two is a downgrade.
+func TestUpgradedLauncherRunsItself(t *testing.T) {
+	launcher := filepath.Join(t.TempDir(), "iotagent")
+	copyFile := func(src string) {
+		t.Helper()
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(launcher+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(launcher+".new", launcher); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyFile(versionBinary(t, "1.0.0", ""))
+	r := newFWRig(t, launcher, "")
+	p := startAgent(t, launcher, r.args...)
+	file, manifest := r.binaryRelease("1.1.0", 1)
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest, "--keylist", r.keyList)...); code != 0 {
+		t.Fatalf("firmware apply: %s", errs)
+	}
+	testsync.Until(t, 30*time.Second, "1.1.0 on trial", func() bool { return r.fwStatus().Running == "1.1.0" })
+	send(t, r.sock, 1)
+	r.waitFW("1.1.0 committed", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.Committed == "1.1.0" && s.Trial == nil })
+	stopAgent(t, p)
+
+	copyFile(versionBinary(t, "1.4.0", "")) // the package upgrade
+	p = startAgent(t, launcher, r.args...)
+	s := r.waitFW("the upgraded launcher running", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	if s.Running != "1.4.0" || s.Committed != "1.4.0" {
+		t.Errorf("after the package upgrade: running %s, committed %s; want 1.4.0 both", s.Running, s.Committed)
+	}
+	file, manifest = r.release("1.2.0", 1, []byte("#!/bin/sh\nexit 0\n"))
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code == 0 || !strings.Contains(errs, "not above the committed version") {
+		t.Errorf("1.2.0 under the 1.4.0 launcher: exit %d, %q; want refused as a downgrade", code, errs)
+	}
+	stopAgent(t, p)
+}
