@@ -367,7 +367,8 @@ func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
 		}
 		out.Images = &ist
 	}
-	if rs, ok := readRuntimeStatus(statusFile(a.s.socket)); ok && rs.Firmware != nil {
+	rs, ok := readRuntimeStatus(statusFile(a.s.socket))
+	if ok && rs.Firmware != nil {
 		out.DaemonPID, out.Running, out.Counter = rs.PID, rs.Firmware.Running, rs.Firmware.Counter
 		out.LastCheck, out.LastCheckError = rs.Firmware.LastCheck, rs.Firmware.LastCheckError
 		if rs.Firmware.Committed != "" {
@@ -376,5 +377,8 @@ func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
 		return out, nil
 	}
 	out.Running = ""
+	if ok {
+		out.DaemonPID = rs.PID // starting: its updater has not reported yet
+	}
 	return out, nil
 }

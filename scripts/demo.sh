@@ -3,7 +3,9 @@
 # three gateways, each with its own TPM (swtpm). The gateways enroll
 # themselves (zero-touch, TPM attestation), stream host/SLI telemetry and
 # readings, rotate short-lived certificates with new TPM keys, and ride
-# through a broker restart. At the end: a table per device.
+# through a broker restart. At the end: a table per device; then a firmware
+# rollout of a new agent release to the three gateways in two waves, each
+# gateway running it on trial and committing it (its TPM counter raised).
 #
 # usage: scripts/demo.sh [--duration 2m] [--keep]
 #        DEMO_BROKER=embedded scripts/demo.sh   (the embedded broker even
@@ -57,8 +59,11 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 	until "$@" >/dev/null 2>&1; do n=$((n - 1)); [ $n -gt 0 ] || die "timed out waiting for $what"; sleep 0.1; done
 }
 
-say "building iotagent and iotstation"
-go build -o "$W/bin/" ./cmd/iotagent ./cmd/iotstation
+say "building iotagent and iotstation (and iotagent 1.1.0, the release rolled out at the end)"
+STAMP=iotagent.dev/iotagent/internal/buildinfo.version
+go build -ldflags "-X $STAMP=1.0.0" -o "$W/bin/" ./cmd/iotagent ./cmd/iotstation
+mkdir -p "$W/release"
+go build -ldflags "-X $STAMP=1.1.0" -o "$W/release/iotagent" ./cmd/iotagent
 export PATH="$W/bin:$PATH"
 
 say "manufacturing $DEVICES TPMs with EK certificates (swtpm_setup, local manufacturer CA)"
@@ -94,7 +99,8 @@ CP=$(port)
 # itself.
 iotstation init --dir "$W/station" --san 127.0.0.1 --cert-lifetime 60s --auto-approve \
 	--tpm-roots "$W/mfr/ca/swtpm-localca-rootca-cert.pem" --tpm-roots "$W/mfr/ca/issuercert.pem" \
-	--crl-hook "[ ! -s '$W/broker.pid' ] || kill -HUP \"\$(cat '$W/broker.pid')\""
+	--crl-hook "[ ! -s '$W/broker.pid' ] || kill -HUP \"\$(cat '$W/broker.pid')\"" \
+	--nudge-broker "mqtts://127.0.0.1:$BP"
 COAP_FLAGS=()
 if [ "$COAP" = 1 ]; then
 	# The collector republishes what arrives over CoAP into the broker.
@@ -103,6 +109,12 @@ fi
 bg iotstation serve --dir "$W/station" --listen "127.0.0.1:$SP" "${COAP_FLAGS[@]}" 2>"$W/station.log"
 wait_for 10 "the station" test -S "$W/station/admin.sock"
 FP=$(iotstation fingerprint --dir "$W/station")
+
+say "firmware keys: an offline root, a signing key, the key list installed at the station"
+ROOT_PUB=$(iotstation firmware root init --out "$W/offline" 2>/dev/null)
+SIGN_PUB=$(iotstation firmware key new --out "$W/offline/signing.key")
+iotstation firmware keys sign --root "$W/offline/root.key" --signing "$SIGN_PUB" --version 1 --out "$W/keylist-1.json" >/dev/null
+iotstation firmware keys install --dir "$W/station" "$W/keylist-1.json"
 
 say "broker"
 iotstation issue --dir "$W/station" --name fleet-reader --out "$W/reader" >/dev/null
@@ -118,6 +130,8 @@ pattern readwrite devices/%u/status
 pattern read devices/%u/cmd
 user coap-collector
 topic write devices/+/telemetry
+user iotstation-firmware
+topic write devices/+/cmd
 EOF
 	cat >"$W/mosquitto.conf" <<EOF
 per_listener_settings false
@@ -177,8 +191,12 @@ max_bytes = "8MiB"
 socket = "$W/gw$i/run/ingest.sock"
 [collectors]
 interval = "5s"
+[firmware]
+root_keys = ["$ROOT_PUB"]
+poll_interval = "30s"
 EOF
 	bg iotagent run --config "$W/gw$i/config.toml" 2>"$W/gw$i/agent.log"
+	GWPID[$i]=$!
 done
 for i in $(seq 1 $DEVICES); do
 	# Ingest opens at once; the certificate comes with the first enrollment.
@@ -241,3 +259,27 @@ else
 fi
 [ "$total_lost" -eq 0 ] || die "$total_lost records lost"
 echo "nothing lost."
+
+say "firmware: iotagent 1.1.0 published and rolled out in two waves (34%, 100%)"
+ARCH=$(iotagent version --json | sed -n 's/.*"goarch": "\([^"]*\)".*/\1/p')
+[ "$ARCH" != arm ] || ARCH=armv$(iotagent version --json | sed -n 's/.*"goarm": "\([0-9]\).*/\1/p')
+iotstation firmware publish --dir "$W/station" --file "$W/release/iotagent" --name iotagent --type agent \
+	--version 1.1.0 --svn 1 --hw "linux/$ARCH" --key "$W/offline/signing.key"
+iotstation firmware rollout create --dir "$W/station" --release iotagent@1.1.0 --all --waves 34%,100% --wave-wait 5m
+wait_for 240 "the rollout to finish" bash -c "iotstation firmware rollout status --dir '$W/station' r1 --json | grep -q '\"state\": \"done\"'"
+iotstation firmware rollout status --dir "$W/station" r1 --devices
+echo
+printf '%-22s %-9s %-10s %-12s %-8s\n' device running committed tpm-counter pid
+for i in $(seq 1 $DEVICES); do
+	id=$(sed -n 's/.*"device_id": "\([^"]*\)".*/\1/p' "$W/gw$i/state/enrollment.json")
+	wait_for 30 "gateway $i's status" bash -c "iotagent --config '$W/gw$i/config.toml' firmware status --json | grep -q '\"running\": \"1.1.0\"'"
+	fw=$(iotagent --config "$W/gw$i/config.toml" firmware status --json)
+	run=$(echo "$fw" | sed -n 's/.*"running": "\([^"]*\)".*/\1/p')
+	com=$(echo "$fw" | sed -n 's/.*"committed": "\([^"]*\)".*/\1/p')
+	ctr=$(echo "$fw" | sed -n 's/.*"counter": \([0-9]*\).*/\1/p')
+	pid=$(echo "$fw" | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')
+	printf '%-22s %-9s %-10s %-12s %-8s\n' "$id" "$run" "$com" "${ctr:-?}" "$pid"
+	[ "$com" = 1.1.0 ] || die "gateway $i did not commit 1.1.0"
+	[ "$pid" = "${GWPID[$i]}" ] || die "gateway $i runs as pid $pid, not the pid ${GWPID[$i]} it started with"
+done
+echo "every gateway runs 1.1.0, committed after its trial, exec'd in the process it started as (the same pid)."
