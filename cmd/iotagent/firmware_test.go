@@ -342,3 +342,23 @@ func TestUpgradedLauncherRunsItself(t *testing.T) {
 	}
 	stopAgent(t, p)
 }
+
+// Root keys built into the binary turn updates on without [firmware].
+func TestBuiltInRootKeys(t *testing.T) {
+	root, _ := releasetest.Public(releasetest.Key(t)).MarshalText()
+	bin := filepath.Join(t.TempDir(), "iotagent")
+	cmd := exec.Command("go", "build", "-ldflags", "-X iotagent.dev/iotagent/internal/buildinfo.firmwareRootKeys="+string(root), "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	os.WriteFile(cfg, []byte("[log]\nlevel = \"info\"\n"), 0o600)
+	args := []string{"--config", cfg, "--state-dir", filepath.Join(t.TempDir(), "state"), "firmware", "status", "--json"}
+	if out, err := exec.Command(bin, args...).CombinedOutput(); err != nil || !strings.Contains(string(out), `"keylist_version": 0`) {
+		t.Errorf("firmware status with built-in root keys: %v\n%s", err, out)
+	}
+	if code, _, errs := cli(t, args...); code == 0 || !strings.Contains(errs, "firmware updates are off") {
+		t.Errorf("firmware status without root keys: exit %d, %q", code, errs)
+	}
+}
