@@ -145,6 +145,13 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 	default:
 		return fmt.Errorf("firmware: fetching %s: %s", url, resp.Status)
 	}
+	// A body of a stated length that does not end at the signed length
+	// (the served file is truncated or overlong) is refused before it is
+	// read: fetching or resuming it again would get the same file.
+	if resp.ContentLength >= 0 && resp.ContentLength != want.Length-st.Offset {
+		d.discard(part, statePath)
+		return fmt.Errorf("%w: %s serves %d bytes from byte %d, the signed length is %d", ErrLength, url, resp.ContentLength, st.Offset, want.Length)
+	}
 	if _, err := f.Seek(st.Offset, io.SeekStart); err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
