@@ -262,6 +262,12 @@ func (d *Downloader) save(f *os.File, statePath string, st resume, h hash.Hash) 
 	return atomicfile.Write(statePath, b, 0o600)
 }
 
+// Discard removes what a Fetch to path left of a partial download (its
+// part file and resume point), as when the release is refused for good.
+func (d *Downloader) Discard(path string) {
+	d.discard(path+".part", path+".part.json")
+}
+
 func (d *Downloader) discard(part, statePath string) {
 	atomicfile.Remove(statePath)
 	atomicfile.Remove(part)
