@@ -710,6 +710,10 @@ func (u *updater) download(ctx context.Context, c *firmware.Client, dl *firmware
 	u.d.a.log.Info("firmware: downloading", "release", m.Name+"@"+m.Version, "bytes", m.Length)
 	if err := dl.Fetch(ctx, c.PayloadURL(m), file, firmware.Target{Length: m.Length, SHA256: m.Digest()}); err != nil {
 		if errors.Is(err, firmware.ErrDigest) || errors.Is(err, firmware.ErrLength) || errors.Is(err, firmware.ErrNoSpace) {
+			// Refused for good: nothing of it stays on the flash (a part
+			// file created before the space check, or kept from an earlier
+			// attempt whose resume the server no longer matches).
+			dl.Discard(file)
 			return "", &refusal{err}
 		}
 		return "", fmt.Errorf("%w: %w", firmware.ErrUnreachable, err) // resumed at the next check

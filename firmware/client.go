@@ -51,34 +51,44 @@ func (c *Client) Restore() error {
 
 // UpdateKeyList brings the trusted key list up to the station's
 // current one, walking every version in between (each must pass the
-// rotation rules from the one before), and keeps it.
+// rotation rules from the one before), and keeps it. When a step fails,
+// the lists accepted before it are kept all the same: the file says
+// what Trust holds.
 func (c *Client) UpdateKeyList(ctx context.Context) (*release.KeyList, error) {
 	next := uint64(1)
 	if l := c.Trust.KeyList(); l != nil {
 		next = l.Version + 1
 	}
 	changed := false
+	keep := func() error {
+		if !changed {
+			return nil
+		}
+		if err := atomicfile.Write(c.KeyListFile, c.Trust.Raw(), 0o600); err != nil {
+			return fmt.Errorf("firmware: keeping the key list: %w", err)
+		}
+		return nil
+	}
 	for range maxKeyListSteps {
 		raw, err := c.get(ctx, "/firmware/keylist/"+strconv.FormatUint(next, 10), release.MaxKeyListSize)
 		if errors.Is(err, errNotFound) {
 			break
 		}
 		if err != nil {
-			return nil, err
+			return nil, errors.Join(err, keep())
 		}
 		l, err := c.Trust.Update(raw)
 		if err != nil {
-			return nil, fmt.Errorf("firmware: key list version %d from the station: %w", next, err)
+			return nil, errors.Join(fmt.Errorf("firmware: key list version %d from the station: %w", next, err), keep())
 		}
+		changed = true
 		if l.Version != next {
-			return nil, fmt.Errorf("firmware: the station's key list %d says it is version %d", next, l.Version)
+			return nil, errors.Join(fmt.Errorf("firmware: the station's key list %d says it is version %d", next, l.Version), keep())
 		}
-		next, changed = next+1, true
+		next++
 	}
-	if changed {
-		if err := atomicfile.Write(c.KeyListFile, c.Trust.Raw(), 0o600); err != nil {
-			return nil, fmt.Errorf("firmware: keeping the key list: %w", err)
-		}
+	if err := keep(); err != nil {
+		return nil, err
 	}
 	if c.Trust.KeyList() == nil {
 		return nil, fmt.Errorf("firmware: the station serves no key list (%w)", release.ErrNoKeyList)

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -110,5 +111,52 @@ func TestClientCatchesUpAndTakesARelease(t *testing.T) {
 	}
 	if p, trial, err := slots.Next(); err != nil || !trial || filepath.Base(p) != "iotagent" {
 		t.Fatalf("Next = %q %v %v", p, trial, err)
+	}
+}
+
+// A walk that meets a refused key list keeps the ones it accepted
+// before: after a restart the device trusts them, as it did in memory.
+func TestClientKeepsKeyListsBeforeARefusedOne(t *testing.T) {
+	st := stationtest.Start(t, stationtest.Options{})
+	root, signer := releasetest.Key(t), releasetest.Key(t)
+	exp := time.Now().Add(time.Hour)
+	list := func(v uint64) *release.KeyList {
+		return &release.KeyList{Version: v, Expires: exp, RootKeys: []release.PublicKey{releasetest.Public(root)}, RootThreshold: 1, Threshold: 1,
+			SigningKeys: []release.SigningKey{{Key: releasetest.Public(signer), Expires: exp}}}
+	}
+	for v := uint64(1); v <= 2; v++ {
+		if err := st.InstallKeyList(releasetest.Sign(t, release.TypeKeyList, list(v), root)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Version 3 signed by the signing key, not the root: served as a
+	// station that was tampered with would (InstallKeyList refuses it).
+	if err := os.WriteFile(filepath.Join(st.Dir, "firmware", "keylists", "3"), releasetest.Sign(t, release.TypeKeyList, list(3), signer), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev := st.Device(t, "gw-walk")
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: st.TrustPool(), Certificates: []tls.Certificate{dev.TLS}}}}
+	t.Cleanup(hc.CloseIdleConnections)
+	file := filepath.Join(t.TempDir(), "keylist.json")
+	client := func() *firmware.Client {
+		tr, err := release.NewTrust([]ed25519.PublicKey{root.Public().(ed25519.PublicKey)}, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &firmware.Client{HTTP: hc, Station: st.URL, Trust: tr, KeyListFile: file}
+		if err := c.Restore(); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := client()
+	if _, err := c.UpdateKeyList(context.Background()); !errors.Is(err, release.ErrSignature) {
+		t.Fatalf("UpdateKeyList = %v, want the refusal of version 3 (ErrSignature)", err)
+	}
+	if l := c.Trust.KeyList(); l == nil || l.Version != 2 {
+		t.Fatalf("trusted after the walk: %+v, want version 2", l)
+	}
+	if l := client().Trust.KeyList(); l == nil || l.Version != 2 {
+		t.Errorf("kept after the walk: %+v, want version 2", l)
 	}
 }

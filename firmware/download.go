@@ -145,6 +145,13 @@ func (d *Downloader) Fetch(ctx context.Context, url, path string, want Target) e
 	default:
 		return fmt.Errorf("firmware: fetching %s: %s", url, resp.Status)
 	}
+	// A body of a stated length that does not end at the signed length
+	// (the served file is truncated or overlong) is refused before it is
+	// read: fetching or resuming it again would get the same file.
+	if resp.ContentLength >= 0 && resp.ContentLength != want.Length-st.Offset {
+		d.discard(part, statePath)
+		return fmt.Errorf("%w: %s serves %d bytes from byte %d, the signed length is %d", ErrLength, url, resp.ContentLength, st.Offset, want.Length)
+	}
 	if _, err := f.Seek(st.Offset, io.SeekStart); err != nil {
 		return fmt.Errorf("firmware: %w", err)
 	}
@@ -253,6 +260,12 @@ func (d *Downloader) save(f *os.File, statePath string, st resume, h hash.Hash) 
 		return err
 	}
 	return atomicfile.Write(statePath, b, 0o600)
+}
+
+// Discard removes what a Fetch to path left of a partial download (its
+// part file and resume point), as when the release is refused for good.
+func (d *Downloader) Discard(path string) {
+	d.discard(path+".part", path+".part.json")
 }
 
 func (d *Downloader) discard(part, statePath string) {

@@ -151,6 +151,7 @@ func TestDownloadRefused(t *testing.T) {
 	}{
 		{"tampered payload", &origin{payload: data, body: other}, firmware.ErrDigest, nil},
 		{"overlong body", &origin{payload: data, body: append(bytes.Clone(data), 1, 2, 3)}, firmware.ErrLength, nil},
+		{"truncated body", &origin{payload: data, body: data[:100_000]}, firmware.ErrLength, nil},
 		{"wrong Content-Range on a resume", &origin{payload: data, cuts: []int64{50_000}, contentRange: "bytes 0-199999/200000"}, firmware.ErrLength, func(string) {}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -168,6 +169,11 @@ func TestDownloadRefused(t *testing.T) {
 			}
 			if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 				t.Error("a refused payload is in place")
+			}
+			if tc.pre == nil {
+				if _, err := os.Stat(path + ".part"); !errors.Is(err, os.ErrNotExist) {
+					t.Error("a refused payload's part file is left")
+				}
 			}
 		})
 	}

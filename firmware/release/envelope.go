@@ -109,8 +109,9 @@ var (
 // open checks that raw is an envelope of payloadType, at most max bytes,
 // signed by at least threshold distinct keys of trusted (by key ID), and
 // returns the payload bytes exactly as signed. Nothing else of raw is
-// trusted.
-func open(raw []byte, payloadType string, max int, trusted map[string]ed25519.PublicKey, threshold int) ([]byte, error) {
+// trusted. When the signatures fall short, the error says why each does
+// not count; why, if not nil, says it of a key ID not in trusted.
+func open(raw []byte, payloadType string, max int, trusted map[string]ed25519.PublicKey, threshold int, why func(keyID string) string) ([]byte, error) {
 	if threshold < 1 {
 		return nil, fmt.Errorf("%w: a threshold of %d", ErrSignature, threshold)
 	}
@@ -134,9 +135,41 @@ func open(raw []byte, payloadType string, max int, trusted map[string]ed25519.Pu
 		}
 	}
 	if len(good) < threshold {
-		return nil, fmt.Errorf("%w: %d valid signatures by trusted keys, %d needed", ErrSignature, len(good), threshold)
+		return nil, fmt.Errorf("%w: %d valid signatures by trusted keys, %d needed%s", ErrSignature, len(good), threshold, signatureNotes(env, trusted, good, why))
 	}
 	return payload, nil
+}
+
+// signatureNotes says, for a refusal's one-line reason, why env's
+// signatures that do not count do not (at most 3 of them); "" when there
+// are none.
+func signatureNotes(env *envelope, trusted map[string]ed25519.PublicKey, good map[string]bool, why func(string) string) string {
+	var notes []string
+	seen := map[string]bool{}
+	for _, s := range env.Signatures {
+		if good[s.KeyID] || seen[s.KeyID] {
+			continue
+		}
+		seen[s.KeyID] = true
+		if !hexPattern.MatchString(s.KeyID) { // the sender's text: never echoed
+			notes = append(notes, "a signature with a malformed key ID")
+			continue
+		}
+		note := "not trusted"
+		if _, ok := trusted[s.KeyID]; ok {
+			note = "the signature does not verify"
+		} else if why != nil {
+			note = why(s.KeyID)
+		}
+		notes = append(notes, "key "+s.KeyID[:16]+": "+note)
+	}
+	if len(notes) == 0 {
+		return ""
+	}
+	if len(notes) > 3 {
+		notes = append(notes[:3], fmt.Sprintf("%d more", len(notes)-3))
+	}
+	return " (" + strings.Join(notes, "; ") + ")"
 }
 
 // checkKeys walks the JSON in b and refuses a key that is not lower case

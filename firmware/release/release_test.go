@@ -102,8 +102,8 @@ func TestKeyListRefused(t *testing.T) {
 		want error
 		text string
 	}{
-		{"signed by a key that is not a root", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), other), release.ErrSignature, "0 valid signatures"},
-		{"signed by a signing key", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, ""},
+		{"signed by a key that is not a root", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), other), release.ErrSignature, "0 valid signatures by trusted keys, 1 needed (key " + release.KeyID(other.Public().(ed25519.PublicKey))[:16] + ": not a root key of key list version 1)"},
+		{"signed by a signing key", releasetest.Sign(t, release.TypeKeyList, keyList(2, []ed25519.PrivateKey{root}, signer), signer), release.ErrSignature, "a signing key of key list version 1, not a root key"},
 		{"version down", releasetest.Sign(t, release.TypeKeyList, keyList(0, []ed25519.PrivateKey{root}, signer), root), release.ErrRollback, "version 0, the current one is 1"},
 		{"same version, other contents", releasetest.Sign(t, release.TypeKeyList, keyList(1, []ed25519.PrivateKey{root}, signer, other), root), release.ErrRollback, "other contents"},
 		{"a missing root key", func() []byte {
@@ -240,10 +240,10 @@ func TestManifestRefused(t *testing.T) {
 			env["payload"] = base64.StdEncoding.EncodeToString(p)
 			b, _ := json.Marshal(env)
 			return b
-		}(), release.ErrSignature, ""},
-		{"signed by a key not in the list (revoked)", releasetest.Sign(t, release.TypeManifest, manifest(), revoked), release.ErrSignature, ""},
-		{"signed by an expired signing key", releasetest.Sign(t, release.TypeManifest, manifest(), stale), release.ErrSignature, ""},
-		{"signed by the root", releasetest.Sign(t, release.TypeManifest, manifest(), root), release.ErrSignature, ""},
+		}(), release.ErrSignature, "the signature does not verify"},
+		{"signed by a key not in the list (revoked)", releasetest.Sign(t, release.TypeManifest, manifest(), revoked), release.ErrSignature, "not a signing key of key list version 1"},
+		{"signed by an expired signing key", releasetest.Sign(t, release.TypeManifest, manifest(), stale), release.ErrSignature, "that expired at"},
+		{"signed by the root", releasetest.Sign(t, release.TypeManifest, manifest(), root), release.ErrSignature, "signs key lists, not releases"},
 		{"a key list offered as a manifest", releasetest.Sign(t, release.TypeKeyList, manifest(), signer), nil, "where a"},
 		{"expired", releasetest.Sign(t, release.TypeManifest, with(func(m *release.Manifest) { m.Expires = now }), signer), release.ErrExpired, "expired"},
 		{"unknown field", func() []byte {

@@ -85,7 +85,7 @@ func (t *Trust) accept(raw []byte, update bool) (*KeyList, error) {
 	var payload []byte
 	var err error
 	if update {
-		payload, err = open(raw, TypeKeyList, MaxKeyListSize, t.cur.roots(), t.cur.RootThreshold)
+		payload, err = open(raw, TypeKeyList, MaxKeyListSize, t.cur.roots(), t.cur.RootThreshold, t.notRoot)
 	} else {
 		payload, err = peek(raw, TypeKeyList, MaxKeyListSize)
 	}
@@ -100,7 +100,7 @@ func (t *Trust) accept(raw []byte, update bool) (*KeyList, error) {
 		return nil, err
 	}
 	// A new root set proves it holds its keys too.
-	if _, err := open(raw, TypeKeyList, MaxKeyListSize, l.roots(), l.RootThreshold); err != nil {
+	if _, err := open(raw, TypeKeyList, MaxKeyListSize, l.roots(), l.RootThreshold, func(string) string { return "not one of its own root keys" }); err != nil {
 		return nil, fmt.Errorf("key list version %d: its own root keys: %w", l.Version, err)
 	}
 	if t.raw != nil {
@@ -108,7 +108,7 @@ func (t *Trust) accept(raw []byte, update bool) (*KeyList, error) {
 		case l.Version < t.cur.Version:
 			return nil, fmt.Errorf("%w: key list version %d, the current one is %d", ErrRollback, l.Version, t.cur.Version)
 		case l.Version == t.cur.Version:
-			cur, _ := open(t.raw, TypeKeyList, MaxKeyListSize, t.cur.roots(), t.cur.RootThreshold)
+			cur, _ := open(t.raw, TypeKeyList, MaxKeyListSize, t.cur.roots(), t.cur.RootThreshold, nil)
 			if !bytes.Equal(cur, payload) {
 				return nil, fmt.Errorf("%w: key list version %d again, with other contents", ErrRollback, l.Version)
 			}
@@ -131,7 +131,7 @@ func (t *Trust) Manifest(raw []byte, now time.Time) (*Manifest, error) {
 	if !now.Before(t.cur.Expires) {
 		return nil, fmt.Errorf("%w: key list version %d expired at %s; a new one is needed", ErrExpired, t.cur.Version, t.cur.Expires.UTC().Format(time.RFC3339))
 	}
-	payload, err := open(raw, TypeManifest, MaxManifestSize, t.cur.signers(now), t.cur.Threshold)
+	payload, err := open(raw, TypeManifest, MaxManifestSize, t.cur.signers(now), t.cur.Threshold, func(id string) string { return t.notSigner(id, now) })
 	if err != nil {
 		return nil, fmt.Errorf("manifest: %w", err)
 	}
@@ -146,4 +146,30 @@ func (t *Trust) Manifest(raw []byte, now time.Time) (*Manifest, error) {
 		return nil, fmt.Errorf("%w: manifest %s %s expired at %s", ErrExpired, m.Name, m.Version, m.Expires.UTC().Format(time.RFC3339))
 	}
 	return &m, nil
+}
+
+// notRoot says why key id does not sign the next key list.
+func (t *Trust) notRoot(id string) string {
+	if t.raw == nil {
+		return "not one of the configured root keys"
+	}
+	for _, k := range t.cur.SigningKeys {
+		if KeyID(ed25519.PublicKey(k.Key)) == id {
+			return fmt.Sprintf("a signing key of key list version %d, not a root key", t.cur.Version)
+		}
+	}
+	return fmt.Sprintf("not a root key of key list version %d", t.cur.Version)
+}
+
+// notSigner says why key id does not sign manifests at now.
+func (t *Trust) notSigner(id string, now time.Time) string {
+	for _, k := range t.cur.SigningKeys {
+		if KeyID(ed25519.PublicKey(k.Key)) == id {
+			return fmt.Sprintf("a signing key of key list version %d that expired at %s", t.cur.Version, k.Expires.UTC().Format(time.RFC3339))
+		}
+	}
+	if _, ok := t.cur.roots()[id]; ok {
+		return fmt.Sprintf("a root key of key list version %d, which signs key lists, not releases", t.cur.Version)
+	}
+	return fmt.Sprintf("not a signing key of key list version %d (revoked, or never listed)", t.cur.Version)
 }
