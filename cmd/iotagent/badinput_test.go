@@ -254,7 +254,7 @@ func TestBadReleasesRefused(t *testing.T) {
 			t.Logf("the agent's output:\n%s", p.out)
 		}
 	})
-	testsync.Until(t, 30*time.Second, "firmware status from the running agent", func() bool { return b.status(t).DaemonPID == b.pid })
+	testsync.Until(t, 30*time.Second, "firmware status from the running agent", func() bool { s := b.status(t); return s.DaemonPID == b.pid && s.Running != "" })
 	// The cases build on each other; a case failing does not stop the
 	// others, an agent that died does.
 	run := func(name string, f func(t *testing.T)) {

@@ -161,7 +161,7 @@ func TestAgentUpdatesItself(t *testing.T) {
 	r := newFWRig(t, launcher, "trial_deadline = \"15s\"\n")
 	p := startAgent(t, launcher, r.args...)
 	pid := p.cmd.Process.Pid
-	if s := r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == pid }); s.Running != "1.0.0" || s.Committed != "1.0.0" {
+	if s := r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == pid && s.Running != "" }); s.Running != "1.0.0" || s.Committed != "1.0.0" {
 		t.Fatalf("before any update: %+v", s)
 	}
 
@@ -223,7 +223,7 @@ func TestAgentUpdatesItself(t *testing.T) {
 			t.Logf("the agent's output:\n%s", p.out)
 		}
 	})
-	s = r.waitFW("1.2.0 rolled back", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	s = r.waitFW("1.2.0 rolled back", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid && s.Running != "" })
 	if s.Running != "1.1.0" || s.Trial != nil || s.Last == nil || s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "3 starts") || len(s.Bad) != 1 || s.Bad[0] != "iotagent@1.2.0" {
 		t.Fatalf("after three crashing starts: %+v", s)
 	}
@@ -268,7 +268,7 @@ func TestAgentHandsImageToInstaller(t *testing.T) {
 	good, bad, reboot := script("good.sh", ""), script("bad.sh", ""), script("reboot.sh", "")
 	r := newFWRig(t, launcher, fmt.Sprintf("[firmware.image]\ninstall = \"%s {file}\"\nmark_good = %q\nmark_bad = %q\nreboot = %q\n", install, good, bad, reboot))
 	p := startAgent(t, launcher, r.args...)
-	r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	r.waitFW("firmware status from the running agent", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid && s.Running != "" })
 
 	payload := []byte("a root file system image\n")
 	sum := sha256.Sum256(payload)
@@ -332,7 +332,7 @@ func TestUpgradedLauncherRunsItself(t *testing.T) {
 
 	copyFile(versionBinary(t, "1.4.0", "")) // the package upgrade
 	p = startAgent(t, launcher, r.args...)
-	s := r.waitFW("the upgraded launcher running", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	s := r.waitFW("the upgraded launcher running", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid && s.Running != "" })
 	if s.Running != "1.4.0" || s.Committed != "1.4.0" {
 		t.Errorf("after the package upgrade: running %s, committed %s; want 1.4.0 both", s.Running, s.Committed)
 	}
