@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/hex"
@@ -59,22 +60,53 @@ func versionBinary(t testing.TB, version, goarch string) string {
 	return p
 }
 
-// fwRig is an enrolled device whose agent updates itself: the station
-// with a key list, mosquitto, the agent's state and configuration.
+// fwRig is a station with a key list and mosquitto, and the agents
+// enrolled there that update themselves; newFWRig's first agent is
+// embedded.
 type fwRig struct {
 	t            *testing.T
 	st           *stationtest.Station
 	br           *mqtttest.Broker
 	root, signer ed25519.PrivateKey
 	keyList      string // the signed key list's file
-	state, sock  string
-	cfg          string
-	args         []string // iotagent run
-	global       []string // the global flags
-	launcher     string   // the installed binary
+	launcher     string // the installed binary
+	*fwAgent
+}
+
+// fwAgent is an enrolled agent of a fwRig: its own swtpm, state
+// directory and configuration with [firmware].
+type fwAgent struct {
+	t           *testing.T
+	state, sock string
+	cfg         string
+	args        []string // iotagent run
+	global      []string // the global flags
+}
+
+// fwAgentOptions shape an agent of a fwRig.
+type fwAgentOptions struct {
+	// Station is the URL the agent enrolls at and then talks to (default
+	// the station's own), such as a proxy in front of it.
+	Station string
+	// Collectors is the body of [collectors] (default: no host metrics,
+	// sampled hourly).
+	Collectors string
+	// Firmware holds extra lines of [firmware].
+	Firmware string
+	// Identity is the swtpm's (tpmtest.Options): agents of different
+	// identities are different devices.
+	Identity int
 }
 
 func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
+	t.Helper()
+	r := startFWStation(t, launcher)
+	r.fwAgent = r.addAgent(fwAgentOptions{Firmware: cfgExtra})
+	return r
+}
+
+// startFWStation starts the station with a key list, and mosquitto.
+func startFWStation(t *testing.T, launcher string) *fwRig {
 	t.Helper()
 	r := &fwRig{t: t, launcher: launcher}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true})
@@ -88,22 +120,31 @@ func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
 	}
 	r.keyList = filepath.Join(t.TempDir(), "keylist.json")
 	os.WriteFile(r.keyList, kl, 0o600)
+	return r
+}
+
+// addAgent enrolls another agent, with its own swtpm, at the station.
+func (r *fwRig) addAgent(o fwAgentOptions) *fwAgent {
+	t := r.t
+	t.Helper()
+	a := &fwAgent{t: t}
 	var args []string
-	r.state, r.sock, args = enrolledRun(t, r.st, r.br.URL)
+	a.state, a.sock, args = enrolledRunAt(t, r.st, cmp.Or(o.Station, r.st.URL), r.br.URL, o.Identity)
 	root, _ := releasetest.Public(r.root).MarshalText()
-	cfg := fmt.Sprintf("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n[firmware]\nroot_keys = [%q]\npoll_interval = \"1h\"\n%s", root, cfgExtra)
-	r.cfg = filepath.Join(t.TempDir(), "config.toml")
-	if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
+	collectors := cmp.Or(o.Collectors, "host = false\ninterval = \"1h\"\n")
+	cfg := fmt.Sprintf("[collectors]\n%s[uplink]\nkeepalive = \"5s\"\n[firmware]\nroot_keys = [%q]\npoll_interval = \"1h\"\n%s", collectors, root, o.Firmware)
+	a.cfg = filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(a.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for i, a := range args {
-		if a == "--config" {
-			args[i+1] = r.cfg
+	for i, arg := range args {
+		if arg == "--config" {
+			args[i+1] = a.cfg
 		}
 	}
-	r.args = args
-	r.global = []string{"--config", r.cfg, "--state-dir", r.state, "--ingest-socket", r.sock, "--tpm", args[1]}
-	return r
+	a.args = args
+	a.global = []string{"--config", a.cfg, "--state-dir", a.state, "--ingest-socket", a.sock, "--tpm", args[1]}
+	return a
 }
 
 // release writes payload as release version of the agent, signed, and
@@ -129,7 +170,7 @@ func (r *fwRig) binaryRelease(version string, svn uint32) (file, manifest string
 }
 
 // fwStatus is iotagent firmware status --json.
-func (r *fwRig) fwStatus() agent.FirmwareStatus {
+func (r *fwAgent) fwStatus() agent.FirmwareStatus {
 	r.t.Helper()
 	code, out, errs := cli(r.t, append(r.global, "firmware", "status", "--json")...)
 	if code != 0 {
@@ -142,7 +183,7 @@ func (r *fwRig) fwStatus() agent.FirmwareStatus {
 	return s
 }
 
-func (r *fwRig) waitFW(what string, d time.Duration, ok func(agent.FirmwareStatus) bool) agent.FirmwareStatus {
+func (r *fwAgent) waitFW(what string, d time.Duration, ok func(agent.FirmwareStatus) bool) agent.FirmwareStatus {
 	r.t.Helper()
 	var s agent.FirmwareStatus
 	testsync.Until(r.t, d, what, func() bool { s = r.fwStatus(); return ok(s) })

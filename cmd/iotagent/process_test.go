@@ -270,9 +270,18 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 // with the given uplink (no host collector, the SLI collector hourly).
 func enrolledRun(t *testing.T, st *stationtest.Station, uplink string) (state, sock string, args []string) {
 	t.Helper()
-	sim := tpmtest.New(t)
+	return enrolledRunAt(t, st, st.URL, uplink, 0)
+}
+
+// enrolledRunAt is enrolledRun with the agent enrolling at, and so
+// talking to, stationURL (st's own, or a proxy in front of it), with a
+// swtpm of the given identity (tpmtest.Options): agents of different
+// identities are different devices.
+func enrolledRunAt(t *testing.T, st *stationtest.Station, stationURL, uplink string, identity int) (state, sock string, args []string) {
+	t.Helper()
+	sim := tpmtest.Start(t, tpmtest.Options{Identity: identity})
 	state = filepath.Join(t.TempDir(), "state")
-	if code, _, errs := cli(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", st.URL, "--station-fingerprint", st.Fingerprint); code != 0 {
+	if code, _, errs := cli(t, "--tpm", sim.Spec, "--state-dir", state, "enroll", "--station", stationURL, "--station-fingerprint", st.Fingerprint); code != 0 {
 		t.Fatalf("enroll: %s", errs)
 	}
 	sockDir, err := os.MkdirTemp("", "agent") // short: unix socket paths are limited
