@@ -113,11 +113,15 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := a.Launch(); err != nil {
-		return err
-	}
+	// Before the launcher takes the lock (and writes its pid into it):
+	// iotagent firmware and renew signal whoever holds it, and a signal
+	// not asked for would kill the process.
 	usr := make(chan os.Signal, 1)
 	signal.Notify(usr, syscall.SIGUSR1, syscall.SIGUSR2)
+	if err := a.Launch(); err != nil {
+		signal.Stop(usr)
+		return err
+	}
 	done := make(chan struct{})
 	go func() {
 		for {
