@@ -147,7 +147,7 @@ func (s *service) up() bool {
 		return false
 	}
 	fw := s.fwStatus()
-	return fw.DaemonPID == pid
+	return fw.DaemonPID == pid && fw.Running != ""
 }
 
 // nudges counts the station's nudges the agent heard (MQTT
@@ -435,7 +435,7 @@ func TestRolloutOverTenAgents(t *testing.T) {
 		}
 	}
 	for id, s := range byID {
-		fw := s.waitFW("the updated agent's status", 10*time.Second, func(fw agent.FirmwareStatus) bool { return fw.DaemonPID == s.pid() })
+		fw := s.waitFW("the updated agent's status", 10*time.Second, func(fw agent.FirmwareStatus) bool { return fw.DaemonPID == s.pid() && fw.Running != "" })
 		if fw.Running != "1.1.0" || fw.Committed != "1.1.0" || fw.Trial != nil || fw.Last == nil || fw.Last.Result != "committed" ||
 			fw.Last.Rollout != "r1" || fw.Counter == nil || *fw.Counter != 1 {
 			t.Errorf("%s after r1: %+v", id, fw)
@@ -478,7 +478,7 @@ func TestRolloutOverTenAgents(t *testing.T) {
 	var later []*service
 	for _, d := range ro.DeviceSteps {
 		s := byID[d.ID]
-		fw := s.waitFW("the agent's status", 10*time.Second, func(fw agent.FirmwareStatus) bool { return fw.DaemonPID == s.pid() })
+		fw := s.waitFW("the agent's status", 10*time.Second, func(fw agent.FirmwareStatus) bool { return fw.DaemonPID == s.pid() && fw.Running != "" })
 		if d.Wave > 1 {
 			if d.Step != "" {
 				t.Errorf("%s of wave %d: %s, want never assigned", d.ID, d.Wave, d.Step)
