@@ -195,6 +195,11 @@ func (a *Agent) Launch() error {
 	if err != nil {
 		return nil // another agent runs: Run says so
 	}
+	if slots, err := a.openSlots(); err == nil {
+		if err := slots.RemoveLeftovers(); err != nil {
+			a.log.Warn("firmware: removing what a crash left", "err", err)
+		}
+	}
 	path, trial, err := a.nextBinary()
 	lock.Close() // the exec'd binary takes it again
 	if err != nil || path == "" {
