@@ -226,6 +226,11 @@ func (a *Agent) Launch() error {
 	if err != nil {
 		return nil // another agent runs: Run says so
 	}
+	if slots, err := a.openSlots(); err == nil {
+		if err := errors.Join(slots.RemoveLeftovers(), removeCompleteDownloads(filepath.Join(a.s.dir.Firmware(), "download"))); err != nil {
+			a.log.Warn("firmware: removing what a crash left", "err", err)
+		}
+	}
 	path, trial, err := a.nextBinary()
 	lock.Close() // the exec'd binary takes it again
 	if err != nil || path == "" {
@@ -747,6 +752,31 @@ func removeDownload(file string) {
 	for _, p := range []string{file, file + ".part", file + ".part.json"} {
 		os.Remove(p)
 	}
+}
+
+// removeCompleteDownloads deletes the complete downloads in dir, a
+// payload's size of flash each. One exists only inside a running
+// stage, from the download's end to the file's removal once staged: at
+// the launcher's start (the state directory's lock held) it is what a
+// crash left, staged already or not (then fetched again: Fetch resumes
+// from a .part only). The .part files and their resume points stay.
+func removeCompleteDownloads(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		if n := e.Name(); !strings.HasSuffix(n, ".part") && !strings.HasSuffix(n, ".part.json") {
+			if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // oneLine is err's text on one line.

@@ -144,6 +144,26 @@ func (s *Slots) step(name string) error {
 	return nil
 }
 
+// RemoveLeftovers deletes what a crash in the middle of a write leaves
+// and nothing reads: state.json's atomic-write temporaries and a slot
+// copy (iotagent.new) that was never renamed into place, a payload's
+// size of flash each. Only the state directory's owner may call it
+// (the launcher, at start): another process's write in progress would
+// lose its file.
+func (s *Slots) RemoveLeftovers() error {
+	tmps, err := filepath.Glob(filepath.Join(s.dir, ".state.json.tmp-*"))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, p := range append(tmps, s.binary("a")+".new", s.binary("b")+".new") {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("firmware slots: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // ErrTrialPending: a release is on trial; it commits or rolls back first.
 var ErrTrialPending = errors.New("firmware: a release is on trial")
 

@@ -212,3 +212,43 @@ func TestSlotsRefuse(t *testing.T) {
 		t.Error("a state naming a slot outside the slots was used")
 	}
 }
+
+// A crash in the middle of Stage or of a state.json write leaves a slot
+// copy and a temporary file that nothing reads or removes: the
+// launcher removes them at start (RemoveLeftovers), and leaves the
+// state and the slots alone.
+func TestSlotsRemoveLeftovers(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "fw")
+	s, err := firmware.OpenSlots(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stage(t, s, "1.5.0", "v1.5"); err != nil {
+		t.Fatal(err)
+	}
+	crash := errors.New("crash")
+	s.SetCrash(func(step string) error {
+		if step == "binary written" {
+			return crash
+		}
+		return nil
+	})
+	s.Rollback("test")
+	if err := stage(t, s, "1.6.0", "v1.6"); !errors.Is(err, crash) {
+		t.Fatalf("Stage cut at binary written = %v", err)
+	}
+	tmp := filepath.Join(dir, ".state.json.tmp-123")
+	os.WriteFile(tmp, []byte(`{"act`), 0o600)
+	before, _ := s.State()
+	if err := s.RemoveLeftovers(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{tmp, filepath.Join(dir, "slots", "a", "iotagent.new")} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("after RemoveLeftovers %s: %v, want gone", p, err)
+		}
+	}
+	if after, _ := s.State(); len(after.Bad) != len(before.Bad) || read(t, filepath.Join(dir, "slots", "a", "iotagent")) != "v1.5" {
+		t.Errorf("RemoveLeftovers changed the state or a slot: %+v, slot a %q", after, read(t, filepath.Join(dir, "slots", "a", "iotagent")))
+	}
+}

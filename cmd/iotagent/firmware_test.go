@@ -147,15 +147,32 @@ func (r *fwRig) addAgent(o fwAgentOptions) *fwAgent {
 	return a
 }
 
+// writeConfig (re)writes the agent's configuration, with extra lines
+// in [firmware]; a running agent reads it at its next start.
+func (r *fwRig) writeConfig(extra string) {
+	r.t.Helper()
+	root, _ := releasetest.Public(r.root).MarshalText()
+	cfg := fmt.Sprintf("[collectors]\nhost = false\ninterval = \"1h\"\n[uplink]\nkeepalive = \"5s\"\n[firmware]\nroot_keys = [%q]\npoll_interval = \"1h\"\n%s", root, extra)
+	if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
 // release writes payload as release version of the agent, signed, and
 // returns the payload and manifest files.
 func (r *fwRig) release(version string, svn uint32, payload []byte) (file, manifest string) {
+	r.t.Helper()
+	return r.releaseFor("linux/"+buildinfo.Get().Arch(), version, svn, payload)
+}
+
+// releaseFor is release for the hardware hw (as linux/armv7).
+func (r *fwRig) releaseFor(hw, version string, svn uint32, payload []byte) (file, manifest string) {
 	r.t.Helper()
 	dir := r.t.TempDir()
 	file, manifest = filepath.Join(dir, "payload"), filepath.Join(dir, "manifest")
 	sum := sha256.Sum256(payload)
 	raw := releasetest.Sign(r.t, release.TypeManifest, release.Manifest{Name: "iotagent", Type: release.TypeAgent, Version: version, SVN: svn,
-		HW: []string{"linux/" + buildinfo.Get().Arch()}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}, r.signer)
+		HW: []string{hw}, Length: int64(len(payload)), SHA256: hex.EncodeToString(sum[:]), Expires: time.Now().Add(time.Hour)}, r.signer)
 	os.WriteFile(file, payload, 0o755)
 	os.WriteFile(manifest, raw, 0o600)
 	return file, manifest
