@@ -39,6 +39,10 @@ import (
 // has this long to return. The queue is consistent whatever the moment.
 const ShutdownGrace = 5 * time.Second
 
+// lockWait is how long a starting agent waits for the state directory's
+// lock while a command holds it.
+const lockWait = 10 * time.Second
+
 // Agent is a configured agent. Its methods may be called concurrently;
 // Run runs once at a time (the state directory's lock sees to it, across
 // processes too).
@@ -155,7 +159,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := dir.Create(); err != nil {
 		return err
 	}
-	lock, err := dir.Lock()
+	lock, err := dir.LockWait(lockWait)
 	if err != nil {
 		return err
 	}

@@ -222,7 +222,7 @@ func (a *Agent) Launch() error {
 	if err := a.s.dir.Create(); err != nil {
 		return err
 	}
-	lock, err := a.s.dir.Lock()
+	lock, err := a.s.dir.LockWait(lockWait)
 	if err != nil {
 		return nil // another agent runs: Run says so
 	}

@@ -39,6 +39,9 @@ const (
 type fwRequest struct {
 	ID string `json:"id"`
 	Op string `json:"op"`
+	// Sent is when the command handed it over: one older than its wait
+	// is dropped (the command gave up; it must not happen later).
+	Sent time.Time `json:"sent"`
 	// File is the payload and Manifest its signed manifest, for apply;
 	// KeyList an optional key list to trust first.
 	File     string `json:"file,omitempty"`
@@ -150,7 +153,7 @@ func (a *Agent) firmwareOpByDaemon(ctx context.Context, pid int, req fwRequest) 
 	}
 	id := make([]byte, 8)
 	rand.Read(id)
-	req.ID = hex.EncodeToString(id)
+	req.ID, req.Sent = hex.EncodeToString(id), time.Now().UTC()
 	fw := a.s.dir.Firmware()
 	b, _ := json.Marshal(req)
 	if err := atomicfile.Write(requestPath(fw), b, 0o600); err != nil {
@@ -193,6 +196,10 @@ func (u *updater) takeRequest() (*fwRequest, bool) {
 	var req fwRequest
 	if err := json.Unmarshal(b, &req); err != nil || req.ID == "" {
 		u.d.a.log.Warn("firmware: ignoring a malformed request.json", "err", err)
+		return nil, false
+	}
+	if age := time.Since(req.Sent); age > firmwareRequestWait || age < -firmwareRequestWait {
+		u.d.a.log.Warn("firmware: dropping a command its sender gave up on", "op", req.Op, "sent", req.Sent)
 		return nil, false
 	}
 	return &req, true

@@ -44,6 +44,20 @@ for bin in swtpm swtpm_setup swtpm_localca certtool tpm2_readpublic mosquitto mo
 done
 go version
 
+# The armv7 self-update test runs the agent under qemu-arm-static, and the
+# agent execs its ARM slot binary: the kernel must hand ARM ELF files to
+# qemu (binfmt_misc, with the registration qemu-user-static ships but
+# does not make outside systemd). Idempotent; machine-wide, as an
+# installed package is.
+step "binfmt_misc: ARM ELF through qemu-arm"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+[ -e /proc/sys/fs/binfmt_misc/register ] || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+	die "cannot mount binfmt_misc (needed by the armv7 self-update test)"
+[ -e /proc/sys/fs/binfmt_misc/qemu-arm ] || $SUDO sh -c 'cat /usr/lib/binfmt.d/qemu-arm.conf >/proc/sys/fs/binfmt_misc/register' ||
+	die "cannot register qemu-arm with binfmt_misc"
+grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-arm || die "binfmt_misc qemu-arm is disabled"
+
 step "go mod download"
 go mod download
 

@@ -35,6 +35,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"iotagent.dev/iotagent/internal/atomicfile"
 )
@@ -106,6 +107,21 @@ func (d Dir) Lock() (*Lock, error) {
 	f.Truncate(0)
 	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	return &Lock{f: f}, nil
+}
+
+// LockWait is Lock, waiting up to wait while another process holds
+// the lock: a command that holds it for a moment (iotagent firmware
+// apply with no agent running, say) must not make a starting agent fail.
+func (d Dir) LockWait(wait time.Duration) (*Lock, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		l, err := d.Lock()
+		var le *LockedError
+		if !errors.As(err, &le) || time.Now().After(deadline) {
+			return l, err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // pathErr drops the path an *os.PathError repeats: the caller names it.

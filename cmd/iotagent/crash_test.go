@@ -284,7 +284,7 @@ func crashRunAt(t *testing.T, r *fwRig, i int, pt crashPoint) (class, outcome st
 	}
 	r.writeConfig(fmt.Sprintf("counter_index = \"%#x\"\nmax_attempts = %d\n", c.counter, attempts))
 	c.p = startAgent(t, launcher, r.args...)
-	r.waitFW("the agent's firmware status", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == c.p.cmd.Process.Pid })
+	r.waitFW("the agent's firmware status", 30*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == c.p.cmd.Process.Pid && s.Running != "" })
 	maxFail := 100
 	if _, err := r.st.CreateRollout(station.RolloutRequest{Release: "iotagent@1.1.0", All: true, Waves: []int{100}, MaxFailures: &maxFail}); err != nil {
 		t.Fatalf("%s: rollout: %v", name, err)

@@ -89,7 +89,7 @@ func TestAgentUpdatesItselfArmv7UnderQEMU(t *testing.T) {
 		}
 	})
 	pid := p.cmd.Process.Pid
-	if s := r.waitFW("firmware status from the armv7 agent", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == pid }); s.Running != "1.0.0" {
+	if s := r.waitFW("firmware status from the armv7 agent", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == pid && s.Running != "" }); s.Running != "1.0.0" {
 		t.Fatalf("before any update: %+v", s)
 	}
 	payload, err := os.ReadFile(next)
@@ -121,7 +121,7 @@ func TestAgentUpdatesItselfArmv7UnderQEMU(t *testing.T) {
 		// The next start, as systemd's: the launcher cannot exec the
 		// trial either, rolls it back and runs itself.
 		p = startAgent(t, qemu, run...)
-		s := r.waitFW("the armv7 launcher back on 1.0.0", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+		s := r.waitFW("the armv7 launcher back on 1.0.0", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid && s.Running != "" })
 		if s.Running != "1.0.0" || s.Trial != nil || s.Last == nil || s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "exec format error") || len(s.Bad) != 1 {
 			t.Fatalf("after a start that could not exec the trial: %+v", s)
 		}
@@ -169,7 +169,7 @@ func TestAgentUpdatesItselfArmv7UnderQEMU(t *testing.T) {
 		}
 	}
 	p = startAgent(t, qemu, run...) // the fourth start: rolled back
-	s = r.waitFW("1.2.0 rolled back on armv7", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid })
+	s = r.waitFW("1.2.0 rolled back on armv7", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.DaemonPID == p.cmd.Process.Pid && s.Running != "" })
 	if s.Running != "1.1.0" || s.Trial != nil || s.Last == nil || s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "3 starts") ||
 		len(s.Bad) != 1 || s.Bad[0] != "iotagent@1.2.0" || s.Counter == nil || *s.Counter != 1 {
 		t.Fatalf("after three crashing starts: %+v", s)
