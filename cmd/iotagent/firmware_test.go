@@ -62,7 +62,7 @@ func versionBinary(t testing.TB, version, goarch string) string {
 // fwRig is an enrolled device whose agent updates itself: the station
 // with a key list, mosquitto, the agent's state and configuration.
 type fwRig struct {
-	t            *testing.T
+	t            testing.TB
 	st           *stationtest.Station
 	br           *mqtttest.Broker
 	root, signer ed25519.PrivateKey
@@ -74,18 +74,13 @@ type fwRig struct {
 	launcher     string   // the installed binary
 }
 
-func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
+func newFWRig(t testing.TB, launcher string, cfgExtra string) *fwRig {
 	t.Helper()
 	r := &fwRig{t: t, launcher: launcher}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true})
 	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
-	r.root, r.signer = releasetest.Key(t), releasetest.Key(t)
-	exp := time.Now().Add(24 * time.Hour)
-	kl := releasetest.Sign(t, release.TypeKeyList, &release.KeyList{Version: 1, Expires: exp, RootThreshold: 1, Threshold: 1,
-		RootKeys: []release.PublicKey{releasetest.Public(r.root)}, SigningKeys: []release.SigningKey{{Key: releasetest.Public(r.signer), Expires: exp}}}, r.root)
-	if err := r.st.InstallKeyList(kl); err != nil {
-		t.Fatal(err)
-	}
+	var kl []byte
+	r.root, r.signer, kl = installKeyList(t, r.st)
 	r.keyList = filepath.Join(t.TempDir(), "keylist.json")
 	os.WriteFile(r.keyList, kl, 0o600)
 	var args []string
@@ -104,6 +99,20 @@ func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
 	r.args = args
 	r.global = []string{"--config", r.cfg, "--state-dir", r.state, "--ingest-socket", r.sock, "--tpm", args[1]}
 	return r
+}
+
+// installKeyList installs at st a key list of a new root key and
+// signing key, valid for a day, and returns the keys and the list.
+func installKeyList(t testing.TB, st *stationtest.Station) (root, signer ed25519.PrivateKey, kl []byte) {
+	t.Helper()
+	root, signer = releasetest.Key(t), releasetest.Key(t)
+	exp := time.Now().Add(24 * time.Hour)
+	kl = releasetest.Sign(t, release.TypeKeyList, &release.KeyList{Version: 1, Expires: exp, RootThreshold: 1, Threshold: 1,
+		RootKeys: []release.PublicKey{releasetest.Public(root)}, SigningKeys: []release.SigningKey{{Key: releasetest.Public(signer), Expires: exp}}}, root)
+	if err := st.InstallKeyList(kl); err != nil {
+		t.Fatal(err)
+	}
+	return root, signer, kl
 }
 
 // release writes payload as release version of the agent, signed, and
