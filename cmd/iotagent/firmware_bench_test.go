@@ -99,16 +99,16 @@ func paddedBinary(t testing.TB, bin string, length int) []byte {
 //   - steady: the median VmRSS (and RssAnon, RssFile) of one sample a
 //     second over the second half of the steady period; steady-HWM-MB is
 //     VmHWM then (the peak since start, enrollment's and start-up's);
-//   - peak: VmHWM reset (clear_refs 5) at the end of the steady period
-//     and read every millisecond while the agent checks, downloads,
-//     verifies and stages the release, up to its exec into the trial (a
-//     new address space: the first VmHWM lower than the one before);
+//   - peak: VmHWM, reset (clear_refs 5) at the end of the steady period,
+//     read every millisecond while the agent checks, downloads, verifies
+//     and stages the release, up to the exec into the trial; the highest
+//     read (the kernel may miss a peak given back between two reads);
 //     peak-anon/file-MB split the highest VmRSS sampled;
 //   - agent-MB/s: the payload over the time from its .part file's
 //     appearance to the verified file's (TLS with the TPM key included).
 //
-// The run fails unless the last sample before the exec came after the
-// release was staged, and the agent then runs 1.1.0 as its trial.
+// The run fails unless the samples saw the download, its verified file
+// and the staging, and the agent then runs 1.1.0 as its trial.
 func BenchmarkFirmwareUpdateRSS(b *testing.B) {
 	launcher := versionBinary(b, "1.0.0", "")
 	payload := paddedBinary(b, versionBinary(b, "1.1.0", ""), fwBenchPayload)
@@ -136,6 +136,15 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 
 	p := startAgent(b, launcher, r.args...)
 	pid := p.cmd.Process.Pid
+	// A clean stop flushes the agent's TPM key (the fixture checks), also
+	// when the run fails.
+	b.Cleanup(func() {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.exited:
+		case <-time.After(10 * time.Second):
+		}
+	})
 	fail := func(format string, args ...any) {
 		b.Helper()
 		b.Fatalf("%s\nthe agent's output:\n%s", fmt.Sprintf(format, args...), p.out)
@@ -152,8 +161,9 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 			steady = append(steady, m)
 		}
 	}
-	if s := status(b, r.state, r.sock); s.LastAck.Before(start) || s.QueueDepth > 10 {
-		fail("no telemetry delivered while steady: %+v", s)
+	// Acknowledged within the last few intervals, the queue not growing.
+	if s := status(b, r.state, r.sock); time.Since(s.LastAck) > 10*time.Second || s.QueueDepth > 100 {
+		fail("telemetry not delivered while steady: %+v", s)
 	}
 	before, err := readMem(pid)
 	if err != nil {
@@ -172,15 +182,14 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 	}
 	dl := filepath.Join(r.state, "firmware", "download", "iotagent-1.1.0")
 	var (
-		hwm, samples                 int64
-		top                          procMem // the highest VmRSS sampled
-		partSeen, doneSeen, stagedAt time.Time
-		sampledStaged                bool
+		hwm, samples       int64
+		top                procMem // the highest VmRSS sampled
+		partSeen, doneSeen time.Time
 	)
+	// Until the launcher, exec'd again, starts the trial: the samples
+	// after the exec are of a process just started, far below the peak.
 	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		// The files first: a memory sample taken after a file state was
-		// seen covers it.
+	for !strings.Contains(p.out.String(), "starting the slot binary") {
 		now := time.Now()
 		_, errPart := os.Stat(dl + ".part")
 		_, errDone := os.Stat(dl)
@@ -188,10 +197,9 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 		if err != nil {
 			fail("during the update: %v", err)
 		}
-		if m.hwm < hwm {
-			break // exec'd: a new address space
-		}
-		hwm, samples = m.hwm, samples+1
+		// VmHWM can go down: the kernel does not record a peak that the Go
+		// runtime gave back (madvise) before the next sample.
+		hwm, samples = max(hwm, m.hwm), samples+1
 		if m.rss > top.rss {
 			top = m
 		}
@@ -200,22 +208,16 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 			partSeen = now
 		case doneSeen.IsZero() && errDone == nil:
 			doneSeen = now
-		case !doneSeen.IsZero() && stagedAt.IsZero() && errDone != nil:
-			stagedAt = now
 		}
-		sampledStaged = !stagedAt.IsZero()
 		if now.After(deadline) {
-			fail("no exec into the trial within 2 minutes (part file seen %v, verified %v, staged %v)", partSeen, doneSeen, stagedAt)
+			fail("the trial did not start within 2 minutes (part file seen %v, verified %v)", partSeen, doneSeen)
 		}
 		time.Sleep(time.Millisecond)
 	}
-	if partSeen.IsZero() || doneSeen.IsZero() || !sampledStaged {
-		fail("the samples missed a step (part file seen %v, verified %v, staged %v): no peak to report", partSeen, doneSeen, stagedAt)
+	if partSeen.IsZero() || doneSeen.IsZero() || !strings.Contains(p.out.String(), "staged; restarting into the trial") {
+		fail("the samples missed a step (part file seen %v, verified %v): no peak to report", partSeen, doneSeen)
 	}
 	r.waitFW("1.1.0 on trial", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.Running == "1.1.0" && s.DaemonPID == pid })
-	// A clean stop flushes the agent's TPM key (the fixture checks).
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	<-p.exited
 
 	med := func(f func(procMem) int64) int64 {
 		v := make([]int64, len(steady))
@@ -234,8 +236,7 @@ func updateRSS(b *testing.B, launcher string, payload []byte) {
 	b.ReportMetric(mb(top.anon), "peak-anon-MB")
 	b.ReportMetric(mb(top.file), "peak-file-MB")
 	b.ReportMetric(float64(len(payload))/1e6/doneSeen.Sub(partSeen).Seconds(), "agent-MB/s")
-	b.Logf("%d samples from the check to the exec; download %v, verified to staged %v",
-		samples, doneSeen.Sub(partSeen).Round(time.Millisecond), stagedAt.Sub(doneSeen).Round(time.Millisecond))
+	b.Logf("%d samples from the check to the trial's start; download and verify %v", samples, doneSeen.Sub(partSeen).Round(time.Millisecond))
 }
 
 // BenchmarkFirmwareFetch fetches one 20 MiB payload from a real station
