@@ -95,6 +95,11 @@ func ParseStationURL(raw string) (*url.URL, error) {
 	return u, nil
 }
 
+// maxReceiveBuffer bounds what the station may send ahead of the
+// client's reader over HTTP/2: the client's flow-control windows, per
+// stream and per connection.
+const maxReceiveBuffer = 256 << 10
+
 // NewClient returns a client for cfg.
 func NewClient(cfg ClientConfig) (*Client, error) {
 	u, err := ParseStationURL(cfg.URL)
@@ -136,6 +141,12 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 				DialContext:         (&net.Dialer{Timeout: 30 * time.Second}).DialContext,
 				MaxIdleConns:        1,
 				IdleConnTimeout:     30 * time.Second,
+				// HTTP/2's default receive window (4 MiB a stream) lets
+				// the station send that much ahead of a reader held up
+				// by the flash: a firmware download then holds megabytes
+				// of payload in memory. 256 KiB still fills a 50 Mbit/s
+				// link at 40 ms.
+				HTTP2: &http.HTTP2Config{MaxReceiveBufferPerStream: maxReceiveBuffer, MaxReceiveBufferPerConnection: maxReceiveBuffer},
 			},
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},

@@ -146,3 +146,56 @@ func reissueWithIP(t *testing.T, chain []*x509.Certificate, key *ecdsa.PrivateKe
 	c, _ := x509.ParseCertificate(der)
 	return c
 }
+
+// Over HTTP/2 the station may send only maxReceiveBuffer ahead of a
+// reader that does not read (a firmware download waiting on the
+// flash): its writes block there, instead of at the default 4 MiB the
+// client would hold in memory.
+func TestStationSendsAheadAtMostTheReceiveBuffer(t *testing.T) {
+	now := time.Now()
+	chain, key := chainWithKey(t, "127.0.0.1", now.Add(-time.Hour), now.Add(time.Hour))
+	chain[0] = reissueWithIP(t, chain, key)
+	sent := make(chan int, 1)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Blocked by flow control, a write fails at the deadline.
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(time.Second))
+		chunk := make([]byte, 16<<10)
+		n := 0
+		for n < 8<<20 {
+			m, err := w.Write(chunk)
+			n += m
+			if err != nil {
+				break
+			}
+		}
+		sent <- n
+	}))
+	srv.EnableHTTP2 = true
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{chain[0].Raw}, PrivateKey: key, Leaf: chain[0]}}}
+	srv.StartTLS()
+	defer srv.Close()
+	sum := sha256.Sum256(chain[0].Raw)
+	c, err := NewClient(ClientConfig{URL: srv.URL, Pin: sum[:], Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseIdleConnections()
+	resp, err := c.HTTP(10 * time.Second).Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("the client spoke %s, want HTTP/2", resp.Proto)
+	}
+	var n int
+	select {
+	case n = <-sent:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler's writes did not stop at the write deadline")
+	}
+	// The server's own buffering adds a few KiB to the window.
+	if n > maxReceiveBuffer+64<<10 {
+		t.Errorf("the station sent %d bytes ahead of a reader that read none, want at most %d", n, maxReceiveBuffer+64<<10)
+	}
+}

@@ -64,7 +64,7 @@ func versionBinary(t testing.TB, version, goarch string) string {
 // enrolled there that update themselves; newFWRig's first agent is
 // embedded.
 type fwRig struct {
-	t            *testing.T
+	t            testing.TB
 	st           *stationtest.Station
 	br           *mqtttest.Broker
 	root, signer ed25519.PrivateKey
@@ -98,7 +98,7 @@ type fwAgentOptions struct {
 	Identity int
 }
 
-func newFWRig(t *testing.T, launcher string, cfgExtra string) *fwRig {
+func newFWRig(t testing.TB, launcher string, cfgExtra string) *fwRig {
 	t.Helper()
 	r := startFWStation(t, launcher)
 	r.fwAgent = r.addAgent(fwAgentOptions{Firmware: cfgExtra})
@@ -111,13 +111,8 @@ func startFWStation(t *testing.T, launcher string) *fwRig {
 	r := &fwRig{t: t, launcher: launcher}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true})
 	r.br = mqtttest.Start(t, r.st, mqtttest.Options{})
-	r.root, r.signer = releasetest.Key(t), releasetest.Key(t)
-	exp := time.Now().Add(24 * time.Hour)
-	kl := releasetest.Sign(t, release.TypeKeyList, &release.KeyList{Version: 1, Expires: exp, RootThreshold: 1, Threshold: 1,
-		RootKeys: []release.PublicKey{releasetest.Public(r.root)}, SigningKeys: []release.SigningKey{{Key: releasetest.Public(r.signer), Expires: exp}}}, r.root)
-	if err := r.st.InstallKeyList(kl); err != nil {
-		t.Fatal(err)
-	}
+	var kl []byte
+	r.root, r.signer, kl = installKeyList(t, r.st)
 	r.keyList = filepath.Join(t.TempDir(), "keylist.json")
 	os.WriteFile(r.keyList, kl, 0o600)
 	return r
@@ -156,6 +151,20 @@ func (r *fwRig) writeConfig(extra string) {
 	if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
 		r.t.Fatal(err)
 	}
+}
+
+// installKeyList installs at st a key list of a new root key and
+// signing key, valid for a day, and returns the keys and the list.
+func installKeyList(t testing.TB, st *stationtest.Station) (root, signer ed25519.PrivateKey, kl []byte) {
+	t.Helper()
+	root, signer = releasetest.Key(t), releasetest.Key(t)
+	exp := time.Now().Add(24 * time.Hour)
+	kl = releasetest.Sign(t, release.TypeKeyList, &release.KeyList{Version: 1, Expires: exp, RootThreshold: 1, Threshold: 1,
+		RootKeys: []release.PublicKey{releasetest.Public(root)}, SigningKeys: []release.SigningKey{{Key: releasetest.Public(signer), Expires: exp}}}, root)
+	if err := st.InstallKeyList(kl); err != nil {
+		t.Fatal(err)
+	}
+	return root, signer, kl
 }
 
 // release writes payload as release version of the agent, signed, and

@@ -17,13 +17,13 @@ import (
 func TestMain(m *testing.M) { os.Exit(tpmtest.Main(m)) }
 
 // cli runs iotagent in-process and returns exit code, stdout and stderr.
-func cli(t *testing.T, args ...string) (int, string, string) {
+func cli(t testing.TB, args ...string) (int, string, string) {
 	t.Helper()
 	return cliStdin(t, "", args...)
 }
 
 // cliStdin is cli with stdin reading stdin.
-func cliStdin(t *testing.T, stdin string, args ...string) (int, string, string) {
+func cliStdin(t testing.TB, stdin string, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errb bytes.Buffer
 	code := run(context.Background(), args, strings.NewReader(stdin), &out, &errb)

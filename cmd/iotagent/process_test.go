@@ -268,7 +268,7 @@ func TestSIGTERMKeepsUndeliveredQueue(t *testing.T) {
 // enrolledRun enrolls an agent with its own swtpm at the station and
 // returns its state dir, ingest socket and the arguments of iotagent run
 // with the given uplink (no host collector, the SLI collector hourly).
-func enrolledRun(t *testing.T, st *stationtest.Station, uplink string) (state, sock string, args []string) {
+func enrolledRun(t testing.TB, st *stationtest.Station, uplink string) (state, sock string, args []string) {
 	t.Helper()
 	return enrolledRunAt(t, st, st.URL, uplink, 0)
 }
@@ -345,7 +345,7 @@ func send(t *testing.T, sock string, n int) []uint64 {
 }
 
 // status runs iotagent status --json for the agent on sock.
-func status(t *testing.T, state, sock string) agent.Status {
+func status(t testing.TB, state, sock string) agent.Status {
 	t.Helper()
 	code, out, errs := cli(t, "--state-dir", state, "status", "--json", "--ingest-socket", sock)
 	var s agent.Status
