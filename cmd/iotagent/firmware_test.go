@@ -76,7 +76,7 @@ type fwRig struct {
 // fwAgent is an enrolled agent of a fwRig: its own swtpm, state
 // directory and configuration with [firmware].
 type fwAgent struct {
-	t           *testing.T
+	t           testing.TB
 	state, sock string
 	cfg         string
 	args        []string // iotagent run
@@ -106,7 +106,7 @@ func newFWRig(t testing.TB, launcher string, cfgExtra string) *fwRig {
 }
 
 // startFWStation starts the station with a key list, and mosquitto.
-func startFWStation(t *testing.T, launcher string) *fwRig {
+func startFWStation(t testing.TB, launcher string) *fwRig {
 	t.Helper()
 	r := &fwRig{t: t, launcher: launcher}
 	r.st = stationtest.Start(t, stationtest.Options{AutoApprove: true})

@@ -277,7 +277,7 @@ func enrolledRun(t testing.TB, st *stationtest.Station, uplink string) (state, s
 // talking to, stationURL (st's own, or a proxy in front of it), with a
 // swtpm of the given identity (tpmtest.Options): agents of different
 // identities are different devices.
-func enrolledRunAt(t *testing.T, st *stationtest.Station, stationURL, uplink string, identity int) (state, sock string, args []string) {
+func enrolledRunAt(t testing.TB, st *stationtest.Station, stationURL, uplink string, identity int) (state, sock string, args []string) {
 	t.Helper()
 	sim := tpmtest.Start(t, tpmtest.Options{Identity: identity})
 	state = filepath.Join(t.TempDir(), "state")
