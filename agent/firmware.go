@@ -201,6 +201,9 @@ func (a *Agent) openSlots() (*firmware.Slots, error) {
 		return nil, err
 	}
 	s.MaxAttempts, s.Deadline = a.s.firmware.attempts, a.s.firmware.deadline
+	// The agent's clock, never below its floor: a gateway booting at 1970
+	// does not set a deadline decades before the time NTP brings.
+	s.Now = a.clock().Now
 	return s, nil
 }
 
@@ -224,29 +227,54 @@ func (a *Agent) Launch() error {
 	}
 	lock, err := a.s.dir.LockWait(lockWait)
 	if err != nil {
-		return nil // another agent runs: Run says so
+		// Not this binary in the slot's place: systemd starts again.
+		return fmt.Errorf("firmware launcher: %w", err)
 	}
 	if slots, err := a.openSlots(); err == nil {
 		if err := errors.Join(slots.RemoveLeftovers(), removeCompleteDownloads(filepath.Join(a.s.dir.Firmware(), "download"))); err != nil {
 			a.log.Warn("firmware: removing what a crash left", "err", err)
 		}
 	}
-	path, trial, err := a.nextBinary()
-	lock.Close() // the exec'd binary takes it again
-	if err != nil || path == "" {
-		return err
+	defer lock.Close() // released at exec too: the exec'd binary takes it again
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, envLauncher+"=") && !strings.HasPrefix(kv, envTrial+"=") {
+			env = append(env, kv)
+		}
 	}
-	env := append(os.Environ(), envLauncher+"="+self)
-	if trial != "" {
-		env = append(env, envTrial+"="+trial)
-	}
-	a.log.Info("firmware: starting the slot binary", "path", path, "trial", trial)
-	err = syscall.Exec(path, append([]string{os.Args[0]}, os.Args[1:]...), env)
-	// Still here: the exec failed. A trial is rolled back; this binary runs.
-	a.log.Error("firmware: exec failed; running the launcher's own binary", "path", path, "err", err)
-	if trial != "" {
-		if slots, err2 := a.openSlots(); err2 == nil {
-			slots.Rollback(fmt.Sprintf("exec %s: %v", path, err))
+	env = append(env, envLauncher+"="+self)
+	// Twice at most: a trial that cannot be exec'd is rolled back, and
+	// the committed slot (if any) runs instead.
+	for range 2 {
+		path, trial, err := a.nextBinary()
+		var se *firmware.StateError
+		if errors.As(err, &se) {
+			// A state.json that cannot be read must not keep the agent
+			// down: it is set aside, and the launcher's own binary runs
+			// (the TPM counter still refuses what is below the svn).
+			aside := se.Path + ".unreadable-" + time.Now().UTC().Format("20060102T150405Z")
+			a.log.Error("firmware: state.json is unreadable; set aside, running the launcher's own binary", "err", err, "aside", aside)
+			return os.Rename(se.Path, aside)
+		}
+		if err != nil || path == "" {
+			return err
+		}
+		tenv := env
+		if trial != "" {
+			tenv = append(env[:len(env):len(env)], envTrial+"="+trial)
+		}
+		a.log.Info("firmware: starting the slot binary", "path", path, "trial", trial)
+		err = syscall.Exec(path, append([]string{os.Args[0]}, os.Args[1:]...), tenv)
+		a.log.Error("firmware: exec failed", "path", path, "err", err)
+		if trial == "" {
+			return nil // the committed slot is broken: the launcher's own binary runs
+		}
+		slots, err2 := a.openSlots()
+		if err2 != nil {
+			return err2
+		}
+		if err2 := slots.Rollback(fmt.Sprintf("exec %s: %v", path, err)); err2 != nil {
+			return err2
 		}
 	}
 	return nil
@@ -322,6 +350,8 @@ type updater struct {
 	trial string
 	// stationOK: the station answered a request of this process.
 	stationOK bool
+	// inline: a firmware command runs in its own process (no agent runs).
+	inline bool
 }
 
 func (d *daemon) newUpdater() (*updater, error) {
@@ -379,8 +409,14 @@ func (u *updater) Run(ctx context.Context) error {
 	u.raiseCounter()
 	u.publish(time.Time{}, nil)
 	if u.images != nil {
-		if err := u.bootImage(ctx, c); err != nil || ctx.Err() != nil {
+		err := u.bootImage(ctx, c)
+		if errors.Is(err, firmware.ErrRebooting) || ctx.Err() != nil {
 			return waitRebooting(ctx, err)
+		}
+		if err != nil {
+			// Telemetry and the agent's own updates go on; the image's
+			// trial is taken up again at the next start.
+			u.d.a.log.Error("firmware: the image installer failed at start", "err", err)
 		}
 	}
 	if u.trial != "" {
@@ -400,7 +436,7 @@ func (u *updater) Run(ctx context.Context) error {
 		case <-u.d.a.fwCheck:
 			t.Stop()
 			if err := u.serveRequest(ctx); err != nil {
-				return err
+				return waitRebooting(ctx, err)
 			}
 		}
 		err := u.check(ctx)
@@ -567,6 +603,9 @@ func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, t trialIn
 	tick := time.NewTicker(healthEvery)
 	defer tick.Stop()
 	var lastReport time.Time
+	// The deadline as time left, measured from here on the monotonic
+	// clock: a wall clock set by NTP during the trial moves nothing.
+	end := time.Now().Add(t.Deadline.Sub(u.d.clock.Now()))
 	for {
 		now := u.d.clock.Now()
 		if !u.stationOK && time.Since(lastReport) > 10*time.Second {
@@ -588,7 +627,7 @@ func (u *updater) waitHealthy(ctx context.Context, c *firmware.Client, t trialIn
 		if len(missing) == 0 {
 			return ""
 		}
-		if !t.Deadline.IsZero() && time.Now().After(t.Deadline) {
+		if !t.Deadline.IsZero() && time.Now().After(end) {
 			return fmt.Sprintf("not healthy within %v: %s", u.fw.deadline, strings.Join(missing, ", "))
 		}
 		select {
@@ -624,6 +663,14 @@ func (u *updater) check(ctx context.Context) error {
 	c, dl, err := u.client()
 	if err != nil {
 		return err
+	}
+	// What a start could not do: a final result the station has not
+	// heard of (it counts for the rollout's halt), a counter not raised.
+	u.reportLast(ctx, c)
+	u.raiseCounter()
+	if u.images != nil {
+		u.reportLastImage(ctx, c)
+		u.raiseImageCounter()
 	}
 	a, err := c.Check(ctx, release.Check{Agent: release.Running{Name: u.fw.name, Version: running()}, Images: u.runningImages()})
 	if err != nil {
@@ -665,7 +712,7 @@ func (u *updater) apply(ctx context.Context, c *firmware.Client, dl *firmware.Do
 		return nil
 	case errors.Is(err, ErrRelaunch):
 		return err
-	case errors.As(err, &rf), !errors.Is(err, firmware.ErrUnreachable) && ctx.Err() == nil:
+	case errors.As(err, &rf), !errors.Is(err, firmware.ErrUnreachable) && !errors.Is(err, errLocal) && ctx.Err() == nil:
 		u.d.a.log.Warn("firmware: release refused", "release", a.Name+"@"+a.Version, "reason", oneLine(err))
 		u.report(ctx, c, a.Rollout, a.Name, a.Version, release.StepRefused, oneLine(err))
 		return nil
@@ -687,7 +734,9 @@ func (u *updater) stage(ctx context.Context, c *firmware.Client, dl *firmware.Do
 		// Already running it (a report lost, or state.json restored).
 		return u.report(ctx, c, rollout, m.Name, m.Version, release.StepCommitted, "")
 	}
-	if err := u.accept(m); err != nil {
+	if err := u.accept(m); errors.Is(err, errLocal) {
+		return err
+	} else if err != nil {
 		return &refusal{err}
 	}
 	file, err := u.download(ctx, c, dl, rollout, m)

@@ -137,9 +137,10 @@ func (a *Agent) firmwareOp(ctx context.Context, req fwRequest) (*FirmwareResult,
 	if err != nil {
 		return nil, err
 	}
+	u.inline = true
 	res, err := u.do(ctx, req)
-	if err != nil {
-		return nil, err
+	if err != nil && !errors.Is(err, ErrRelaunch) && !errors.Is(err, firmware.ErrRebooting) {
+		return nil, err // done, to take effect at the next start
 	}
 	return &FirmwareResult{Result: res}, nil
 }
@@ -208,7 +209,7 @@ func (u *updater) takeRequest() (*fwRequest, bool) {
 // answer writes the answer to req.
 func (u *updater) answer(req *fwRequest, result string, err error) {
 	ans := fwAnswer{ID: req.ID, Result: result}
-	if err != nil && !errors.Is(err, ErrRelaunch) {
+	if err != nil && !errors.Is(err, ErrRelaunch) && !errors.Is(err, firmware.ErrRebooting) {
 		ans.Error = oneLine(err)
 	}
 	b, _ := json.Marshal(ans)
@@ -226,7 +227,7 @@ func (u *updater) serveRequest(ctx context.Context) error {
 	}
 	res, err := u.do(ctx, *req)
 	u.answer(req, res, err)
-	if errors.Is(err, ErrRelaunch) {
+	if errors.Is(err, ErrRelaunch) || errors.Is(err, firmware.ErrRebooting) {
 		return err
 	}
 	return nil
@@ -254,11 +255,21 @@ func (u *updater) do(ctx context.Context, req fwRequest) (string, error) {
 			if err := u.acceptImage(m); err != nil {
 				return "", fmt.Errorf("firmware apply: %w", err)
 			}
-			err := u.installImage(ctx, req.File, m, "")
+			// The installer gets the agent's own copy, checked while it
+			// is made: the caller's file may change after the check.
+			file, err := u.copyPayload(req.File, m)
+			if err != nil {
+				return "", fmt.Errorf("firmware apply: %w", err)
+			}
+			defer removeDownload(file)
+			err = u.installImage(ctx, file, m, "")
 			if errors.Is(err, firmware.ErrRebooting) {
-				return fmt.Sprintf("%s %s installed; rebooting into it", m.Name, m.Version), nil
+				return fmt.Sprintf("%s %s installed; rebooting into it", m.Name, m.Version), err
 			}
 			return "", fmt.Errorf("firmware apply: %w", err)
+		}
+		if m.Name != u.fw.name {
+			return "", fmt.Errorf("firmware apply: release %s is not this agent's (its release name is %s)", m.Name, u.fw.name)
 		}
 		if err := u.accept(m); err != nil {
 			return "", fmt.Errorf("firmware apply: %w", err)
@@ -268,6 +279,11 @@ func (u *updater) do(ctx context.Context, req fwRequest) (string, error) {
 		}
 		return fmt.Sprintf("%s %s staged; on trial from the next start", m.Name, m.Version), ErrRelaunch
 	case opCommit:
+		if !u.inline {
+			// The running agent is not the trial (one on trial answers in
+			// waitHealthy): its start is still to come.
+			return "", errors.New("firmware commit: the running agent is not the release on trial; it commits from within the trial")
+		}
 		t, err := u.slots.Commit()
 		if err != nil {
 			return "", err
@@ -287,20 +303,42 @@ func (u *updater) do(ctx context.Context, req fwRequest) (string, error) {
 	return "", fmt.Errorf("firmware: unknown command %q", req.Op)
 }
 
+// copyPayload copies the payload at src into the download directory,
+// checking it against m as it copies.
+func (u *updater) copyPayload(src string, m *release.Manifest) (string, error) {
+	dir := filepath.Join(u.d.a.s.dir.Firmware(), "download")
+	dst := filepath.Join(dir, m.Name+"-"+m.SemVer().String())
+	if err := cleanDownloads(dir, dst); err != nil {
+		return "", err
+	}
+	if err := firmware.CopyVerified(src, dst, m); err != nil {
+		os.Remove(dst)
+		return "", err
+	}
+	return dst, nil
+}
+
 func (u *updater) keyListFile() string {
 	return filepath.Join(u.d.a.s.dir.Firmware(), "keylist.json")
 }
+
+// errLocal marks a failure of the device itself (its TPM, its state):
+// retried, never reported as the release's refusal.
+var errLocal = errors.New("firmware: this device")
 
 // accept applies the anti-rollback policy for this device to m.
 func (u *updater) accept(m *release.Manifest) error {
 	st, err := u.slots.State()
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errLocal, err)
 	}
 	n, err := u.counter()
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: reading the TPM counter: %w", errLocal, err)
 	}
+	// The floor is the committed svn even while the counter's raise to
+	// it is still to be done (a TPM error at the commit).
+	n = max(n, uint64(st.ActiveSVN))
 	bad := map[string]bool{}
 	for _, k := range st.Bad {
 		bad[k] = true

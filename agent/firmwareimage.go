@@ -32,7 +32,7 @@ func (a *Agent) openImages() (*firmware.Images, error) {
 	if err != nil {
 		return nil, err
 	}
-	im.MaxAttempts, im.Deadline = fw.attempts, fw.deadline
+	im.MaxAttempts, im.Deadline, im.Now = fw.attempts, fw.deadline, a.clock().Now
 	return im, nil
 }
 
@@ -133,7 +133,9 @@ func (u *updater) runningImages() []release.Running {
 // stageImage checks an image release against the device, downloads it,
 // hands it to the installer and reboots: ErrRebooting then.
 func (u *updater) stageImage(ctx context.Context, c *firmware.Client, dl *firmware.Downloader, rollout string, m *release.Manifest) error {
-	if err := u.acceptImage(m); err != nil {
+	if err := u.acceptImage(m); errors.Is(err, errLocal) {
+		return err
+	} else if err != nil {
 		return &refusal{err}
 	}
 	file, err := u.download(ctx, c, dl, rollout, m)
@@ -164,7 +166,7 @@ func (u *updater) acceptImage(m *release.Manifest) error {
 	}
 	st, err := u.images.State()
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errLocal, err)
 	}
 	committed, _ := st.CommittedVersion(m.Name)
 	n, err := u.d.t.Counter(u.fw.imageCounter)
@@ -172,7 +174,8 @@ func (u *updater) acceptImage(m *release.Manifest) error {
 		n, err = 0, nil
 	}
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: reading the TPM image counter: %w", errLocal, err)
 	}
+	n = max(n, uint64(imageSVN(st))) // the floor, while a raise is still to be done
 	return firmware.Accept(m, firmware.Device{Committed: committed, Counter: n, HW: hardware(), Board: u.fw.board, Bad: st.BadReleases()})
 }

@@ -74,7 +74,10 @@ type Renewer struct {
 	// mu serializes attempts (Run and RenewNow) and guards the attempt's
 	// state. An attempt holds it across the network, up to a minute per
 	// request: nothing that reports (Status) may wait on it.
-	mu        sync.Mutex
+	mu sync.Mutex
+	// stMu guards st where it is replaced (install, mu held) and where it
+	// is read without mu (StationClient, from other goroutines).
+	stMu      sync.Mutex
 	st        *State
 	jitter    time.Duration // chosen once per certificate
 	backoff   *backoff.Backoff
@@ -308,7 +311,11 @@ func (r *Renewer) noteRefusal(err error) {
 // StationClient returns a client of the station that presents the
 // device certificate (mutual TLS), for the station's other services
 // (the firmware repository).
-func (r *Renewer) StationClient() (*Client, error) { return r.client(true) }
+func (r *Renewer) StationClient() (*Client, error) {
+	r.stMu.Lock()
+	defer r.stMu.Unlock()
+	return r.client(true)
+}
 
 func (r *Renewer) client(mtls bool) (*Client, error) {
 	cfg := ClientConfig{URL: r.st.Enrollment.Station, Roots: r.st.TrustPool(), Clock: r.clock}
@@ -419,7 +426,9 @@ func (r *Renewer) install(chain, trust []*x509.Certificate, key *tpm.Key, kf *tp
 	if err != nil {
 		return err
 	}
+	r.stMu.Lock()
 	r.st = st
+	r.stMu.Unlock()
 	r.pickJitter()
 	if old := r.id.swap(st.Chain, st.TrustPool(), key); old != nil {
 		old.Close()

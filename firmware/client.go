@@ -142,10 +142,7 @@ func (c *Client) Check(ctx context.Context, ch release.Check) (*release.Assignme
 
 // Report sends one step of an update to the station.
 func (c *Client) Report(ctx context.Context, r release.Report) error {
-	if len(r.Reason) > release.MaxReasonLen {
-		r.Reason = r.Reason[:release.MaxReasonLen-3] + "..."
-	}
-	r.Reason = strings.NewReplacer("\r", " ", "\n", " ").Replace(r.Reason)
+	r.Reason = release.CleanReason(r.Reason)
 	body, _ := json.Marshal(r)
 	_, err := c.do(ctx, http.MethodPost, "/firmware/report", body, 512)
 	return err

@@ -537,8 +537,15 @@ func (im *Images) start(st ImageState, boot string, now time.Time) (*ImageTrial,
 // or there is no Version command, and errTrialEnded after ending it.
 func (im *Images) checkRunning(ctx context.Context, st ImageState, format string) error {
 	running, ok, err := im.runningVersion(ctx)
-	if err != nil || !ok || running == st.Trial.Version {
-		return err
+	if err != nil {
+		// A version command that fails (the installer's service not up
+		// yet, say) must not keep the trial from being counted: the
+		// start goes on as without one, and the attempt limit still
+		// ends a trial that never proves healthy.
+		return nil
+	}
+	if !ok || running == st.Trial.Version {
+		return nil
 	}
 	if err := im.end(st, fmt.Sprintf(format, running)); err != nil {
 		return err

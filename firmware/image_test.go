@@ -955,3 +955,45 @@ func TestImagesRAUC(t *testing.T) {
 		t.Errorf("the system is back on %s (rootfs.1 %s), want B, good", st.Booted, st.bootStatus("rootfs.1"))
 	}
 }
+
+// A version command that fails after the reboot (the installer's
+// service not up yet) does not keep the trial from being counted: each
+// start is an attempt, and the attempt limit rolls it back. Before, Boot
+// returned the command's error at every start with the trial never
+// counted, and the agent stopped on it: a crash loop with no rollback.
+func TestImagesVersionCommandFailing(t *testing.T) {
+	ctx := t.Context()
+	f := newFakeSystem(t)
+	dir := filepath.Join(t.TempDir(), "fw")
+	im := f.open(dir, true)
+	file, m := imageRelease(t, "2.0.0")
+	if err := im.Install(ctx, file, m); err != nil {
+		t.Fatal(err)
+	}
+	f.reboot()
+	broken := firmware.ImageConfig{Install: f.script + " install {file}", MarkGood: f.script + " mark-good", MarkBad: f.script + " mark-bad",
+		Reboot: f.script + " reboot", Version: "/bin/false"}
+	cmds, err := firmware.ParseImageCommands(broken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for attempt := 1; attempt <= 3; attempt++ {
+		im, err := firmware.OpenImages(dir, cmds)
+		if err != nil {
+			t.Fatal(err)
+		}
+		im.SetBootID(func() (string, error) { return fmt.Sprintf("boot-%d", f.boot), nil })
+		tr, err := im.Boot(ctx)
+		if err != nil || tr == nil || tr.Attempts != attempt {
+			t.Fatalf("start %d with the version command failing: Boot = %+v, %v; want the trial, attempt %d", attempt, tr, err, attempt)
+		}
+	}
+	im, _ = firmware.OpenImages(dir, cmds)
+	im.SetBootID(func() (string, error) { return fmt.Sprintf("boot-%d", f.boot), nil })
+	if tr, err := im.Boot(ctx); tr != nil || !errors.Is(err, firmware.ErrRebooting) {
+		t.Fatalf("the fourth start = %+v, %v; want rolled back (mark_bad, reboot)", tr, err)
+	}
+	if st := imageState(t, im); st.Last == nil || st.Last.Result != "rolled-back" || !slices.Contains(st.Bad, "rootfs@2.0.0") {
+		t.Errorf("after the attempt limit: %+v", st)
+	}
+}

@@ -121,13 +121,23 @@ func (s *Slots) State() (SlotState, error) {
 		return st, fmt.Errorf("firmware slots: %w", err)
 	}
 	if err := json.Unmarshal(b, &st); err != nil {
-		return st, fmt.Errorf("firmware slots: %s: %w", s.statePath(), err)
+		return st, &StateError{Path: s.statePath(), Err: err}
 	}
 	if st.Active != "" && st.Active != "a" && st.Active != "b" || st.Trial != nil && st.Trial.Slot != "a" && st.Trial.Slot != "b" {
-		return SlotState{}, fmt.Errorf("firmware slots: %s names a slot other than a and b", s.statePath())
+		return SlotState{}, &StateError{Path: s.statePath(), Err: errors.New("names a slot other than a and b")}
 	}
 	return st, nil
 }
+
+// StateError is a state.json that cannot be read as one: damaged (a
+// file system that lost it) or edited by hand.
+type StateError struct {
+	Path string
+	Err  error
+}
+
+func (e *StateError) Error() string { return "firmware slots: " + e.Path + ": " + e.Err.Error() }
+func (e *StateError) Unwrap() error { return e.Err }
 
 func (s *Slots) write(st SlotState) error {
 	b, err := json.MarshalIndent(st, "", "  ")
@@ -219,12 +229,23 @@ func (s *Slots) StageFor(src string, m *release.Manifest, rollout string) error 
 // it copies is m's payload (the bytes that go into the slot are the
 // signed ones, whatever happened to src since it was verified).
 func copyExecutable(src, dst string, m *release.Manifest, step func(string) error) error {
+	return copyVerified(src, dst, m, 0o755, step)
+}
+
+// CopyVerified copies src to dst (0600, fsync'ed), checking that what it
+// copies is m's payload: a file checked and then used by name could have
+// changed in between; the copy is what was checked.
+func CopyVerified(src, dst string, m *release.Manifest) error {
+	return copyVerified(src, dst, m, 0o600, func(string) error { return nil })
+}
+
+func copyVerified(src, dst string, m *release.Manifest, mode os.FileMode, step func(string) error) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return fmt.Errorf("firmware slots: %w", err)
 	}
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o755)
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
 	if err != nil {
 		return fmt.Errorf("firmware slots: %w", err)
 	}

@@ -429,3 +429,50 @@ func TestBuiltInRootKeys(t *testing.T) {
 		t.Errorf("firmware status without root keys: exit %d, %q", code, errs)
 	}
 }
+
+// With no agent running, firmware apply and rollback do their work in
+// their own process and say so (before, both exited 1 with "restarting
+// through the launcher" after succeeding). A trial that cannot be
+// exec'd is rolled back and the committed slot runs, not the launcher's
+// older binary.
+func TestFirmwareCommandsWithoutAgent(t *testing.T) {
+	launcher := versionBinary(t, "1.0.0", "")
+	r := newFWRig(t, launcher, "")
+	file, manifest := r.binaryRelease("1.1.0", 1)
+	code, out, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest, "--keylist", r.keyList)...)
+	if code != 0 || !strings.Contains(out, "1.1.0 staged") {
+		t.Fatalf("firmware apply with no agent running: exit %d, %q, %q", code, out, errs)
+	}
+	if s := r.fwStatus(); s.Running != "" || s.Trial == nil || s.Trial.Version != "1.1.0" || s.Trial.Attempts != 0 {
+		t.Fatalf("after the apply: %+v", s)
+	}
+	code, out, errs = cli(t, append(r.global, "firmware", "rollback")...)
+	if code != 0 || !strings.Contains(out, "1.1.0 rolled back and marked bad") {
+		t.Fatalf("firmware rollback with no agent running: exit %d, %q, %q", code, out, errs)
+	}
+	if s := r.fwStatus(); s.Trial != nil || len(s.Bad) != 1 || s.Bad[0] != "iotagent@1.1.0" {
+		t.Fatalf("after the rollback: %+v", s)
+	}
+
+	// 1.2.0 committed through a running agent; then 1.3.0, a payload
+	// that is no executable at all.
+	p := startAgent(t, launcher, r.args...)
+	file, manifest = r.binaryRelease("1.2.0", 1)
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code != 0 {
+		t.Fatalf("firmware apply 1.2.0: %s", errs)
+	}
+	testsync.Until(t, 30*time.Second, "1.2.0 on trial", func() bool { return r.fwStatus().Running == "1.2.0" })
+	send(t, r.sock, 1)
+	r.waitFW("1.2.0 committed", 60*time.Second, func(s agent.FirmwareStatus) bool { return s.Committed == "1.2.0" && s.Trial == nil })
+	file, manifest = r.release("1.3.0", 1, []byte("\x00\x01 not an executable of any kind"))
+	if code, _, errs := cli(t, append(r.global, "firmware", "apply", file, "--manifest", manifest)...); code != 0 {
+		t.Fatalf("firmware apply 1.3.0: %s", errs)
+	}
+	s := r.waitFW("1.3.0 rolled back", 30*time.Second, func(s agent.FirmwareStatus) bool {
+		return s.Last != nil && s.Last.Release == "iotagent@1.3.0" && s.Running != "" && s.DaemonPID == p.cmd.Process.Pid
+	})
+	if s.Running != "1.2.0" || s.Last.Result != "rolled-back" || !strings.Contains(s.Last.Reason, "exec") {
+		t.Errorf("after a trial that cannot be exec'd: running %s, last %+v; want the committed 1.2.0 running", s.Running, s.Last)
+	}
+	stopAgent(t, p)
+}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"iotagent.dev/iotagent/firmware/release"
 	"iotagent.dev/iotagent/firmware/release/releasetest"
@@ -370,5 +371,33 @@ func TestRolloutMessages(t *testing.T) {
 	}
 	if _, err := release.ParseAssignment([]byte(`{"rollout":"r1","name":"iotagent"}`)); err == nil {
 		t.Error("ParseAssignment accepted no version")
+	}
+}
+
+// A device's text reaches an operator's terminal: control characters
+// are refused; a long reason is cut at a character boundary and stays
+// within the cap (a cut in the middle of one made JSON replace it, and
+// the station refused the report for good).
+func TestReportTextIsPrintable(t *testing.T) {
+	for name, bad := range map[string]string{
+		"escape in reason":  `{"name":"iotagent","version":"1.0.0","step":"refused","reason":"\u001b]0;pwned\u0007"}`,
+		"escape in running": `{"name":"iotagent","version":"1.0.0","step":"trial","running":"1.0\u001b[2J"}`,
+		"C1 control (CSI)":  `{"name":"iotagent","version":"1.0.0","step":"refused","reason":"\u009b2J"}`,
+	} {
+		if _, err := release.ParseReport([]byte(bad)); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := release.ParseCheck([]byte(`{"agent":{"name":"iotagent","version":"1.0\u001b[2J"}}`)); err == nil {
+		t.Error("a check with an escape in its version was accepted")
+	}
+	long := strings.Repeat("é", release.MaxReasonLen) + "\nsecond line\x1b"
+	r := release.CleanReason(long)
+	if len(r) > release.MaxReasonLen || !utf8.ValidString(r) || strings.ContainsAny(r, "\n\x1b") {
+		t.Fatalf("CleanReason gave %d bytes, valid UTF-8 %v", len(r), utf8.ValidString(r))
+	}
+	b, _ := json.Marshal(release.Report{Name: "iotagent", Version: "1.0.0", Step: release.StepRefused, Reason: r})
+	if _, err := release.ParseReport(b); err != nil {
+		t.Errorf("a report with a cleaned long reason is refused: %v", err)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // The device's side of a rollout, spoken over the station's mutual TLS
@@ -107,8 +109,8 @@ func ParseCheck(b []byte) (*Check, error) {
 		if !ValidName(r.Name) {
 			return nil, fmt.Errorf("release: check: release name %q", r.Name)
 		}
-		if len(r.Version) > 64 {
-			return nil, errors.New("release: check: version longer than 64 bytes")
+		if len(r.Version) > 64 || !printable(r.Version) {
+			return nil, errors.New("release: check: a version is not at most 64 bytes of printable UTF-8")
 		}
 	}
 	return &c, nil
@@ -133,11 +135,11 @@ func ParseReport(b []byte) (*Report, error) {
 	if !validStep(r.Step) {
 		return nil, fmt.Errorf("release: report: unknown step %q", r.Step)
 	}
-	if len(r.Reason) > MaxReasonLen || strings.ContainsAny(r.Reason, "\r\n") {
-		return nil, fmt.Errorf("release: report: a reason is one line of at most %d bytes", MaxReasonLen)
+	if len(r.Reason) > MaxReasonLen || !printable(r.Reason) {
+		return nil, fmt.Errorf("release: report: a reason is one line of at most %d bytes of printable UTF-8", MaxReasonLen)
 	}
-	if len(r.Running) > 64 {
-		return nil, errors.New("release: report: running version longer than 64 bytes")
+	if len(r.Running) > 64 || !printable(r.Running) {
+		return nil, errors.New("release: report: the running version is not at most 64 bytes of printable UTF-8")
 	}
 	return &r, nil
 }
@@ -155,6 +157,41 @@ func ParseAssignment(b []byte) (*Assignment, error) {
 		return nil, fmt.Errorf("release: assignment: %w", err)
 	}
 	return &a, nil
+}
+
+// printable reports whether s is valid UTF-8 without control
+// characters: what a device sends ends up on an operator's terminal.
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// CleanReason makes an error's text a report's reason: control
+// characters (line breaks among them) become spaces, invalid UTF-8 is
+// replaced, and it is cut, at a character boundary, to MaxReasonLen
+// bytes as JSON will carry it.
+func CleanReason(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, strings.ToValidUTF8(s, "?"))
+	if len(s) <= MaxReasonLen {
+		return s
+	}
+	cut := MaxReasonLen - len("...")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "..."
 }
 
 // decodeMessage decodes one JSON object of at most max bytes, as
