@@ -151,7 +151,7 @@ func signatureNotes(env *envelope, trusted map[string]ed25519.PublicKey, good ma
 			continue
 		}
 		seen[s.KeyID] = true
-		if !hexPattern.MatchString(s.KeyID) { // the sender's text: never echoed
+		if !validHex64(s.KeyID) { // the sender's text: never echoed
 			notes = append(notes, "a signature with a malformed key ID")
 			continue
 		}
