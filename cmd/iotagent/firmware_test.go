@@ -316,7 +316,7 @@ func TestAgentUpdatesItself(t *testing.T) {
 }
 
 // A system image applied to the running agent goes to the installer's
-// commands: install gets the verified file, then the reboot runs, and
+// commands: install gets a verified copy of the file, then the reboot runs, and
 // images.json holds the trial as installed. An agent restarted without
 // the system having rebooted (the same boot id) runs the reboot again
 // rather than taking the old image for the trial. (The trial after a
@@ -348,8 +348,14 @@ func TestAgentHandsImageToInstaller(t *testing.T) {
 		t.Fatalf("firmware apply of an image: exit %d, %q, %q", code, out, errs)
 	}
 	got, _ := os.ReadFile(calls)
-	if want := "install.sh " + file + "\n" + hex.EncodeToString(sum[:]) + "\nreboot.sh \n"; string(got) != want {
+	// The installer gets the agent's own copy, checked as it was made
+	// (the caller's file could change after the check), removed after.
+	copied := filepath.Join(r.state, "firmware", "download", "rootfs-2.0.0")
+	if want := "install.sh " + copied + "\n" + hex.EncodeToString(sum[:]) + "\nreboot.sh \n"; string(got) != want {
 		t.Fatalf("installer calls:\n%s\nwant:\n%s", got, want)
+	}
+	if _, err := os.Stat(copied); !os.IsNotExist(err) {
+		t.Errorf("the installed copy was left: %v", err)
 	}
 	s := r.fwStatus()
 	if s.Images == nil || s.Images.Trial == nil || s.Images.Trial.Phase != "installed" || s.Images.Trial.Version != "2.0.0" {
