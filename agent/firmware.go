@@ -502,32 +502,40 @@ func (u *updater) report(ctx context.Context, c *firmware.Client, rollout, name,
 // reportLast reports the last trial's result if it was not yet.
 func (u *updater) reportLast(ctx context.Context, c *firmware.Client) {
 	st, err := u.slots.State()
-	if err != nil || st.Last == nil || st.Last.Reported {
-		return
-	}
-	name, version, _ := strings.Cut(st.Last.Release, "@")
-	step := release.StepCommitted
-	if st.Last.Result != "committed" {
-		step = release.StepRolledBack
-	}
-	if u.report(ctx, c, st.Last.Rollout, name, version, step, st.Last.Reason) == nil {
+	if err == nil && st.Last != nil && !st.Last.Reported && u.reportResult(ctx, c, st.Last.Release, st.Last.Result, st.Last.Reason, st.Last.Rollout) {
 		u.slots.MarkReported(*st.Last)
 	}
 }
 
+// reportResult reports a trial's end (result committed or rolled-back);
+// true once the station has it.
+func (u *updater) reportResult(ctx context.Context, c *firmware.Client, rel, result, reason, rollout string) bool {
+	name, version, _ := strings.Cut(rel, "@")
+	step := release.StepCommitted
+	if result != "committed" {
+		step = release.StepRolledBack
+	}
+	return u.report(ctx, c, rollout, name, version, step, reason) == nil
+}
+
 // raiseCounter raises the TPM counter to the committed svn (after a
-// commit, and at each start until it holds).
+// commit, and at each start and check until it holds).
 func (u *updater) raiseCounter() {
-	st, err := u.slots.State()
-	if err != nil || st.ActiveSVN == 0 {
+	if st, err := u.slots.State(); err == nil {
+		u.raise(u.fw.counter, st.ActiveSVN, "anti-rollback")
+	}
+}
+
+// raise raises the counter at index to svn unless it is there.
+func (u *updater) raise(index, svn uint32, what string) {
+	if svn == 0 {
 		return
 	}
-	cur, err := u.d.t.Counter(u.fw.counter)
-	if err == nil && cur >= uint64(st.ActiveSVN) {
+	if cur, err := u.d.t.Counter(index); err == nil && cur >= uint64(svn) {
 		return
 	}
-	if _, err := u.d.t.RaiseCounter(u.fw.counter, uint64(st.ActiveSVN)); err != nil {
-		u.d.a.log.Error("firmware: raising the TPM anti-rollback counter failed (tried again at the next start)", "svn", st.ActiveSVN, "err", err)
+	if _, err := u.d.t.RaiseCounter(index, uint64(svn)); err != nil {
+		u.d.a.log.Error("firmware: raising a TPM counter failed (tried again at the next check)", "counter", what, "svn", svn, "err", err)
 	}
 }
 

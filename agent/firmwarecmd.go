@@ -160,30 +160,19 @@ func (a *Agent) firmwareOpByDaemon(ctx context.Context, pid int, req fwRequest) 
 	if err := atomicfile.Write(requestPath(fw), b, 0o600); err != nil {
 		return nil, err
 	}
-	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
+	var ans fwAnswer
+	err := signalAndWait(ctx, pid, syscall.SIGUSR2, "to take a firmware command", firmwareRequestWait, func() bool {
+		b, err := os.ReadFile(answerPath(fw))
+		return err == nil && json.Unmarshal(b, &ans) == nil && ans.ID == req.ID
+	})
+	if err != nil {
 		os.Remove(requestPath(fw))
-		return nil, fmt.Errorf("handing the command to iotagent (pid %d): %w", pid, err)
+		return nil, fmt.Errorf("%w (is it built with firmware updates and [firmware] configured?)", err)
 	}
-	deadline := time.After(firmwareRequestWait)
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-deadline:
-			return nil, fmt.Errorf("iotagent (pid %d) did not answer within %v (is it built with firmware updates and [firmware] configured?)", pid, firmwareRequestWait)
-		case <-tick.C:
-		}
-		var ans fwAnswer
-		if b, err := os.ReadFile(answerPath(fw)); err != nil || json.Unmarshal(b, &ans) != nil || ans.ID != req.ID {
-			continue
-		}
-		if ans.Error != "" {
-			return nil, errors.New(ans.Error)
-		}
-		return &FirmwareResult{DaemonPID: pid, Result: ans.Result}, nil
+	if ans.Error != "" {
+		return nil, errors.New(ans.Error)
 	}
+	return &FirmwareResult{DaemonPID: pid, Result: ans.Result}, nil
 }
 
 // takeRequest reads and removes a pending request.json, if any.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"strings"
 
 	"iotagent.dev/iotagent/firmware"
 	"iotagent.dev/iotagent/firmware/release"
@@ -79,15 +78,7 @@ func (u *updater) bootImage(ctx context.Context, c *firmware.Client) error {
 // reportLastImage reports the last image result if it was not yet.
 func (u *updater) reportLastImage(ctx context.Context, c *firmware.Client) {
 	st, err := u.images.State()
-	if err != nil || st.Last == nil || st.Last.Reported {
-		return
-	}
-	name, version, _ := strings.Cut(st.Last.Release, "@")
-	step := release.StepCommitted
-	if st.Last.Result != "committed" {
-		step = release.StepRolledBack
-	}
-	if u.report(ctx, c, st.Last.Rollout, name, version, step, st.Last.Reason) == nil {
+	if err == nil && st.Last != nil && !st.Last.Reported && u.reportResult(ctx, c, st.Last.Release, st.Last.Result, st.Last.Reason, st.Last.Rollout) {
 		u.images.MarkReported(*st.Last)
 	}
 }
@@ -102,15 +93,8 @@ func imageSVN(st firmware.ImageState) uint32 {
 }
 
 func (u *updater) raiseImageCounter() {
-	st, err := u.images.State()
-	if err != nil || imageSVN(st) == 0 {
-		return
-	}
-	if cur, err := u.d.t.Counter(u.fw.imageCounter); err == nil && cur >= uint64(imageSVN(st)) {
-		return
-	}
-	if _, err := u.d.t.RaiseCounter(u.fw.imageCounter, uint64(imageSVN(st))); err != nil {
-		u.d.a.log.Error("firmware: raising the TPM image counter failed (tried again at the next start)", "svn", imageSVN(st), "err", err)
+	if st, err := u.images.State(); err == nil {
+		u.raise(u.fw.imageCounter, imageSVN(st), "image")
 	}
 }
 

@@ -70,27 +70,37 @@ func (a *Agent) renewByDaemon(ctx context.Context, pid int) (*RenewResult, error
 	}
 	dir := string(a.s.dir)
 	before, _ := enroll.LoadRenewalStatus(dir)
-	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
-		return nil, fmt.Errorf("asking iotagent (pid %d) to renew: %w", pid, err)
+	var rs enroll.RenewalStatus
+	err := signalAndWait(ctx, pid, syscall.SIGUSR1, "to renew", daemonRenewalWait, func() bool {
+		rs, _ = enroll.LoadRenewalStatus(dir)
+		return !rs.LastAttempt.Equal(before.LastAttempt)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w (a renewal attempt)", err)
 	}
-	deadline := time.After(daemonRenewalWait)
+	if rs.LastError != "" {
+		return nil, fmt.Errorf("renewal by the running agent failed: %s", rs.LastError)
+	}
+	return &RenewResult{DaemonPID: pid, NextRenewal: rs.NextRenewal}, nil
+}
+
+// signalAndWait sends sig to the running agent pid (asking it what),
+// then polls done until it is true, ctx ends or wait passes.
+func signalAndWait(ctx context.Context, pid int, sig syscall.Signal, what string, wait time.Duration, done func() bool) error {
+	if err := syscall.Kill(pid, sig); err != nil {
+		return fmt.Errorf("asking iotagent (pid %d) %s: %w", pid, what, err)
+	}
+	deadline := time.After(wait)
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
-	for {
+	for !done() {
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return ctx.Err()
 		case <-deadline:
-			return nil, fmt.Errorf("iotagent (pid %d) did not report a renewal attempt within %v", pid, daemonRenewalWait)
+			return fmt.Errorf("iotagent (pid %d) did not answer within %v", pid, wait)
 		case <-tick.C:
 		}
-		rs, _ := enroll.LoadRenewalStatus(dir)
-		if rs.LastAttempt.Equal(before.LastAttempt) {
-			continue
-		}
-		if rs.LastError != "" {
-			return nil, fmt.Errorf("renewal by the running agent failed: %s", rs.LastError)
-		}
-		return &RenewResult{DaemonPID: pid, NextRenewal: rs.NextRenewal}, nil
 	}
+	return nil
 }
