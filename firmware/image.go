@@ -235,15 +235,7 @@ type ImageTrial struct {
 }
 
 // ImageResult is how the last trial ended.
-type ImageResult struct {
-	Release string    `json:"release"` // NAME@VERSION
-	Result  string    `json:"result"`  // committed, rolled-back
-	Reason  string    `json:"reason,omitempty"`
-	At      time.Time `json:"at"`
-	Rollout string    `json:"rollout,omitempty"`
-	// Reported is set by MarkReported once the station has it.
-	Reported bool `json:"reported,omitempty"`
-}
+type ImageResult = SlotResult
 
 // CommittedVersion is the version and svn last committed for name (the zero
 // Version, below every other, when none was).

@@ -24,32 +24,37 @@ import (
 	"iotagent.dev/iotagent/tpm/tpmtest"
 )
 
-var buildOnce struct {
+// builtBinary is a command built once per test binary.
+type builtBinary struct {
 	sync.Once
 	path string
 	err  error
 }
 
-// agentBinary builds iotagent once per test binary.
-func agentBinary(t testing.TB) string {
+// get builds the command in dir (relative to this package) once.
+func (b *builtBinary) get(t testing.TB, dir, name string) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "iotagent-bin")
+	b.Do(func() {
+		tmp, err := os.MkdirTemp("", name+"-bin")
 		if err != nil {
-			buildOnce.err = err
+			b.err = err
 			return
 		}
-		buildOnce.path = filepath.Join(dir, "iotagent")
-		out, err := exec.Command("go", "build", "-o", buildOnce.path, ".").CombinedOutput()
-		if err != nil {
-			buildOnce.err = fmt.Errorf("go build: %v\n%s", err, out)
+		b.path = filepath.Join(tmp, name)
+		if out, err := exec.Command("go", "build", "-o", b.path, dir).CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build %s: %v\n%s", name, err, out)
 		}
 	})
-	if buildOnce.err != nil {
-		t.Fatal(buildOnce.err)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return buildOnce.path
+	return b.path
 }
+
+var agentBuild, stationBuild builtBinary
+
+// agentBinary builds iotagent once per test binary.
+func agentBinary(t testing.TB) string { return agentBuild.get(t, ".", "iotagent") }
 
 // agentProcess is iotagent run in its own process.
 type agentProcess struct {

@@ -242,31 +242,8 @@ func (r *fwRig) audit(event, prefix string) []station.AuditEntry {
 	return out
 }
 
-var stationBuild struct {
-	sync.Once
-	path string
-	err  error
-}
-
 // stationBinary builds iotstation once per test binary.
-func stationBinary(t testing.TB) string {
-	t.Helper()
-	stationBuild.Do(func() {
-		dir, err := os.MkdirTemp("", "iotstation-bin")
-		if err != nil {
-			stationBuild.err = err
-			return
-		}
-		stationBuild.path = filepath.Join(dir, "iotstation")
-		if out, err := exec.Command("go", "build", "-o", stationBuild.path, "../iotstation").CombinedOutput(); err != nil {
-			stationBuild.err = fmt.Errorf("go build iotstation: %v\n%s", err, out)
-		}
-	})
-	if stationBuild.err != nil {
-		t.Fatal(stationBuild.err)
-	}
-	return stationBuild.path
-}
+func stationBinary(t testing.TB) string { return stationBuild.get(t, "../iotstation", "iotstation") }
 
 // iotstation runs the station's CLI against the serving test station
 // (through its admin socket) and returns its output.
