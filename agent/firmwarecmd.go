@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -415,4 +416,54 @@ func (a *Agent) FirmwareStatus() (*FirmwareStatus, error) {
 		out.DaemonPID = rs.PID // starting: its updater has not reported yet
 	}
 	return out, nil
+}
+
+// WriteText writes the report as iotagent prints it without --json.
+func (out *FirmwareStatus) WriteText(w io.Writer) {
+	slot := out.ActiveSlot
+	if slot == "" {
+		slot = "the installed binary"
+	}
+	running := out.Running
+	if running == "" {
+		running = "(no agent running)"
+	}
+	fmt.Fprintf(w, "running:       %s\ncommitted:     %s (%s, svn %d)\n", running, out.Committed, slot, out.CommittedSVN)
+	if t := out.Trial; t != nil {
+		fmt.Fprintf(w, "on trial:      %s %s in slot %s, attempt %d, deadline %s\n", t.Name, t.Version, t.Slot, t.Attempts, t.Deadline.Format(time.RFC3339))
+	}
+	if out.Counter != nil {
+		fmt.Fprintf(w, "tpm counter:   %d\n", *out.Counter)
+	} else {
+		fmt.Fprintf(w, "tpm counter:   unknown (read by the running agent; none runs)\n")
+	}
+	fmt.Fprintf(w, "key list:      version %d\n", out.KeyList)
+	if l := out.Last; l != nil {
+		fmt.Fprintf(w, "last result:   %s %s at %s", l.Release, l.Result, l.At.Format(time.RFC3339))
+		if l.Reason != "" {
+			fmt.Fprintf(w, ": %s", l.Reason)
+		}
+		fmt.Fprintln(w)
+	}
+	for _, b := range out.Bad {
+		fmt.Fprintf(w, "marked bad:    %s\n", b)
+	}
+	if im := out.Images; im != nil {
+		for name, v := range im.Committed {
+			fmt.Fprintf(w, "image:         %s %s committed (svn %d)\n", name, v.Version, v.SVN)
+		}
+		if t := im.Trial; t != nil {
+			fmt.Fprintf(w, "image trial:   %s %s %s, attempt %d\n", t.Name, t.Version, t.Phase, t.Attempts)
+		}
+		if l := im.Last; l != nil {
+			fmt.Fprintf(w, "image result:  %s %s at %s %s\n", l.Release, l.Result, l.At.Format(time.RFC3339), l.Reason)
+		}
+	}
+	if !out.LastCheck.IsZero() {
+		fmt.Fprintf(w, "last check:    %s", out.LastCheck.Format(time.RFC3339))
+		if out.LastCheckError != "" {
+			fmt.Fprintf(w, ": %s", out.LastCheckError)
+		}
+		fmt.Fprintln(w)
+	}
 }

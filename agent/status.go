@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -172,4 +173,17 @@ func (a *Agent) queueFileStatus(out *Status) {
 	defer q.Close()
 	st := q.Stats()
 	out.QueueDepth, out.QueueBytes, out.RecordsDropped = st.Depth, st.Bytes, st.Dropped
+}
+
+// WriteText writes the report as iotagent prints it without --json.
+func (out *Status) WriteText(w io.Writer) {
+	fmt.Fprintf(w, "device:        %s\ncertificate:   %s, valid until %s\nnext renewal:  %s\nstation:       %s\ntpm:           %s\n",
+		out.DeviceID, out.CertSerial, out.CertNotAfter.Format(time.RFC3339), out.NextRenewal.Format(time.RFC3339), out.Station, out.TPM)
+	if out.LastRenewalError != "" {
+		fmt.Fprintf(w, "last error:    %s\n", out.LastRenewalError)
+	}
+	fmt.Fprintf(w, "uplink:        %s\nqueue:         %d records, %d bytes, %d dropped\n", out.Uplink, out.QueueDepth, out.QueueBytes, out.RecordsDropped)
+	if !out.LastAck.IsZero() {
+		fmt.Fprintf(w, "last ack:      %s\n", out.LastAck.Format(time.RFC3339))
+	}
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"time"
 
@@ -147,4 +148,32 @@ func (a *Agent) Keygen(opts tpm.KeyOptions) (*KeygenResult, error) {
 		return nil, err
 	}
 	return &KeygenResult{Created: created, Path: path, Handle: kf.PersistentHandle, PublicSHA256: sum}, nil
+}
+
+// WriteText writes the report as iotagent prints it without --json.
+func (out *TPMInfo) WriteText(w io.Writer) {
+	fmt.Fprintf(w, "TPM:           %s\nManufacturer:  %s\nModel:         %s\nFirmware:      %s\nSpecification: %s\n",
+		out.TPM, out.Manufacturer, out.Model, out.Firmware, out.Spec)
+	if len(out.EKCertificates) == 0 {
+		fmt.Fprintln(w, "EK certificates: none (enroll with a one-time token)")
+	}
+	for _, c := range out.EKCertificates {
+		if c.Error != "" {
+			fmt.Fprintf(w, "EK certificate %s (%s): unparsable: %s\n", c.NVIndex, c.KeyType, c.Error)
+			continue
+		}
+		fmt.Fprintf(w, "EK certificate %s (%s): issuer %q, valid until %s\n  ek_sha256 (for a station manifest): %s\n", c.NVIndex, c.KeyType, c.Issuer, c.NotAfter.Format(time.DateOnly), c.EKSHA256)
+	}
+	if dk := out.DeviceKey; dk == nil {
+		fmt.Fprintln(w, "Device key:    none (create one with: iotagent tpm keygen)")
+	} else {
+		where := dk.BlobPath
+		if dk.Handle != "" {
+			where = "persistent handle " + dk.Handle + ", blobs " + dk.BlobPath
+		}
+		fmt.Fprintf(w, "Device key:    ECC P-256 in %s\n  public key sha256: %s\n  attributes: %v\n", where, dk.PublicSHA256, dk.Attributes)
+		if !dk.Usable {
+			fmt.Fprintf(w, "  NOT USABLE: %s\n", dk.Error)
+		}
+	}
 }

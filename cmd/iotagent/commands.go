@@ -192,19 +192,7 @@ func report[T any](e *env, name string, args []string, get func(*agent.Agent) (T
 }
 
 func cmdStatus(_ context.Context, e *env, args []string) error {
-	return report(e, "status", args, (*agent.Agent).Status, func(out *agent.Status) { printStatus(e, out) })
-}
-
-func printStatus(e *env, out *agent.Status) {
-	fmt.Fprintf(e.stdout, "device:        %s\ncertificate:   %s, valid until %s\nnext renewal:  %s\nstation:       %s\ntpm:           %s\n",
-		out.DeviceID, out.CertSerial, out.CertNotAfter.Format(time.RFC3339), out.NextRenewal.Format(time.RFC3339), out.Station, out.TPM)
-	if out.LastRenewalError != "" {
-		fmt.Fprintf(e.stdout, "last error:    %s\n", out.LastRenewalError)
-	}
-	fmt.Fprintf(e.stdout, "uplink:        %s\nqueue:         %d records, %d bytes, %d dropped\n", out.Uplink, out.QueueDepth, out.QueueBytes, out.RecordsDropped)
-	if !out.LastAck.IsZero() {
-		fmt.Fprintf(e.stdout, "last ack:      %s\n", out.LastAck.Format(time.RFC3339))
-	}
+	return report(e, "status", args, (*agent.Agent).Status, func(out *agent.Status) { out.WriteText(e.stdout) })
 }
 
 // cmdSend writes records to the running agent's ingest socket: one
@@ -301,35 +289,7 @@ func cmdTPM(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdTPMInfo(_ context.Context, e *env, args []string) error {
-	return report(e, "tpm info", args, (*agent.Agent).TPMInfo, func(out *agent.TPMInfo) { printTPMInfo(e, out) })
-}
-
-func printTPMInfo(e *env, out *agent.TPMInfo) {
-	w := e.stdout
-	fmt.Fprintf(w, "TPM:           %s\nManufacturer:  %s\nModel:         %s\nFirmware:      %s\nSpecification: %s\n",
-		out.TPM, out.Manufacturer, out.Model, out.Firmware, out.Spec)
-	if len(out.EKCertificates) == 0 {
-		fmt.Fprintln(w, "EK certificates: none (enroll with a one-time token)")
-	}
-	for _, c := range out.EKCertificates {
-		if c.Error != "" {
-			fmt.Fprintf(w, "EK certificate %s (%s): unparsable: %s\n", c.NVIndex, c.KeyType, c.Error)
-			continue
-		}
-		fmt.Fprintf(w, "EK certificate %s (%s): issuer %q, valid until %s\n  ek_sha256 (for a station manifest): %s\n", c.NVIndex, c.KeyType, c.Issuer, c.NotAfter.Format(time.DateOnly), c.EKSHA256)
-	}
-	if dk := out.DeviceKey; dk == nil {
-		fmt.Fprintln(w, "Device key:    none (create one with: iotagent tpm keygen)")
-	} else {
-		where := dk.BlobPath
-		if dk.Handle != "" {
-			where = "persistent handle " + dk.Handle + ", blobs " + dk.BlobPath
-		}
-		fmt.Fprintf(w, "Device key:    ECC P-256 in %s\n  public key sha256: %s\n  attributes: %v\n", where, dk.PublicSHA256, dk.Attributes)
-		if !dk.Usable {
-			fmt.Fprintf(w, "  NOT USABLE: %s\n", dk.Error)
-		}
-	}
+	return report(e, "tpm info", args, (*agent.Agent).TPMInfo, func(out *agent.TPMInfo) { out.WriteText(e.stdout) })
 }
 
 func cmdTPMKeygen(_ context.Context, e *env, args []string) error {

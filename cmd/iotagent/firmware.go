@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"time"
 
 	"iotagent.dev/iotagent/agent"
 )
@@ -25,7 +24,7 @@ func cmdFirmware(ctx context.Context, e *env, args []string) error {
 	}
 	switch args[0] {
 	case "status":
-		return report(e, "firmware status", args[1:], (*agent.Agent).FirmwareStatus, func(out *agent.FirmwareStatus) { printFirmwareStatus(e, out) })
+		return report(e, "firmware status", args[1:], (*agent.Agent).FirmwareStatus, func(out *agent.FirmwareStatus) { out.WriteText(e.stdout) })
 	case "check":
 		if err := parse(e.flagSet("firmware check"), args[1:]); err != nil {
 			return err
@@ -114,53 +113,4 @@ func printFirmwareResult(e *env, res *agent.FirmwareResult) {
 		return
 	}
 	fmt.Fprintln(e.stdout, res.Result)
-}
-
-func printFirmwareStatus(e *env, out *agent.FirmwareStatus) {
-	slot := out.ActiveSlot
-	if slot == "" {
-		slot = "the installed binary"
-	}
-	running := out.Running
-	if running == "" {
-		running = "(no agent running)"
-	}
-	fmt.Fprintf(e.stdout, "running:       %s\ncommitted:     %s (%s, svn %d)\n", running, out.Committed, slot, out.CommittedSVN)
-	if t := out.Trial; t != nil {
-		fmt.Fprintf(e.stdout, "on trial:      %s %s in slot %s, attempt %d, deadline %s\n", t.Name, t.Version, t.Slot, t.Attempts, t.Deadline.Format(time.RFC3339))
-	}
-	if out.Counter != nil {
-		fmt.Fprintf(e.stdout, "tpm counter:   %d\n", *out.Counter)
-	} else {
-		fmt.Fprintf(e.stdout, "tpm counter:   unknown (read by the running agent; none runs)\n")
-	}
-	fmt.Fprintf(e.stdout, "key list:      version %d\n", out.KeyList)
-	if l := out.Last; l != nil {
-		fmt.Fprintf(e.stdout, "last result:   %s %s at %s", l.Release, l.Result, l.At.Format(time.RFC3339))
-		if l.Reason != "" {
-			fmt.Fprintf(e.stdout, ": %s", l.Reason)
-		}
-		fmt.Fprintln(e.stdout)
-	}
-	for _, b := range out.Bad {
-		fmt.Fprintf(e.stdout, "marked bad:    %s\n", b)
-	}
-	if im := out.Images; im != nil {
-		for name, v := range im.Committed {
-			fmt.Fprintf(e.stdout, "image:         %s %s committed (svn %d)\n", name, v.Version, v.SVN)
-		}
-		if t := im.Trial; t != nil {
-			fmt.Fprintf(e.stdout, "image trial:   %s %s %s, attempt %d\n", t.Name, t.Version, t.Phase, t.Attempts)
-		}
-		if l := im.Last; l != nil {
-			fmt.Fprintf(e.stdout, "image result:  %s %s at %s %s\n", l.Release, l.Result, l.At.Format(time.RFC3339), l.Reason)
-		}
-	}
-	if !out.LastCheck.IsZero() {
-		fmt.Fprintf(e.stdout, "last check:    %s", out.LastCheck.Format(time.RFC3339))
-		if out.LastCheckError != "" {
-			fmt.Fprintf(e.stdout, ": %s", out.LastCheckError)
-		}
-		fmt.Fprintln(e.stdout)
-	}
 }
