@@ -164,6 +164,7 @@ func (a *Agent) firmwareOpByDaemon(ctx context.Context, pid int, req fwRequest) 
 	var ans fwAnswer
 	err := signalAndWait(ctx, pid, syscall.SIGUSR2, "to take a firmware command", firmwareRequestWait, func() bool {
 		b, err := os.ReadFile(answerPath(fw))
+		ans = fwAnswer{} // not a field left from another command's answer
 		return err == nil && json.Unmarshal(b, &ans) == nil && ans.ID == req.ID
 	})
 	if err != nil {
