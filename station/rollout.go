@@ -752,10 +752,18 @@ func (s *Station) handleFirmwareCheck(w http.ResponseWriter, r *http.Request) {
 				if err != nil {
 					return err
 				}
-				if p != nil && p.Wave <= ro.Wave && !release.Final(p.Step) {
-					a = &release.Assignment{Rollout: ro.ID, Name: ro.Name, Version: ro.Version}
-					return nil
+				if p == nil || p.Wave > ro.Wave || release.Final(p.Step) {
+					continue
 				}
+				if runsAlready(c, ro.Name, ro.Version) {
+					// Nothing to do there: not a failure of the release.
+					if err := recordStepTx(tx, d.ID, &release.Report{Rollout: ro.ID, Name: ro.Name, Version: ro.Version, Step: release.StepCurrent}, now); err != nil {
+						return err
+					}
+					continue
+				}
+				a = &release.Assignment{Rollout: ro.ID, Name: ro.Name, Version: ro.Version}
+				return nil
 			}
 			return nil
 		})
@@ -828,6 +836,22 @@ func (s *Station) handleFirmwareReport(w http.ResponseWriter, r *http.Request) {
 }
 
 // recordStepTx records rep's step as device's in the rollout it names.
+// runsAlready reports whether the device's check says it runs release
+// name at version (a later version is no reason to skip it: the device
+// refuses the downgrade, and that is a failure of the rollout).
+func runsAlready(c *release.Check, name, version string) bool {
+	want, err := release.ParseVersion(version)
+	if err != nil {
+		return false
+	}
+	for _, r := range append([]release.Running{c.Agent}, c.Images...) {
+		if v, err := release.ParseVersion(r.Version); err == nil && r.Name == name && v.Compare(want) == 0 {
+			return true
+		}
+	}
+	return false
+}
+
 func recordStepTx(tx *bolt.Tx, device string, rep *release.Report, now time.Time) error {
 	ro, err := getJSON[rolloutRecord](tx.Bucket(bucketRollout), rep.Rollout)
 	if err != nil {

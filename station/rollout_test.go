@@ -591,3 +591,37 @@ func setNudge(t *testing.T, st *stationtest.Station, cfg station.NudgeConfig) {
 		t.Fatal(err)
 	}
 }
+
+// A device that already runs the release is marked current at its
+// check: nothing is assigned and it is no failure (with max-failures 0
+// a refusal would have halted the rollout), and the rollout finishes. A
+// device running a later version is assigned the release (it refuses
+// the downgrade: a failure).
+func TestRolloutSkipsDevicesAlreadyCurrent(t *testing.T) {
+	f := startFleet(t, 2, "iotagent@1.1.0")
+	zero := 0
+	st, err := f.st.CreateRollout(station.RolloutRequest{Release: "iotagent@1.1.0", All: true, Waves: []int{50, 100}, MaxFailures: &zero})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waves := f.waves(t, st.ID)
+	first, second := waves[0][0], waves[1][0]
+	if code, a, _ := f.check(t, first, "1.1.0+build.2"); code != http.StatusNoContent || a != nil {
+		t.Fatalf("check of a device running 1.1.0 = %d %+v, want 204", code, a)
+	}
+	got := f.status(t, st.ID)
+	if got.State != station.RolloutRunning || got.Progress[0].Steps[release.StepCurrent] != 1 || got.Progress[0].Failed != 0 || got.Wave != 2 {
+		t.Fatalf("after the check: %s wave %d, progress %+v; want running, wave 2 open, the device current and no failure", got.State, got.Wave, got.Progress[0])
+	}
+	if code, a, _ := f.check(t, second, "1.2.0"); code != http.StatusOK || a == nil || a.Version != "1.1.0" {
+		t.Fatalf("check of a device running 1.2.0 = %d %+v, want the assignment", code, a)
+	}
+	f.mustReport(t, second, st.ID, "1.1.0", release.StepCommitted)
+	if got := f.status(t, st.ID); got.State != station.RolloutDone {
+		t.Errorf("every device current or committed: %s, want done", got.State)
+	}
+	// A device cannot report "current" itself.
+	if a := f.report(t, first, st.ID, "1.1.0", release.StepCurrent, ""); a.status != http.StatusBadRequest {
+		t.Errorf("a report of step current = %d %s, want 400", a.status, a.body)
+	}
+}

@@ -29,11 +29,16 @@ const (
 	StepCommitted   = "committed"
 	StepRolledBack  = "rolled-back"
 	StepRefused     = "refused"
+	// StepCurrent is recorded by the station, never reported: the device
+	// already runs the release (it told so in its check), so the rollout
+	// has nothing to do there. It ends the update without counting as a
+	// failure.
+	StepCurrent = "current"
 )
 
 // Final reports whether step ends an update on the device.
 func Final(step string) bool {
-	return step == StepCommitted || step == StepRolledBack || step == StepRefused
+	return step == StepCommitted || step == StepRolledBack || step == StepRefused || step == StepCurrent
 }
 
 // Failed reports whether step ends an update as a failure.
