@@ -19,6 +19,8 @@
 #      a listener on the host's loopback, as the fleet's services will be).
 #      The guest prints the JSON between FLEET-BEGIN and FLEET-END on the
 #      serial console and powers off.
+#   5. a second boot with a /fleet-init hook (busybox nc): the guest must
+#      reach the listener through guestfwd and must not reach 10.0.2.2.
 # Prints: image lookup time (and the cold build time recorded in the cache),
 # boot-to-userspace (guest uptime, and host wall time from QEMU start), the
 # whole run, and the VM's peak RSS.
@@ -60,7 +62,8 @@ trap cleanup EXIT
 
 # 1. Image.
 t=$(now)
-eval "$(scripts/fleet/vm-image.sh --cache "$cache")"
+img=$(scripts/fleet/vm-image.sh --cache "$cache") || die "scripts/fleet/vm-image.sh failed"
+eval "$img"
 image_s=$(since "$t")
 cold_s=$(cat "$(dirname "$KERNEL")/build-seconds" 2>/dev/null || echo "?")
 
@@ -105,12 +108,16 @@ import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
 while True:
-    c, _ = s.accept(); c.close()' "$port" &
+    c, _ = s.accept()
+    with open(sys.argv[2], "ab") as f:
+        f.write(c.recv(256))
+    c.close()' "$port" "$W/received" &
 pids+=($!)
-sleep 0.2
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
 # 4. Boot.
 args="--tpm /dev/tpmrm0 --state-dir /var/lib/iotagent tpm info --json"
+: >"$W/console.log"
 t=$(now)
 timeout 180 qemu-system-aarch64 -M virt -cpu cortex-a53 -accel tcg,tb-size=32 -smp 1 -m 160 -nographic -no-reboot \
 	-kernel "$KERNEL" -initrd "$W/initrd.gz" \
@@ -151,6 +158,32 @@ jq -e '
 ' "$W/info.json" >/dev/null || die "unexpected tpm info: $(cat "$W/info.json")"
 issuer=$(jq -r '.ek_certificates[0].issuer' "$W/info.json")
 
+# 5. Network and the /fleet-init hook, in a second boot: the guest reaches
+# the host listener only through guestfwd; 10.0.2.2 (the host) is sealed off.
+cat >"$W/agent/fleet-init" <<INIT
+#!/bin/sh
+# nc waits for a close that a guestfwd chardev does not pass on: stop it.
+(echo via-guestfwd | busybox nc 10.0.2.100 $port) & sleep 2; kill \$! 2>/dev/null
+(echo via-host | busybox nc 10.0.2.2 $port) & sleep 2; kill \$! 2>/dev/null
+INIT
+chmod 755 "$W/agent/fleet-init"
+(cd "$W/agent" && printf 'iotagent\nfleet-init\n' | cpio -o -H newc -R 0:0 2>/dev/null | gzip -1) >"$W/agent2.cpio.gz"
+cat "$INITRD" "$W/agent2.cpio.gz" >"$W/initrd2.gz"
+t=$(now)
+timeout 120 qemu-system-aarch64 -M virt -cpu cortex-a53 -accel tcg,tb-size=32 -smp 1 -m 160 -nographic -no-reboot \
+	-kernel "$KERNEL" -initrd "$W/initrd2.gz" -append "console=ttyAMA0 quiet loglevel=1 panic=-1" \
+	-netdev user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:$port-tcp:127.0.0.1:$port \
+	-device virtio-net-device,netdev=n0 \
+	-monitor none -serial file:"$W/console2.log" </dev/null >"$W/qemu2.out" 2>&1 ||
+	die "second boot: qemu failed: $(tail -5 "$W/qemu2.out")"
+net_s=$(since "$t")
+tr -d '\r' <"$W/console2.log" >"$W/console2.txt"
+grep -q via-guestfwd "$W/received" ||
+	die "guest could not reach the host listener through guestfwd: $(tail -10 "$W/console2.txt")"
+! grep -q via-host "$W/received" ||
+	die "guest reached the host directly at 10.0.2.2 (restrict=on not sealing): $(tail -10 "$W/console2.txt")"
+
+echo "vm-boot-test: OK — network sealed: guestfwd 10.0.2.100:$port reaches the host listener, 10.0.2.2 does not (second boot via /fleet-init, ${net_s} s)"
 echo "vm-boot-test: OK — guest /dev/tpmrm0: $(jq -r '"\(.manufacturer) \(.model) fw \(.firmware)"' "$W/info.json"), EK certs: $(jq -r '[.ek_certificates[] | "\(.key_type)@\(.nv_index)"] | join(", ")' "$W/info.json") (issuer $issuer)"
 printf '%-34s %s\n' \
 	"image (vm-image.sh, this run)" "${image_s} s  (cold build recorded: ${cold_s} s, key ${IMAGE_KEY:0:12})" \

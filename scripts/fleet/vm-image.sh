@@ -92,7 +92,7 @@ srcver=$(apt-cache show linux-source-6.1 2>/dev/null | field Version)
 [ -n "$srcver" ] || die "no linux-source-6.1 in apt (apt-get update?)"
 kver=""
 for p in $(apt-cache "${A[@]}" pkgnames linux-image-6.1.0- | grep -E '^linux-image-6\.1\.0-[0-9]+-arm64$' | sort -t- -k4,4nr); do
-	if apt-cache "${A[@]}" show "$p" 2>/dev/null | grep -qx "Version: $srcver"; then kver=${p#linux-image-}; break; fi
+	if apt-cache "${A[@]}" show "$p" 2>/dev/null | grep -x "Version: $srcver" >/dev/null; then kver=${p#linux-image-}; break; fi
 done
 [ -n "$kver" ] || die "no linux-image-6.1.0-*-arm64 at version $srcver (the linux-source-6.1 candidate)"
 abi=${kver%-arm64}
