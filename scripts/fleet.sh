@@ -139,7 +139,7 @@ make_gateway_net() { # make_gateway_net I
 
 HAVE_NETEM=0
 probe_netem() {
-	ip -n "$HUB" link add name probe0 type dummy 2>/dev/null || return 0
+	ip -n "$HUB" link add name probe0 type veth peer name probe1 || return 0
 	tc -n "$HUB" qdisc add dev probe0 root netem delay 1ms 2>/dev/null && HAVE_NETEM=1
 	ip -n "$HUB" link del probe0
 }
@@ -234,6 +234,7 @@ start_station() {
 		--crl-hook "[ ! -s '$W/broker.pid' ] || kill -HUP \"\$(cat '$W/broker.pid')\"" \
 		--nudge-broker "mqtts://$HUB_IP:$BP" >"$W/station-init.log"
 	bg ip netns exec "$HUB" iotstation serve --dir "$W/station" --listen "$HUB_IP:$SP" 2>"$W/station.log"
+	SERVICE_PIDS+=($!)
 	wait_for 10 "the station" test -S "$W/station/admin.sock"
 	FP=$(iotstation fingerprint --dir "$W/station")
 }
@@ -271,7 +272,7 @@ log_dest file $W/mosquitto.log
 user root
 EOF
 	ip netns exec "$HUB" mosquitto -c "$W/mosquitto.conf" 2>>"$W/mosquitto.err" &
-	PIDS+=($!); echo $! >"$W/broker.pid"
+	PIDS+=($!); SERVICE_PIDS+=($!); echo $! >"$W/broker.pid"
 	wait_for 10 "the broker" ip netns exec "$HUB" bash -c "exec 3<>/dev/tcp/$HUB_IP/$BP"
 }
 
@@ -280,7 +281,7 @@ start_watcher() {
 	ip netns exec "$HUB" iotstation watch --persistent --broker "mqtts://$HUB_IP:$BP" \
 		--cert "$W/reader.crt" --key "$W/reader.key" --ca "$W/reader-ca.pem" \
 		--json "$W/watch.json" >"$W/watch.out" 2>"$W/watch.log" &
-	WATCH_PID=$!; PIDS+=($WATCH_PID)
+	WATCH_PID=$!; PIDS+=($WATCH_PID); SERVICE_PIDS+=($WATCH_PID)
 }
 
 # --- gateways ------------------------------------------------------------------
@@ -356,7 +357,7 @@ sample() { # every 5 s: time, agents' RSS kB, swtpms' RSS kB, fleet CPU ticks
 enroll_all() {
 	say "starting $N gateways ($ARCH) in their namespaces; each enrolls by TPM attestation"
 	local i t0 pending
-	t0=$(date +%s.%N)
+	t0=$(date +%s.%N); FLEET_T0=$SECONDS; FLEET_TICKS0=$(cpu_ticks "${SERVICE_PIDS[@]}")
 	for i in $(seq 1 "$N"); do start_gateway "$i"; sleep 0.1; done
 	bg sample
 	local deadline=$((SECONDS + 60 + 10 * N))
@@ -391,8 +392,11 @@ stream_with_partition() {
 	sleep "$before"
 	echo "partition: ${cut[*]/#/gw} cut off ($([ "$HAVE_NETEM" = 1 ] && echo "tc netem loss 100%" || echo "nftables drop; this kernel has no netem"))"
 	partition "${cut[@]}"
+	# The last gateway, if not cut off, sees 5% loss in the same window.
+	local lossy=""
+	if [ -z "${PARTITIONED[$N]:-}" ]; then lossy=$N; impair "$N" loss 5%; IMPAIRED[$N]="loss 5%"; echo "impairment: gw$N loss 5%"; fi
 	sleep "$PARTITION_SECONDS"
-	heal_all "${cut[@]}"
+	heal_all "${cut[@]}" $lossy
 	echo "healed; queue depth of the partitioned: $(for i in "${cut[@]}"; do printf 'gw%s=%s ' "$i" "$(status_field "$i" queue_depth)"; done)"
 	sleep $((DURATION - before - PARTITION_SECONDS))
 }
@@ -408,7 +412,8 @@ drain() {
 	sleep 2
 	for i in $(seq 1 "$N"); do cp "$W/gw$i/run/status.json" "$W/gw$i/status.final.json" 2>/dev/null || true; done
 	END_RSS_AGENTS=$(rss_kb "${GW_PID[@]}"); END_RSS_SWTPM=$(rss_kb "${SWTPM_PID[@]}")
-	END_TICKS=$(cpu_ticks $(fleet_pids)); END_T=$SECONDS
+	END_TICKS=$(cpu_ticks $(fleet_pids)); END_T=$((SECONDS - FLEET_T0))
+	SERVICE_TICKS=$(($(cpu_ticks "${SERVICE_PIDS[@]}") - FLEET_TICKS0))
 	kill -INT "$WATCH_PID"; wait "$WATCH_PID" 2>/dev/null || true
 }
 
@@ -431,37 +436,39 @@ report() {
 		lost=$((ing - rec)); acklost=$((ack > rec ? ack - rec : 0))
 		local enrolled=false; [ -n "${ENROLLED_AT[$i]:-}" ] && enrolled=true
 		rows+=("$(jq -nc --arg name "gw$i" --arg arch "$(gw_arch "$i")" --arg ip "$(gw_ip "$i")" --arg id "$id" \
-			--argjson enrolled "$enrolled" --argjson at "${ENROLLED_AT[$i]:-null}" --argjson part "${PARTITIONED[$i]:-0}" \
+			--argjson enrolled "$enrolled" --argjson at "${ENROLLED_AT[$i]:-null}" --argjson part "${PARTITIONED[$i]:-0}" --arg imp "${IMPAIRED[$i]:-}" \
 			--argjson rot "$rot" --argjson ing "$ing" --argjson ack "$ack" --argjson rec "$rec" --argjson dup "$dup" \
 			--argjson lost "$lost" --argjson acklost "$acklost" \
 			'{name: $name, arch: $arch, ip: $ip, device_id: $id, enrolled: $enrolled, enrolled_after_s: $at,
-			  partitioned: ($part == 1), rotations: $rot, ingested: $ing, acknowledged: $ack, received: $rec,
+			  partitioned: ($part == 1), impairment: $imp, rotations: $rot, ingested: $ing, acknowledged: $ack, received: $rec,
 			  duplicates: $dup, lost: $lost, acknowledged_lost: $acklost}')")
 		if [ "$enrolled" = false ] || [ "$acklost" -gt 0 ]; then failed+=("$i"); fi
 	done
-	local cpu_s peak_agents peak_swtpm
+	local cpu_s svc_s peak_agents peak_swtpm
 	cpu_s=$(awk -v t="$END_TICKS" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz }')
+	svc_s=$(awk -v t="$SERVICE_TICKS" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz }')
 	peak_agents=$(awk 'max < $2 {max = $2} END {print max + 0}' "$W/samples")
 	peak_swtpm=$(awk 'max < $3 {max = $3} END {print max + 0}' "$W/samples")
 	printf '%s\n' "${rows[@]}" | jq -s \
 		--argjson n "$N" --arg arch "$ARCH" --argjson duration "$DURATION" --arg lifetime "$CERT_LIFETIME" \
 		--arg period "$PERIOD" --argjson psec "$PARTITION_SECONDS" --argjson netem "$HAVE_NETEM" \
-		--argjson all "$ALL_ENROLLED" --argjson cpu "$cpu_s" --argjson wall "$END_T" \
+		--argjson all "$ALL_ENROLLED" --argjson cpu "$cpu_s" --argjson svc "$svc_s" --argjson wall "$END_T" \
 		--argjson rss_a "$END_RSS_AGENTS" --argjson rss_s "$END_RSS_SWTPM" --argjson peak_a "$peak_agents" --argjson peak_s "$peak_swtpm" \
 		--arg host "$(uname -srm), $(nproc) cores" --arg started "$STARTED" \
 		'{params: {n: $n, arch: $arch, duration_s: $duration, cert_lifetime: $lifetime, producer_period_s: ($period | tonumber),
 		           partition: {fraction: 0.2, seconds: $psec, method: (if $netem == 1 then "tc netem loss 100%" else "nftables drop" end)}},
 		  machine: $host, started: $started,
-		  fleet: {all_enrolled_after_s: $all, cpu_seconds: $cpu, script_wall_s: $wall,
+		  fleet: {all_enrolled_after_s: $all, wall_s: $wall, cpu_seconds: $cpu, cpu_cores_avg: ($cpu / $wall * 100 | round / 100),
+		          services_cpu_seconds: $svc,
 		          rss_kb_agents_end: $rss_a, rss_kb_swtpm_end: $rss_s, rss_kb_agents_peak: $peak_a, rss_kb_swtpm_peak: $peak_s},
 		  devices: .}' >"$OUT/report.json"
 	{
-		printf '%-6s %-6s %-22s %-9s %-8s %-5s %-4s %-9s %-7s %-9s %-5s %-5s\n' gw arch device enrolled after-s part rot ingested acked received dup lost
+		printf '%-6s %-6s %-22s %-9s %-8s %-7s %-4s %-9s %-7s %-9s %-5s %-5s\n' gw arch device enrolled after-s net rot ingested acked received dup lost
 		jq -r '.devices[] | [.name, .arch, (if .device_id == "" then "-" else .device_id end), (if .enrolled then "yes" else "NO" end),
-			(.enrolled_after_s // "-"), (if .partitioned then "yes" else "" end), .rotations, .ingested, .acknowledged, .received, .duplicates, .lost] | @tsv' \
-			"$OUT/report.json" | awk -F'\t' '{printf "%-6s %-6s %-22s %-9s %-8s %-5s %-4s %-9s %-7s %-9s %-5s %-5s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12}'
+			(.enrolled_after_s // "-"), (if .partitioned then "cut" elif .impairment != "" then (.impairment | gsub(" "; "")) else "" end), .rotations, .ingested, .acknowledged, .received, .duplicates, .lost] | @tsv' \
+			"$OUT/report.json" | awk -F'\t' '{printf "%-6s %-6s %-22s %-9s %-8s %-7s %-4s %-9s %-7s %-9s %-5s %-5s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12}'
 		echo
-		jq -r '.fleet | "all enrolled after \(.all_enrolled_after_s // "-") s; fleet CPU \(.cpu_seconds) s over \(.script_wall_s) s of script; RSS agents \(.rss_kb_agents_end / 1024 | floor) MiB (peak \(.rss_kb_agents_peak / 1024 | floor)), swtpms \(.rss_kb_swtpm_end / 1024 | floor) MiB"' "$OUT/report.json"
+		jq -r '.fleet | "all enrolled after \(.all_enrolled_after_s // "-") s; fleet (agents under QEMU + swtpms) CPU \(.cpu_seconds) s over \(.wall_s) s = \(.cpu_cores_avg) cores (station+broker+watcher \(.services_cpu_seconds) s); RSS agents \(.rss_kb_agents_end / 1024 | floor) MiB (peak \(.rss_kb_agents_peak / 1024 | floor)), swtpms \(.rss_kb_swtpm_end / 1024 | floor) MiB"' "$OUT/report.json"
 		echo "ingested: records the gateway queued (readings and its own telemetry); acked: PUBACKed by the broker;"
 		echo "received: distinct sequence numbers the fleet watcher saw; lost = ingested - received."
 	} | tee "$OUT/report.txt"
@@ -482,7 +489,7 @@ main() {
 	need_tools
 	STARTED=$(date -u +%FT%TZ)
 	W=$(mktemp -d /tmp/iotfleet.XXXX)
-	declare -ga SWTPM_PID GW_PID ENROLLED_AT PARTITIONED
+	declare -ga SWTPM_PID GW_PID ENROLLED_AT PARTITIONED IMPAIRED SERVICE_PIDS
 	trap cleanup EXIT
 	trap 'exit 130' INT TERM
 	build
