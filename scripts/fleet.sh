@@ -367,16 +367,19 @@ enroll_all() {
 			if [ -z "${ENROLLED_AT[$i]:-}" ] && [ -f "$W/gw$i/state/cert.pem" ]; then
 				ENROLLED_AT[$i]=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
 			fi
-			[ -n "${ENROLLED_AT[$i]:-}" ] || pending=$((pending + 1))
+			# An agent that exited will not enroll: no point waiting for it.
+			[ -n "${ENROLLED_AT[$i]:-}" ] || ! kill -0 "${GW_PID[$i]}" 2>/dev/null || pending=$((pending + 1))
 		done
 		[ $pending -gt 0 ] && [ $SECONDS -lt $deadline ] || break
 		sleep 0.2
 	done
 	ALL_ENROLLED=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
-	if [ $pending -eq 0 ]; then
+	local missing=0
+	for i in $(seq 1 "$N"); do [ -n "${ENROLLED_AT[$i]:-}" ] || missing=$((missing + 1)); done
+	if [ $missing -eq 0 ]; then
 		echo "all $N enrolled in ${ALL_ENROLLED}s"
 	else
-		echo "$pending of $N did not enroll within $((60 + 10 * N))s"
+		echo "$missing of $N did not enroll (exited, or not within $((60 + 10 * N))s)"
 		ALL_ENROLLED=null
 	fi
 }
@@ -476,7 +479,7 @@ report() {
 		for i in "${failed[@]}"; do
 			mkdir -p "$OUT/gw$i"; cp "$W/gw$i/agent.log" "$OUT/gw$i/" 2>/dev/null || true
 			echo
-			echo "gw$i: $([ -n "${ENROLLED_AT[$i]:-}" ] && echo "acknowledged records not received" || echo "did not enroll"); last log lines:"
+			echo "gw$i: $([ -n "${ENROLLED_AT[$i]:-}" ] && echo "acknowledged records not received" || echo "did not enroll$(kill -0 "${GW_PID[$i]}" 2>/dev/null || echo ", its agent exited")"); last log lines:"
 			tail -5 "$W/gw$i/agent.log" 2>/dev/null | sed 's/^/  /'
 		done
 		die "${#failed[@]} device(s) failed: ${failed[*]/#/gw} (logs in $OUT)"
