@@ -17,6 +17,7 @@
 #   --keep      keep the working directory (printed) for inspection
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/tpm-mfr.sh
 export PATH="$PATH:/usr/local/go/bin"
 
 DURATION=100
@@ -67,24 +68,9 @@ go build -ldflags "-X $STAMP=1.1.0" -o "$W/release/iotagent" ./cmd/iotagent
 export PATH="$W/bin:$PATH"
 
 say "manufacturing $DEVICES TPMs with EK certificates (swtpm_setup, local manufacturer CA)"
-mkdir -p "$W/mfr/cfg" "$W/mfr/ca"
-cat >"$W/mfr/cfg/swtpm_setup.conf" <<EOF
-create_certs_tool = $(command -v swtpm_localca)
-create_certs_tool_config = $W/mfr/cfg/swtpm-localca.conf
-create_certs_tool_options = $W/mfr/cfg/swtpm-localca.options
-active_pcr_banks = sha256
-EOF
-cat >"$W/mfr/cfg/swtpm-localca.conf" <<EOF
-statedir = $W/mfr/ca
-signingkey = $W/mfr/ca/signkey.pem
-issuercert = $W/mfr/ca/issuercert.pem
-certserial = $W/mfr/ca/certserial
-EOF
-printf -- '--platform-manufacturer ExampleCorp\n--platform-version 1.0\n--platform-model IoTGateway\n' >"$W/mfr/cfg/swtpm-localca.options"
+mfr_init "$W/mfr"
 for i in $(seq 1 $DEVICES); do
-	mkdir -p "$W/gw$i/tpm"
-	XDG_CONFIG_HOME="$W/mfr/cfg" swtpm_setup --tpm2 --tpmstate "$W/gw$i/tpm" --config "$W/mfr/cfg/swtpm_setup.conf" \
-		--create-ek-cert --create-platform-cert --lock-nvram --overwrite >"$W/gw$i/swtpm_setup.log" 2>&1 ||
+	mfr_tpm "$W/mfr" "$W/gw$i/tpm" "$W/gw$i/swtpm_setup.log" ||
 		die "swtpm_setup failed: $(tail -3 "$W/gw$i/swtpm_setup.log")"
 	bg swtpm socket --tpm2 --tpmstate dir="$W/gw$i/tpm" --flags not-need-init,startup-clear \
 		--server type=unixio,path="$W/gw$i/tpm.sock" --ctrl type=unixio,path="$W/gw$i/tpm.sock.ctrl" >"$W/gw$i/swtpm.log" 2>&1

@@ -32,6 +32,7 @@
 # rules in the device's namespace and latency is refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/tpm-mfr.sh
 REPO=$PWD
 export PATH="$PATH:/usr/local/go/bin"
 
@@ -201,25 +202,10 @@ gw_arch() { # gw_arch I
 
 manufacture() {
 	say "manufacturing $N TPMs with EK certificates (swtpm_setup, local manufacturer CA)"
-	mkdir -p "$W/mfr/cfg" "$W/mfr/ca"
-	cat >"$W/mfr/cfg/swtpm_setup.conf" <<EOF
-create_certs_tool = $(command -v swtpm_localca)
-create_certs_tool_config = $W/mfr/cfg/swtpm-localca.conf
-create_certs_tool_options = $W/mfr/cfg/swtpm-localca.options
-active_pcr_banks = sha256
-EOF
-	cat >"$W/mfr/cfg/swtpm-localca.conf" <<EOF
-statedir = $W/mfr/ca
-signingkey = $W/mfr/ca/signkey.pem
-issuercert = $W/mfr/ca/issuercert.pem
-certserial = $W/mfr/ca/certserial
-EOF
-	printf -- '--platform-manufacturer ExampleCorp\n--platform-version 1.0\n--platform-model IoTGateway\n' >"$W/mfr/cfg/swtpm-localca.options"
+	mfr_init "$W/mfr"
 	local i
 	for i in $(seq 1 "$N"); do
-		mkdir -p "$W/gw$i/tpm"
-		XDG_CONFIG_HOME="$W/mfr/cfg" swtpm_setup --tpm2 --tpmstate "$W/gw$i/tpm" --config "$W/mfr/cfg/swtpm_setup.conf" \
-			--create-ek-cert --create-platform-cert --lock-nvram --overwrite >"$W/gw$i/swtpm_setup.log" 2>&1 ||
+		mfr_tpm "$W/mfr" "$W/gw$i/tpm" "$W/gw$i/swtpm_setup.log" ||
 			die "swtpm_setup failed for gw$i: $(tail -3 "$W/gw$i/swtpm_setup.log")"
 		bg swtpm socket --tpm2 --tpmstate dir="$W/gw$i/tpm" --flags not-need-init,startup-clear \
 			--server type=unixio,path="$W/gw$i/tpm.sock" --ctrl type=unixio,path="$W/gw$i/tpm.sock.ctrl" >"$W/gw$i/swtpm.log" 2>&1

@@ -26,6 +26,7 @@
 # whole run, and the VM's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib/tpm-mfr.sh
 export PATH="$PATH:/usr/local/go/bin"
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/iotagent-fleet"
@@ -77,22 +78,8 @@ agent_s=$(since "$t")
 
 # 3. TPM with EK certificates from a local manufacturer CA.
 t=$(now)
-mkdir -p "$W/mfr/cfg" "$W/mfr/ca" "$W/tpm"
-cat >"$W/mfr/cfg/swtpm_setup.conf" <<EOF
-create_certs_tool = $(command -v swtpm_localca)
-create_certs_tool_config = $W/mfr/cfg/swtpm-localca.conf
-create_certs_tool_options = $W/mfr/cfg/swtpm-localca.options
-active_pcr_banks = sha256
-EOF
-cat >"$W/mfr/cfg/swtpm-localca.conf" <<EOF
-statedir = $W/mfr/ca
-signingkey = $W/mfr/ca/signkey.pem
-issuercert = $W/mfr/ca/issuercert.pem
-certserial = $W/mfr/ca/certserial
-EOF
-printf -- '--platform-manufacturer ExampleCorp\n--platform-version 1.0\n--platform-model IoTGateway\n' >"$W/mfr/cfg/swtpm-localca.options"
-XDG_CONFIG_HOME="$W/mfr/cfg" swtpm_setup --tpm2 --tpmstate "$W/tpm" --config "$W/mfr/cfg/swtpm_setup.conf" \
-	--create-ek-cert --create-platform-cert --lock-nvram --overwrite >"$W/swtpm_setup.log" 2>&1 ||
+mfr_init "$W/mfr"
+mfr_tpm "$W/mfr" "$W/tpm" "$W/swtpm_setup.log" ||
 	die "swtpm_setup: $(tail -3 "$W/swtpm_setup.log")"
 swtpm socket --tpm2 --tpmstate dir="$W/tpm" --ctrl type=unixio,path="$W/tpm.ctrl" --terminate \
 	--log file="$W/swtpm.log" &
